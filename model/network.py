@@ -1,0 +1,401 @@
+"""The multi-task embedding network with per-task modulation modules.
+
+Zhao, Li, Shen, Liang, Wu, "A Modulation Module for Multi-task Learning with Applications in Image
+Retrieval", ECCV 2018 (arXiv 1807.06708). One CNN embeds an image under a task (an attribute); small
+per-task modules, selected by each sample's task id, rescale (``vector``, the official code) or
+project (``matrix``, the paper's general form) the feature maps after chosen stages and the embedding.
+
+Ordered bottom-up: modulation modules, residual blocks, backbones, the trunk and the network, then the
+config dataclass and factory functions. Architectures (the paper's comparisons):
+
+- ``modulated``: one trunk, modules at the configured places (default: last two stages + embedding);
+- ``shared``: one trunk, no conditioning: one embedding serves every task;
+- ``mask``: one trunk, a module on the embedding only (Conditional Similarity Networks);
+- ``independent``: one trunk per task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Arch = Literal["modulated", "shared", "mask", "independent"]
+ModulationKind = Literal["vector", "matrix"]
+ARCHS: tuple[Arch, ...] = ("modulated", "shared", "mask", "independent")
+MODULATIONS: tuple[ModulationKind, ...] = ("vector", "matrix")
+EMB = "emb"
+
+
+# --------------------------------------------------------------------------------------------------
+# Modulation modules
+
+
+class VectorModulation(nn.Module):
+    """Per-task channel factors ``y = x * relu(m[task])``, initialised to ones (the official code)."""
+
+    def __init__(self, num_tasks: int, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_tasks, channels))
+
+    def forward(self, x: Tensor, task_ids: Tensor) -> Tensor:
+        # A gather of (B, C) factors: every row of a mixed-task batch gets its own task's vector.
+        factors = F.relu(self.weight)[task_ids]  # (T, C) -> (B, C)
+        return x * factors.view(*factors.shape, *([1] * (x.dim() - 2)))
+
+
+class MatrixModulation(nn.Module):
+    """Per-task C×C projection ``x' = x W_t`` at every position (a bias-free 1×1 conv per task),
+    initialised to identity (the paper's general form).
+
+    Rows are grouped by task and padded to the largest group so that all groups run in ONE batched
+    matmul: a per-sample C×C matrix is never materialised (1 MiB per sample at 512 channels), and there
+    is no Python loop of small launches over task groups.
+    """
+
+    def __init__(self, num_tasks: int, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(channels).repeat(num_tasks, 1, 1))
+
+    def forward(self, x: Tensor, task_ids: Tensor) -> Tensor:
+        batch, channels = x.shape[:2]
+        spatial = x.shape[2:]
+        order = torch.argsort(task_ids, stable=True)
+        present, counts = torch.unique_consecutive(task_ids[order], return_counts=True)
+        groups, size = len(present), int(counts.max())
+        group = torch.repeat_interleave(torch.arange(groups, device=x.device), counts)
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(batch, device=x.device) - torch.repeat_interleave(starts, counts)
+
+        rows = x[order].reshape(batch, channels, -1)  # (B, C, H, W) -> (B, C, N)
+        n = rows.shape[2]
+        padded = rows.new_zeros(groups, size, channels, n)
+        padded[group, slot] = rows  # (P, G, C, N): P task groups of at most G rows
+        columns = padded.permute(0, 2, 1, 3).reshape(groups, channels, size * n)  # (P, C, G*N)
+        projected = torch.bmm(self.weight[present].transpose(1, 2), columns)  # x W_t == W_t^T x
+        projected = projected.reshape(groups, channels, size, n).permute(0, 2, 1, 3)  # (P, G, C, N)
+        out = torch.empty_like(rows)
+        out[order] = projected[group, slot]
+        return out.reshape(batch, channels, *spatial)
+
+
+MODULATION_MODULES: dict[ModulationKind, type[VectorModulation] | type[MatrixModulation]] = {
+    "vector": VectorModulation,
+    "matrix": MatrixModulation,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Residual blocks
+
+
+def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout)
+    )
+
+
+class BasicBlock(nn.Module):
+    """ResNet-18/34 block: two 3×3 convs and an identity (or 1×1 projection) shortcut."""
+
+    expansion = 1
+
+    def __init__(self, cin: int, width: int, stride: int) -> None:
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = _conv_bn(cin, width, 3, stride)
+        self.conv2 = _conv_bn(width, cout, 3)
+        self.shortcut = _conv_bn(cin, cout, 1, stride) if stride != 1 or cin != cout else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.conv2(F.relu(self.conv1(x))) + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    """ResNet-50 block: 1×1 reduce, 3×3, 1×1 expand (×4)."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int) -> None:
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = _conv_bn(cin, width, 1)
+        self.conv2 = _conv_bn(width, width, 3, stride)
+        self.conv3 = _conv_bn(width, cout, 1)
+        self.shortcut = _conv_bn(cin, cout, 1, stride) if stride != 1 or cin != cout else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(self.conv2(F.relu(self.conv1(x))))
+        return F.relu(self.conv3(y) + self.shortcut(x))
+
+
+class Zhao2018Stage(nn.Module):
+    """A stage of the official code's small net: conv + max-pool, then two convs with a residual add."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.entry = _conv_bn(cin, cout, 3)
+        self.pool = nn.MaxPool2d(2)
+        self.conv1 = _conv_bn(cout, cout, 3)
+        self.conv2 = _conv_bn(cout, cout, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pool(F.relu(self.entry(x)))  # (B, Cin, H, W) -> (B, C, H/2, W/2)
+        return F.relu(self.conv2(F.relu(self.conv1(x))) + x)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backbones: a stem and a list of stages; modulation slots sit after stages.
+
+
+@dataclass
+class Backbone:
+    stem: nn.Module
+    stages: list[nn.Module]
+    channels: list[int]  # output channels of each stage
+
+
+def resnet(layers: Sequence[int], block: type[BasicBlock] | type[Bottleneck], width: int) -> Backbone:
+    stem = nn.Sequential(
+        nn.Conv2d(3, width, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, 2, 1),
+    )  # (B, 3, H, W) -> (B, width, H/4, W/4)
+    stages: list[nn.Module] = []
+    channels: list[int] = []
+    cin = width
+    for i, depth in enumerate(layers):
+        planes = width * 2**i
+        blocks: list[nn.Module] = []
+        for j in range(depth):
+            blocks.append(block(cin, planes, 2 if (j == 0 and i > 0) else 1))
+            cin = planes * block.expansion
+        stages.append(nn.Sequential(*blocks))
+        channels.append(cin)
+    return Backbone(stem, stages, channels)
+
+
+def zhao2018(width: int) -> Backbone:
+    """The official code's net: conv 3×3/32, then four stages of 64, 128, 128, 128 channels (width=32)."""
+    stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+    widths = [width * 2, width * 4, width * 4, width * 4]
+    stages: list[nn.Module] = []
+    cin = width
+    for cout in widths:
+        stages.append(Zhao2018Stage(cin, cout))
+        cin = cout
+    return Backbone(stem, stages, widths)
+
+
+BACKBONES: dict[str, Callable[[int], Backbone]] = {
+    "resnet18": lambda width: resnet([2, 2, 2, 2], BasicBlock, width),
+    "resnet34": lambda width: resnet([3, 4, 6, 3], BasicBlock, width),
+    "resnet50": lambda width: resnet([3, 4, 6, 3], Bottleneck, width),
+    "zhao2018": zhao2018,
+}
+DEFAULT_WIDTH = {"resnet18": 64, "resnet34": 64, "resnet50": 64, "zhao2018": 32}
+
+
+# --------------------------------------------------------------------------------------------------
+# The network
+
+
+class Trunk(nn.Module):
+    """Backbone + embedding head with modulation modules at the configured places."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_tasks: int,
+        embedding_dim: int,
+        modulate: Sequence[str],
+        modulation: ModulationKind,
+    ) -> None:
+        super().__init__()
+        module = MODULATION_MODULES[modulation]
+        self.stem = backbone.stem
+        self.stages = nn.ModuleList(backbone.stages)
+        self.fc = nn.Linear(backbone.channels[-1], embedding_dim)
+        self.modulations = nn.ModuleDict()
+        for place in modulate:
+            width = embedding_dim if place == EMB else backbone.channels[int(place) - 1]
+            self.modulations[place] = module(num_tasks, width)
+        stage_places = [int(p) - 1 for p in modulate if p != EMB]
+        # Stages before the first modulated one are task-independent: embed_all_tasks runs them once.
+        self.first_conditioned = min(stage_places, default=len(self.stages))
+
+    def forward_stages(self, x: Tensor, task_ids: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+        for i in range(start, len(self.stages) if stop is None else stop):
+            x = self.stages[i](x)
+            if str(i + 1) in self.modulations:
+                x = self.modulations[str(i + 1)](x, task_ids)
+        return x
+
+    def forward_features(self, x: Tensor, task_ids: Tensor) -> Tensor:
+        return self.forward_stages(self.stem(x), task_ids)  # (B, 3, H, W) -> (B, C, h, w)
+
+    def pool(self, features: Tensor) -> Tensor:
+        return self.fc(features.mean(dim=(2, 3)))  # (B, C, h, w) -> (B, D)
+
+    def forward_head(self, features: Tensor, task_ids: Tensor) -> Tensor:
+        return self.finish(self.pool(features), task_ids)
+
+    def finish(self, z: Tensor, task_ids: Tensor) -> Tensor:
+        if EMB in self.modulations:
+            z = self.modulations[EMB](z, task_ids)
+        return F.normalize(z, dim=1)  # L2-normalised: triplet distances and cosine search agree
+
+    def embed_all_tasks(self, images: Tensor, num_tasks: int) -> Tensor:
+        batch = images.shape[0]
+
+        def expand(t: Tensor) -> tuple[Tensor, Tensor]:
+            # (B, ...) -> (B*T, ...) with rows ordered image-major, so the result reshapes to (B, T, D)
+            rows = t.unsqueeze(1).expand(batch, num_tasks, *t.shape[1:]).reshape(-1, *t.shape[1:])
+            return rows, torch.arange(num_tasks, device=t.device).repeat(batch)
+
+        none = torch.zeros(batch, dtype=torch.long, device=images.device)
+        x = self.forward_stages(self.stem(images), none, 0, self.first_conditioned)
+        if self.first_conditioned < len(self.stages):
+            x, task_ids = expand(x)
+            z = self.pool(self.forward_stages(x, task_ids, self.first_conditioned))
+        else:
+            z, task_ids = expand(self.pool(self.forward_stages(x, none, self.first_conditioned)))
+        return self.finish(z, task_ids).reshape(batch, num_tasks, -1)
+
+
+class MultiTaskEmbedder(nn.Module):
+    """Embeds images under tasks. Seams: ``forward_features``, ``forward_head``, ``embed``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        num_tasks = len(config.task_names)
+        copies = num_tasks if config.arch == "independent" else 1
+        self.trunks = nn.ModuleList(
+            Trunk(
+                BACKBONES[config.backbone](config.resolved_width),
+                num_tasks,
+                config.embedding_dim,
+                config.resolved_modulate,
+                config.modulation,
+            )
+            for _ in range(copies)
+        )
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.config.task_names)
+
+    def _route(self, fn: Callable[[Trunk, Tensor, Tensor], Tensor], x: Tensor, task_ids: Tensor) -> Tensor:
+        if len(self.trunks) == 1:
+            return fn(self.trunks[0], x, task_ids)  # type: ignore[arg-type]
+        # Independent networks: each sample goes through its own task's trunk.
+        parts = {int(t): torch.nonzero(task_ids == t).squeeze(1) for t in torch.unique(task_ids)}
+        outs = {t: fn(self.trunks[t], x[rows], task_ids[rows]) for t, rows in parts.items()}  # type: ignore[arg-type]
+        first = next(iter(outs.values()))
+        out = first.new_empty(x.shape[0], *first.shape[1:])
+        for t, rows in parts.items():
+            out[rows] = outs[t]
+        return out
+
+    def forward_features(self, images: Tensor, task_ids: Tensor) -> Tensor:
+        return self._route(Trunk.forward_features, images, task_ids)  # (B, 3, H, W) -> (B, C, h, w)
+
+    def forward_head(self, features: Tensor, task_ids: Tensor) -> Tensor:
+        return self._route(Trunk.forward_head, features, task_ids)  # (B, C, h, w) -> (B, D)
+
+    def embed(self, images: Tensor, task_ids: Tensor) -> Tensor:
+        """L2-normalised embeddings, one per (image, task id) row; tasks may be mixed in a batch."""
+        return self.forward_head(self.forward_features(images, task_ids), task_ids)
+
+    forward = embed
+
+    def embed_all_tasks(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, T, D): every image under every task, the task-independent prefix once."""
+        if len(self.trunks) == 1:
+            trunk: Trunk = self.trunks[0]  # type: ignore[assignment]
+            return trunk.embed_all_tasks(images, self.num_tasks)
+        per_task = [
+            self.trunks[t].forward_head(  # type: ignore[operator]
+                self.trunks[t].forward_features(images, ids), ids  # type: ignore[operator]
+            )
+            for t in range(self.num_tasks)
+            for ids in [torch.full((images.shape[0],), t, dtype=torch.long, device=images.device)]
+        ]
+        return torch.stack(per_task, dim=1)
+
+    def modulation_parameters(self) -> list[nn.Parameter]:
+        return [p for trunk in self.trunks for p in trunk.modulations.parameters()]  # type: ignore[union-attr]
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Total, shared (serve every task) and extra-per-task parameter counts."""
+        total = sum(p.numel() for p in self.parameters())
+        conditioned = sum(p.numel() for p in self.modulation_parameters())
+        if self.config.arch == "independent":
+            return {"total": total, "shared": 0, "per_task_extra": total // self.num_tasks}
+        return {
+            "total": total,
+            "shared": total - conditioned,
+            "per_task_extra": conditioned // self.num_tasks,
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# Config and factories
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild the network (saved as part of a run's config.json)."""
+
+    task_names: list[str]
+    arch: Arch = "modulated"
+    modulation: ModulationKind = "vector"
+    backbone: str = "resnet18"
+    width: int | None = None  # None: the backbone's usual width
+    image_size: int = 64
+    embedding_dim: int = 128
+    # Places: 1-based stage numbers and/or "emb"; None follows the official code (last two stages + emb).
+    modulate: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.task_names:
+            raise ValueError("a model needs at least one task")
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        if self.modulation not in MODULATIONS:
+            raise ValueError(f"unknown modulation {self.modulation!r}; choose one of {', '.join(MODULATIONS)}")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
+        stages = 4
+        for place in self.modulate or []:
+            if place != EMB and not (place.isdigit() and 1 <= int(place) <= stages):
+                raise ValueError(f"bad modulation place {place!r}: use stage numbers 1-{stages} and/or 'emb'")
+
+    @property
+    def resolved_width(self) -> int:
+        return self.width or DEFAULT_WIDTH[self.backbone]
+
+    @property
+    def resolved_modulate(self) -> list[str]:
+        if self.arch in ("shared", "independent"):
+            return []
+        if self.arch == "mask":
+            return [EMB]
+        return list(self.modulate) if self.modulate is not None else ["3", "4", EMB]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return cls(**data)
+
+
+def create_model(config: ModelConfig) -> MultiTaskEmbedder:
+    return MultiTaskEmbedder(config)

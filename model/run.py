@@ -1,0 +1,136 @@
+"""A run directory: what training writes and what evaluation, indexing and serving load.
+
+``RUN_DIR/model.safetensors`` (weights), ``RUN_DIR/config.json`` (everything needed to rebuild the
+network and its preprocessing, task names included) and ``RUN_DIR/metrics.json``. Files are written
+atomically (temp file, fsync, rename) so a crash never leaves a half-written run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.network import ModelConfig, MultiTaskEmbedder, create_model
+from model.preprocess import Preprocess
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+METRICS = "metrics.json"
+FORMAT_VERSION = 1
+
+
+class RunError(ValueError):
+    """A run directory that is missing or cannot be loaded; the message says which file and why."""
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Write through ``write(tmp_path)`` to a temp file beside ``path``, fsync, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_run(run_dir: Path, model: MultiTaskEmbedder, extra: dict[str, Any] | None = None) -> None:
+    """Write weights and config.json; ``extra`` (dataset, training settings) is stored alongside."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(run_dir / WEIGHTS, lambda tmp: save_file(state, str(tmp)))
+    config = {
+        "format_version": FORMAT_VERSION,
+        "model": model.config.to_dict(),
+        "preprocess": Preprocess(model.config.image_size).to_dict(),
+        **(extra or {}),
+    }
+    write_json(run_dir / CONFIG, config)
+
+
+def read_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / CONFIG
+    if not path.is_file():
+        raise RunError(f"{path}: not found — is {run_dir} a run directory written by `modret train`?")
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+        ModelConfig.from_dict(data["model"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RunError(f"{path}: not a valid run config ({exc})") from exc
+    return data
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    model: MultiTaskEmbedder  # in eval mode, on ``device``
+    config: dict[str, Any]
+    preprocess: Preprocess
+    model_hash: str  # sha256 of model.safetensors: indices record it to detect a model swap
+    device: torch.device
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.model.config.task_names)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.model.config.embedding_dim
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return torch.device(device)
+
+
+def load_run(run_dir: Path, device: str = "cpu") -> LoadedRun:
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    weights = run_dir / WEIGHTS
+    if not weights.is_file():
+        raise RunError(f"{weights}: not found")
+    model = create_model(ModelConfig.from_dict(config["model"]))
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except (RuntimeError, OSError) as exc:  # safetensors raises these on truncated or mismatched files
+        raise RunError(f"{weights}: cannot load weights ({exc})") from exc
+    target = resolve_device(device)
+    return LoadedRun(
+        run_dir=run_dir,
+        model=model.to(target).eval(),
+        config=config,
+        preprocess=Preprocess(**config["preprocess"]),
+        model_hash=file_sha256(weights),
+        device=target,
+    )
