@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model.network import ModelConfig, MultiTaskEmbedder, create_model
@@ -123,7 +124,7 @@ def load_run(run_dir: Path, device: str = "cpu") -> LoadedRun:
     model = create_model(ModelConfig.from_dict(config["model"]))
     try:
         model.load_state_dict(load_file(str(weights)))
-    except (RuntimeError, OSError) as exc:  # safetensors raises these on truncated or mismatched files
+    except (SafetensorError, RuntimeError, OSError) as exc:  # truncated, corrupt or mismatched
         raise RunError(f"{weights}: cannot load weights ({exc})") from exc
     target = resolve_device(device)
     return LoadedRun(
