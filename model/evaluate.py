@@ -23,7 +23,9 @@ MAX_QUERIES = 2000
 
 
 @torch.no_grad()
-def embed_all(model: MultiTaskEmbedder, pixels: Tensor, preprocess: Preprocess, batch_size: int = 128) -> Tensor:
+def embed_all(
+    model: MultiTaskEmbedder, pixels: Tensor, preprocess: Preprocess, batch_size: int = 128
+) -> Tensor:
     """uint8 (N, 3, S, S) -> (N, T, D) float32 on the CPU."""
     device = next(model.parameters()).device
     model.eval()
@@ -46,21 +48,33 @@ def triplet_accuracy(embeddings: Tensor, tasks: np.ndarray, task_names: list[str
     }
 
 
-def _triplet_accuracy_from_table(table: Tensor, row: np.ndarray, triplets: Triplets, names: list[str]) -> dict[str, float]:
+def _triplet_accuracy_from_table(
+    table: Tensor, row: np.ndarray, triplets: Triplets, names: list[str]
+) -> dict[str, float]:
     task = torch.from_numpy(triplets.task)
-    rows = [table[torch.from_numpy(row[idx]), task] for idx in (triplets.anchor, triplets.positive, triplets.negative)]
+    rows = [
+        table[torch.from_numpy(row[idx]), task]
+        for idx in (triplets.anchor, triplets.positive, triplets.negative)
+    ]
     return triplet_accuracy(torch.cat(rows), triplets.task, names)
 
 
 def retrieval_metrics(
-    table: Tensor, labels: np.ndarray, names: list[str], seed: int, max_queries: int = MAX_QUERIES, k: int = 10
+    table: Tensor,
+    labels: np.ndarray,
+    names: list[str],
+    seed: int,
+    max_queries: int = MAX_QUERIES,
+    k: int = 10,
 ) -> dict[str, dict[str, float]]:
     """Per task: mAP and precision@k, each known-label test image querying all the others."""
     rng = np.random.default_rng(seed)
     out: dict[str, dict[str, float]] = {}
     for t, name in enumerate(names):
         known = np.flatnonzero(labels[:, t] != UNKNOWN)
-        queries = known if len(known) <= max_queries else np.sort(rng.choice(known, max_queries, replace=False))
+        queries = (
+            known if len(known) <= max_queries else np.sort(rng.choice(known, max_queries, replace=False))
+        )
         gallery = torch.from_numpy(known)
         values = torch.from_numpy(labels[known, t])
         aps, precisions = [], []
@@ -69,7 +83,9 @@ def retrieval_metrics(
             sims = table[q, t] @ table[gallery, t].T  # (q, D) x (D, G) -> (q, G)
             sims[gallery.unsqueeze(0) == q.unsqueeze(1)] = -float("inf")  # a query never retrieves itself
             order = sims.argsort(dim=1, descending=True)[:, :-1]  # drop the query's own (last) slot
-            relevant = (values[order] == torch.from_numpy(labels[queries[start : start + 256], t]).unsqueeze(1)).float()
+            relevant = (
+                values[order] == torch.from_numpy(labels[queries[start : start + 256], t]).unsqueeze(1)
+            ).float()
             hits = relevant.cumsum(1)
             ranks = torch.arange(1, relevant.shape[1] + 1)
             count = relevant.sum(1)
@@ -99,20 +115,28 @@ def evaluate(
     row = np.full(len(dataset), -1, dtype=np.int64)
     row[indices] = np.arange(len(indices))
     official = getattr(dataset, "official_triplets", None)
-    triplets = official[split] if official and split in official else fixed_triplets(
-        dataset.labels, indices, triplets_per_task, seed=seed
+    triplets = (
+        official[split]
+        if official and split in official
+        else fixed_triplets(dataset.labels, indices, triplets_per_task, seed=seed)
     )
     names = dataset.task_names
     accuracy = _triplet_accuracy_from_table(table, row, triplets, names)
     retrieval = retrieval_metrics(table, dataset.labels[indices], names, seed)
-    tasks = {name: {"triplet_accuracy": accuracy[name], **retrieval[name]} for name in names if name in accuracy}
+    tasks = {
+        name: {"triplet_accuracy": accuracy[name], **retrieval[name]} for name in names if name in accuracy
+    }
     metric_names = ("triplet_accuracy", "map", "precision_at_10")
     mean = {m: round(float(np.mean([v[m] for v in tasks.values()])), 4) for m in metric_names}
     counts = model.parameter_counts()
     return {
         "tasks": tasks,
         "mean": mean,
-        "params": {"total": counts["total"], "shared": counts["shared"], "per_task_extra": counts["per_task_extra"]},
+        "params": {
+            "total": counts["total"],
+            "shared": counts["shared"],
+            "per_task_extra": counts["per_task_extra"],
+        },
         "split": split,
         "num_images": len(indices),
         "num_triplets": len(triplets),

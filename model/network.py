@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -293,10 +293,10 @@ class MultiTaskEmbedder(nn.Module):
 
     def _route(self, fn: Callable[[Trunk, Tensor, Tensor], Tensor], x: Tensor, task_ids: Tensor) -> Tensor:
         if len(self.trunks) == 1:
-            return fn(self.trunks[0], x, task_ids)  # type: ignore[arg-type]
+            return fn(self.trunk(0), x, task_ids)
         # Independent networks: each sample goes through its own task's trunk.
         parts = {int(t): torch.nonzero(task_ids == t).squeeze(1) for t in torch.unique(task_ids)}
-        outs = {t: fn(self.trunks[t], x[rows], task_ids[rows]) for t, rows in parts.items()}  # type: ignore[arg-type]
+        outs = {t: fn(self.trunk(t), x[rows], task_ids[rows]) for t, rows in parts.items()}
         first = next(iter(outs.values()))
         out = first.new_empty(x.shape[0], *first.shape[1:])
         for t, rows in parts.items():
@@ -318,19 +318,18 @@ class MultiTaskEmbedder(nn.Module):
     def embed_all_tasks(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, T, D): every image under every task, the task-independent prefix once."""
         if len(self.trunks) == 1:
-            trunk: Trunk = self.trunks[0]  # type: ignore[assignment]
-            return trunk.embed_all_tasks(images, self.num_tasks)
-        per_task = [
-            self.trunks[t].forward_head(  # type: ignore[operator]
-                self.trunks[t].forward_features(images, ids), ids  # type: ignore[operator]
-            )
-            for t in range(self.num_tasks)
-            for ids in [torch.full((images.shape[0],), t, dtype=torch.long, device=images.device)]
-        ]
+            return self.trunk(0).embed_all_tasks(images, self.num_tasks)
+        per_task = []
+        for t in range(self.num_tasks):
+            ids = torch.full((images.shape[0],), t, dtype=torch.long, device=images.device)
+            per_task.append(self.trunk(t).forward_head(self.trunk(t).forward_features(images, ids), ids))
         return torch.stack(per_task, dim=1)
 
+    def trunk(self, index: int) -> Trunk:
+        return cast(Trunk, self.trunks[index])
+
     def modulation_parameters(self) -> list[nn.Parameter]:
-        return [p for trunk in self.trunks for p in trunk.modulations.parameters()]  # type: ignore[union-attr]
+        return [p for i in range(len(self.trunks)) for p in self.trunk(i).modulations.parameters()]
 
     def parameter_counts(self) -> dict[str, int]:
         """Total, shared (serve every task) and extra-per-task parameter counts."""
@@ -369,7 +368,9 @@ class ModelConfig:
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
         if self.modulation not in MODULATIONS:
-            raise ValueError(f"unknown modulation {self.modulation!r}; choose one of {', '.join(MODULATIONS)}")
+            raise ValueError(
+                f"unknown modulation {self.modulation!r}; choose one of {', '.join(MODULATIONS)}"
+            )
         if self.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
         stages = 4

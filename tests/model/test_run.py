@@ -14,7 +14,9 @@ from model.run import CONFIG, WEIGHTS, RunError, load_run, save_run
 @pytest.fixture
 def model():
     torch.manual_seed(0)
-    m = create_model(ModelConfig(task_names=["A", "B"], modulation="matrix", width=4, image_size=32, embedding_dim=8))
+    m = create_model(
+        ModelConfig(task_names=["A", "B"], modulation="matrix", width=4, image_size=32, embedding_dim=8)
+    )
     with torch.no_grad():
         for p in m.modulation_parameters():
             p.add_(torch.randn_like(p))
@@ -33,7 +35,7 @@ def test_round_trip_gives_identical_embeddings(tmp_path, model):
 
 
 def test_missing_run_dir_is_a_clear_error(tmp_path):
-    with pytest.raises(RunError, match="config.json: not found"):
+    with pytest.raises(RunError, match=r"config\.json: not found"):
         load_run(tmp_path / "nope")
 
 

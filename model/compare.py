@@ -1,0 +1,45 @@
+"""The paper's comparison: the same trainer and budget for each architecture, then one table.
+
+Architectures: ``independent`` (one network per task), ``shared`` (no conditioning), ``mask``
+(CSN-style modulation of the embedding only) and ``modulated`` (the paper).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from model.network import Arch
+from model.train import TrainConfig, train
+
+
+def compare(base: TrainConfig, archs: list[Arch], out: Path, progress: bool = True) -> dict[str, Any]:
+    """Train ``base`` once per architecture into ``out/<arch>``; returns ``{arch: eval JSON}``."""
+    results: dict[str, Any] = {}
+    for arch in archs:
+        metrics = train(replace(base, arch=arch), Path(out) / arch, progress=progress)
+        results[arch] = {**metrics["test"], "train_seconds": metrics["train_seconds"]}
+    (Path(out) / "compare.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """Rows: architectures; columns: per-task triplet accuracy, mean metrics, parameters."""
+    tasks = list(next(iter(results.values()))["tasks"])
+    header = ["arch", *tasks, "mean acc", "mean mAP", "mean P@10", "params", "extra/task", "train s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arch, r in results.items():
+        cells = [
+            arch,
+            *(f"{r['tasks'][t]['triplet_accuracy']:.3f}" for t in tasks),
+            f"{r['mean']['triplet_accuracy']:.3f}",
+            f"{r['mean']['map']:.3f}",
+            f"{r['mean']['precision_at_10']:.3f}",
+            f"{r['params']['total']:,}",
+            f"{r['params']['per_task_extra']:,}",
+            f"{r.get('train_seconds', 0):.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

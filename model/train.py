@@ -1,0 +1,288 @@
+"""Training: triplet loss over balanced mixed-task batches (every task in every batch), as in the
+official code, with AdamW (default) or Adagrad, seeded, resumable, validated each epoch.
+
+An epoch is the number of steps after which every training image has, on average, been an anchor once;
+triplets are resampled each epoch. The pipeline is decode-once: the train and val splits are decoded
+and resized into a uint8 tensor before the first step, so steps never touch Pillow.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from model.data import load_dataset
+from model.data.base import AttributeDataset
+from model.data.triplets import Triplets, TripletSampler, fixed_triplets
+from model.evaluate import evaluate, triplet_accuracy
+from model.network import Arch, ModelConfig, ModulationKind, MultiTaskEmbedder, create_model
+from model.preprocess import Preprocess, materialize
+from model.run import METRICS, RunError, atomic_write, resolve_device, save_run, write_json
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class DataConfig:
+    """Which dataset a run trains on; stored in config.json so eval and diagnose can reload it."""
+
+    dataset: str = "synthfaces"
+    data_dir: str | None = None
+    tasks: list[str] | None = None  # None: the dataset's default tasks
+    num_images: int | None = None  # synthfaces' count, or a seeded subsample of a real dataset
+    seed: int = 0  # dataset generation and split seed
+
+    def load(self, image_size: int) -> AttributeDataset:
+        data_dir = Path(self.data_dir) if self.data_dir else None
+        return load_dataset(
+            self.dataset,
+            data_dir,
+            self.tasks,
+            image_size=image_size,
+            num_images=self.num_images,
+            seed=self.seed,
+        )
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    arch: Arch = "modulated"
+    modulation: ModulationKind = "vector"
+    backbone: str = "resnet18"
+    width: int | None = None
+    image_size: int = 64
+    embedding_dim: int = 128
+    modulate: list[str] | None = None
+    steps: int | None = None  # total optimiser steps; wins over epochs
+    epochs: int = 10
+    per_task: int = 8  # triplets per task per batch (the official code's 8)
+    margin: float = 0.2
+    optimizer: Literal["adamw", "adagrad"] = "adamw"
+    lr: float | None = None  # None: 1e-3 for AdamW, 0.01 for Adagrad (the official code)
+    weight_decay: float = 1e-4
+    seed: int = 0
+    device: str = "auto"
+    val_triplets_per_task: int = 200
+
+    def model_config(self, task_names: list[str]) -> ModelConfig:
+        return ModelConfig(
+            task_names=task_names,
+            arch=self.arch,
+            modulation=self.modulation,
+            backbone=self.backbone,
+            width=self.width,
+            image_size=self.image_size,
+            embedding_dim=self.embedding_dim,
+            modulate=self.modulate,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["data"] = DataConfig(**values.get("data", {}))
+        return cls(**values)
+
+
+def triplet_loss(embeddings: Tensor, margin: float) -> Tensor:
+    """Rows are [anchors; positives; negatives]: mean(max(0, |a-p|² - |a-n|² + margin))."""
+    a, p, n = embeddings.chunk(3)
+    return F.relu((a - p).pow(2).sum(1) - (a - n).pow(2).sum(1) + margin).mean()
+
+
+def triplet_batch(triplets: Triplets) -> tuple[np.ndarray, np.ndarray]:
+    """Dataset indices and task ids of a triplet batch laid out as [anchors; positives; negatives]."""
+    items = np.concatenate([triplets.anchor, triplets.positive, triplets.negative])
+    return items, np.tile(triplets.task, 3)
+
+
+def _optimizer(model: MultiTaskEmbedder, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # Modulation factors, biases and norms are not decayed: decay would pull the factors towards 0,
+    # i.e. towards switching channels off, which is not what regularising them should mean.
+    modulation = {id(p) for p in model.modulation_parameters()}
+    decay = [p for p in model.parameters() if p.dim() > 1 and id(p) not in modulation]
+    rest = [p for p in model.parameters() if p.dim() <= 1 or id(p) in modulation]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    if cfg.optimizer == "adagrad":
+        return torch.optim.Adagrad(groups, lr=cfg.lr or 0.01)
+    return torch.optim.AdamW(groups, lr=cfg.lr or 1e-3)
+
+
+class _Pixels:
+    """Decoded uint8 images of some dataset indices, addressable by dataset index."""
+
+    def __init__(
+        self, dataset: AttributeDataset, indices: np.ndarray, preprocess: Preprocess, progress: bool
+    ) -> None:
+        with tqdm(total=len(indices), desc="decode", unit="img", leave=False, disable=not progress) as bar:
+            self.pixels = materialize(dataset.load_image, list(indices), preprocess, bar.update)
+        self.row = np.full(len(dataset), -1, dtype=np.int64)
+        self.row[indices] = np.arange(len(indices))
+
+    def __getitem__(self, items: np.ndarray) -> Tensor:
+        return self.pixels[torch.from_numpy(self.row[items])]
+
+
+def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train into ``out`` (model.safetensors, config.json, metrics.json); returns the metrics."""
+    out = Path(out)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    dataset = cfg.data.load(cfg.image_size)
+    task_names = dataset.task_names
+    model = create_model(cfg.model_config(task_names)).to(device)
+    optimizer = _optimizer(model, cfg)
+    preprocess = Preprocess(cfg.image_size)
+    train_idx = dataset.split_indices("train", cfg.data.seed)
+    val_idx = dataset.split_indices("val", cfg.data.seed)
+    steps_per_epoch = max(1, math.ceil(len(train_idx) / (len(task_names) * cfg.per_task)))
+    total_steps = cfg.steps or cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    history: list[dict[str, Any]] = []
+    step = 0
+    checkpoint_path = out / CHECKPOINT
+    if resume and checkpoint_path.is_file():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scheduler.T_max = total_steps
+        step, history = state["step"], state["history"]
+        torch.set_rng_state(state["torch_rng"])
+
+    extra = {"train": cfg.to_dict(), "dataset": asdict(cfg.data)}
+    pixels = _Pixels(dataset, np.concatenate([train_idx, val_idx]), preprocess, progress)
+    val = fixed_triplets(dataset.labels, val_idx, cfg.val_triplets_per_task, seed=cfg.seed)
+    use_amp = device.type == "cuda"
+    model.train()
+    started, seen = time.perf_counter(), 0
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.arch}", disable=not progress)
+    sampler = _epoch_sampler(dataset, train_idx, cfg, step, steps_per_epoch)
+    while step < total_steps:
+        if step % steps_per_epoch == 0:
+            sampler = _epoch_sampler(dataset, train_idx, cfg, step, steps_per_epoch)
+        items, tasks = triplet_batch(sampler.sample())
+        images = preprocess.normalize(pixels[items]).to(device, non_blocking=True)
+        task_ids = torch.from_numpy(tasks).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            embeddings = model.embed(images, task_ids)
+        loss = triplet_loss(embeddings.float(), cfg.margin)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        seen += len(items)
+        rate = seen / (time.perf_counter() - started)
+        bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")
+        bar.update(1)
+        if step % steps_per_epoch == 0 or step == total_steps:
+            history.append(_validate(model, pixels, dataset, val, preprocess, step, steps_per_epoch, loss))
+            model.train()
+            bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{history[-1]['val_mean']:.3f}")
+            _checkpoint(checkpoint_path, cfg, model, optimizer, scheduler, step, history)
+    bar.close()
+
+    model.eval()
+    save_run(out, model, extra)
+    metrics: dict[str, Any] = {
+        "history": history,
+        "train_seconds": round(time.perf_counter() - started, 2),
+        "images_per_second": round(seen / max(time.perf_counter() - started, 1e-9), 1),
+        "steps": total_steps,
+        "device": str(device),
+    }
+    metrics["test"] = evaluate(model, dataset, preprocess, seed=cfg.seed, split_seed=cfg.data.seed)
+    write_json(out / METRICS, metrics)
+    return metrics
+
+
+def _epoch_sampler(
+    dataset: AttributeDataset, train_idx: np.ndarray, cfg: TrainConfig, step: int, steps_per_epoch: int
+) -> TripletSampler:
+    """The epoch's sampler, fast-forwarded to ``step`` so a resumed run draws the same batches."""
+    epoch = step // steps_per_epoch
+    sampler = TripletSampler(dataset.labels, train_idx, cfg.per_task, seed=cfg.seed * 1_000_003 + epoch)
+    for _ in range(step % steps_per_epoch):
+        sampler.sample()
+    return sampler
+
+
+@torch.no_grad()
+def _validate(
+    model: MultiTaskEmbedder,
+    pixels: _Pixels,
+    dataset: AttributeDataset,
+    val: Triplets,
+    preprocess: Preprocess,
+    step: int,
+    steps_per_epoch: int,
+    loss: Tensor,
+) -> dict[str, Any]:
+    model.eval()
+    device = next(model.parameters()).device
+    items, tasks = triplet_batch(val)
+    embeddings = torch.cat(
+        [
+            model.embed(
+                preprocess.normalize(pixels[items[i : i + 512]]).to(device),
+                torch.from_numpy(tasks[i : i + 512]).to(device),
+            ).float()
+            for i in range(0, len(items), 512)
+        ]
+    )
+    accuracy = triplet_accuracy(embeddings, val.task, dataset.task_names)
+    return {
+        "epoch": math.ceil(step / steps_per_epoch),
+        "step": step,
+        "loss": round(loss.item(), 5),
+        "val_triplet_accuracy": accuracy,
+        "val_mean": round(float(np.mean(list(accuracy.values()))), 4),
+    }
+
+
+def _checkpoint(
+    path: Path,
+    cfg: TrainConfig,
+    model: MultiTaskEmbedder,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    step: int,
+    history: list[dict[str, Any]],
+) -> None:
+    state = {
+        "train_config": cfg.to_dict(),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "step": step,
+        "history": history,
+        "torch_rng": torch.get_rng_state(),
+    }
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def resume_config(out: Path, steps: int | None, epochs: int | None) -> TrainConfig:
+    """The training config checkpointed in ``out`` by an earlier run, with a new budget if given."""
+    path = Path(out) / CHECKPOINT
+    if not path.is_file():
+        raise RunError(f"{path}: no checkpoint to resume from; start the run without --resume")
+    cfg = TrainConfig.from_dict(torch.load(path, map_location="cpu", weights_only=False)["train_config"])
+    if steps is not None:
+        cfg.steps = steps
+    if epochs is not None:
+        cfg.epochs, cfg.steps = epochs, None
+    return cfg

@@ -1,0 +1,275 @@
+"""The ``modret`` console entry point: one typer app, subcommands as plain typed functions whose
+defaults are the documented options."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any, Literal, cast
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Attribute-conditioned image retrieval with modulation modules.", no_args_is_help=True)
+console = Console(stderr=True)
+
+# Budgets that fit each dataset on a 2-core CPU (`modret compare`'s defaults, per architecture).
+COMPARE_STEPS = {"synthfaces": 400, "celeba": 600, "utzappos": 600, "folder": 300}
+COMPARE_WIDTH = {"synthfaces": 16, "celeba": 32, "utzappos": 32, "folder": 16}
+
+
+def _split(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code=2)
+
+
+DatasetOpt = Annotated[str, typer.Option(help="synthfaces | celeba | utzappos | folder")]
+DataDirOpt = Annotated[Path | None, typer.Option(help="dataset root (not needed for synthfaces)")]
+TasksOpt = Annotated[str | None, typer.Option(help="comma-separated task names (default: the dataset's)")]
+ArchOpt = Annotated[str, typer.Option(help="modulated | shared | mask | independent")]
+
+
+def _train_config(
+    dataset: str,
+    data_dir: Path | None,
+    tasks: str | None,
+    num_images: int | None,
+    arch: str,
+    modulation: str,
+    backbone: str,
+    width: int | None,
+    modulate: str | None,
+    image_size: int,
+    embedding_dim: int,
+    epochs: int,
+    steps: int | None,
+    per_task: int,
+    margin: float,
+    optimizer: str,
+    lr: float | None,
+    seed: int,
+    device: str,
+) -> Any:
+    from model.train import DataConfig, TrainConfig
+
+    return TrainConfig(
+        data=DataConfig(dataset, str(data_dir) if data_dir else None, _split(tasks), num_images, seed),
+        arch=cast(Any, arch),
+        modulation=cast(Any, modulation),
+        backbone=backbone,
+        width=width,
+        image_size=image_size,
+        embedding_dim=embedding_dim,
+        modulate=_split(modulate),
+        steps=steps,
+        epochs=epochs,
+        per_task=per_task,
+        margin=margin,
+        optimizer=cast(Literal["adamw", "adagrad"], optimizer),
+        lr=lr,
+        seed=seed,
+        device=device,
+    )
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option(help="run directory to write")],
+    dataset: DatasetOpt = "synthfaces",
+    data_dir: DataDirOpt = None,
+    tasks: TasksOpt = None,
+    num_images: Annotated[int | None, typer.Option(help="synthfaces count / real-data subsample")] = None,
+    arch: ArchOpt = "modulated",
+    modulation: Annotated[str, typer.Option(help="vector (official code) | matrix (paper)")] = "vector",
+    backbone: Annotated[str, typer.Option(help="resnet18 | resnet34 | resnet50 | zhao2018")] = "resnet18",
+    width: Annotated[int | None, typer.Option(help="base channel width (default: the backbone's)")] = None,
+    modulate: Annotated[str | None, typer.Option(help="places, e.g. 3,4,emb (default)")] = None,
+    image_size: int = 64,
+    embedding_dim: int = 128,
+    epochs: int = 10,
+    steps: Annotated[int | None, typer.Option(help="total steps (overrides --epochs)")] = None,
+    per_task: Annotated[int, typer.Option(help="triplets per task per batch")] = 8,
+    margin: float = 0.2,
+    optimizer: Annotated[str, typer.Option(help="adamw | adagrad")] = "adamw",
+    lr: Annotated[float | None, typer.Option(help="default 1e-3 (AdamW) / 0.01 (Adagrad)")] = None,
+    seed: int = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    resume: Annotated[bool, typer.Option(help="continue the interrupted run in --out")] = False,
+) -> None:
+    """Train a network; writes OUT/model.safetensors, config.json and metrics.json."""
+    from model.data.base import DataFormatError
+    from model.run import RunError
+    from model.train import resume_config
+    from model.train import train as run_training
+
+    try:
+        cfg = (
+            resume_config(out, steps, epochs if steps is None else None)
+            if resume
+            else _train_config(
+                dataset, data_dir, tasks, num_images, arch, modulation, backbone, width, modulate,
+                image_size, embedding_dim, epochs, steps, per_task, margin, optimizer, lr, seed, device,
+            )
+        )  # fmt: skip
+        metrics = run_training(cfg, out, resume=resume)
+    except (DataFormatError, RunError, ValueError) as exc:
+        raise _fail(str(exc)) from exc
+    _print_eval(metrics["test"])
+    console.print(f"wrote {out}/model.safetensors, config.json, metrics.json")
+
+
+def _load_for_eval(
+    run: Path, dataset: str | None, data_dir: Path | None, device: str
+) -> tuple[Any, Any, Any]:
+    from model.run import load_run
+    from model.train import DataConfig
+
+    loaded = load_run(run, device)
+    data = DataConfig(**loaded.config.get("dataset", {}))
+    if dataset is not None:
+        data.dataset, data.data_dir = dataset, str(data_dir) if data_dir else None
+    elif data_dir is not None:
+        data.data_dir = str(data_dir)
+    data.tasks = loaded.task_names
+    return loaded, data.load(loaded.preprocess.image_size), data
+
+
+@app.command("eval")
+def eval_(
+    run: Annotated[Path, typer.Option(help="run directory written by `modret train`")],
+    dataset: Annotated[str | None, typer.Option(help="default: the run's own dataset")] = None,
+    data_dir: DataDirOpt = None,
+    split: Annotated[str, typer.Option(help="train | val | test")] = "test",
+    as_json: Annotated[bool, typer.Option("--json", help="print the eval JSON")] = False,
+    device: str = "auto",
+) -> None:
+    """Triplet accuracy, mAP and precision@10 per task on the test split."""
+    from model.data.base import DataFormatError
+    from model.evaluate import evaluate
+    from model.run import RunError
+
+    try:
+        loaded, ds, data = _load_for_eval(run, dataset, data_dir, device)
+        seed = int(loaded.config.get("train", {}).get("seed", 0))
+        result = evaluate(loaded.model, ds, loaded.preprocess, seed=seed, split_seed=data.seed, split=split)
+    except (DataFormatError, RunError, ValueError) as exc:
+        raise _fail(str(exc)) from exc
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        _print_eval(result)
+
+
+def _print_eval(result: dict[str, Any]) -> None:
+    table = Table(title=f"evaluation ({result['split']} split, {result['num_images']} images)")
+    for column in ("task", "triplet acc", "mAP", "P@10"):
+        table.add_column(column)
+    rows = [*result["tasks"].items(), ("mean", result["mean"])]
+    for name, m in rows:
+        table.add_row(name, f"{m['triplet_accuracy']:.3f}", f"{m['map']:.3f}", f"{m['precision_at_10']:.3f}")
+    Console().print(table)
+    p = result["params"]
+    Console().print(
+        f"params: total {p['total']:,}, shared {p['shared']:,}, extra per task {p['per_task_extra']:,}"
+    )
+
+
+@app.command()
+def compare(
+    dataset: DatasetOpt = "synthfaces",
+    data_dir: DataDirOpt = None,
+    tasks: TasksOpt = None,
+    num_images: Annotated[int | None, typer.Option(help="synthfaces count / real-data subsample")] = None,
+    archs: Annotated[
+        str, typer.Option(help="comma-separated architectures")
+    ] = "shared,mask,modulated,independent",
+    modulation: str = "vector",
+    backbone: str = "resnet18",
+    width: Annotated[int | None, typer.Option(help="default: fits the dataset's CPU budget")] = None,
+    image_size: int = 64,
+    embedding_dim: int = 128,
+    steps: Annotated[
+        int | None, typer.Option(help="steps per architecture (default: fits the dataset)")
+    ] = None,
+    per_task: int = 8,
+    seed: int = 0,
+    device: str = "auto",
+    out: Annotated[Path | None, typer.Option(help="default: runs/compare-<dataset>")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print {arch: eval JSON}")] = False,
+) -> None:
+    """Train each architecture under the same budget and print the comparison table."""
+    from model.compare import compare as run_compare
+    from model.compare import markdown_table
+    from model.data.base import DataFormatError
+    from model.network import ARCHS
+
+    arch_list = _split(archs) or []
+    unknown = [a for a in arch_list if a not in ARCHS]
+    if unknown or not arch_list:
+        raise _fail(f"unknown architectures {unknown}; choose from {', '.join(ARCHS)}")
+    cfg = _train_config(
+        dataset, data_dir, tasks, num_images, "modulated", modulation, backbone,
+        width or COMPARE_WIDTH.get(dataset), None, image_size, embedding_dim, 10,
+        steps or COMPARE_STEPS.get(dataset, 400), per_task, 0.2, "adamw", None, seed, device,
+    )  # fmt: skip
+    try:
+        results = run_compare(cfg, cast(Any, arch_list), out or Path("runs") / f"compare-{dataset}")
+    except (DataFormatError, ValueError) as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(json.dumps(results, indent=2) if as_json else markdown_table(results))
+
+
+@app.command()
+def diagnose(
+    run: Annotated[Path, typer.Option(help="run directory written by `modret train`")],
+    dataset: Annotated[str | None, typer.Option(help="default: the run's own dataset")] = None,
+    data_dir: DataDirOpt = None,
+    batches: int = 4,
+    per_task: int = 16,
+    as_json: Annotated[bool, typer.Option("--json", help="print the JSON report")] = False,
+    device: str = "auto",
+) -> None:
+    """Gradient-direction consistency between tasks on the shared parameters (the paper's analysis)."""
+    from model.data.base import DataFormatError
+    from model.diagnose import gradient_consistency
+    from model.run import RunError
+
+    try:
+        loaded, ds, data = _load_for_eval(run, dataset, data_dir, device)
+        report = gradient_consistency(
+            loaded.model, ds, loaded.preprocess, split_seed=data.seed, batches=batches, per_task=per_task
+        )
+    except (DataFormatError, RunError, ValueError) as exc:
+        raise _fail(str(exc)) from exc
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(f"mean pairwise gradient cosine on shared parameters: {report['overall']:.4f}")
+    for layer, value in report["per_layer"].items():
+        typer.echo(f"  {layer:>8}: {value:.4f}")
+
+
+@app.command()
+def demo(
+    data_dir: Annotated[Path, typer.Option(help="where the demo keeps its model")] = Path("data"),
+    steps: int = 400,
+) -> None:
+    """Train the default modulated model on synthetic faces (cached) and print its evaluation."""
+    from model.run import METRICS, WEIGHTS
+    from model.train import TrainConfig
+    from model.train import train as run_training
+
+    run_dir = data_dir / "runs" / "demo"
+    if (run_dir / WEIGHTS).is_file() and (run_dir / METRICS).is_file():
+        console.print(f"reusing the trained demo model in {run_dir}")
+        _print_eval(json.loads((run_dir / METRICS).read_text())["test"])
+        return
+    cfg = TrainConfig(width=COMPARE_WIDTH["synthfaces"], steps=steps)
+    console.print(f"training the demo model ({asdict(cfg.data)['dataset']}, {steps} steps) into {run_dir}")
+    _print_eval(run_training(cfg, run_dir)["test"])

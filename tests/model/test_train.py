@@ -1,0 +1,93 @@
+"""Training: run-directory contents, metrics, learning, and exact resumption after a kill."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model.run import load_run
+from model.train import CHECKPOINT, DataConfig, TrainConfig, resume_config, train
+
+TASKS = ["Pale_Skin", "Wearing_Hat", "Eyeglasses"]
+
+
+def tiny_config(**kw: object) -> TrainConfig:
+    base: dict[str, object] = {
+        "data": DataConfig(tasks=TASKS, num_images=150),
+        "width": 4,
+        "image_size": 32,
+        "embedding_dim": 8,
+        "steps": 6,
+        "per_task": 2,
+        "val_triplets_per_task": 20,
+        "device": "cpu",
+    }
+    return TrainConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def test_train_writes_a_loadable_run_with_metrics(tmp_path):
+    metrics = train(tiny_config(), tmp_path, progress=False)
+    assert {p.name for p in tmp_path.iterdir()} >= {"model.safetensors", "config.json", "metrics.json"}
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["test"]["tasks"].keys() == set(TASKS)
+    assert set(on_disk["test"]["mean"]) == {"triplet_accuracy", "map", "precision_at_10"}
+    assert metrics["history"][-1]["step"] == 6 and metrics["images_per_second"] > 0
+    run = load_run(tmp_path)
+    assert run.task_names == TASKS
+    assert run.config["train"]["steps"] == 6 and run.config["dataset"]["tasks"] == TASKS
+
+
+def test_training_learns_easy_attributes(tmp_path):
+    cfg = tiny_config(steps=30, per_task=8, lr=3e-3, data=DataConfig(tasks=["Pale_Skin"], num_images=300))
+    metrics = train(cfg, tmp_path, progress=False)
+    assert metrics["test"]["mean"]["triplet_accuracy"] > 0.8, metrics["test"]
+
+
+def _train_in_subprocess(out: Path, cfg: TrainConfig) -> subprocess.Popen[bytes]:
+    code = (
+        "import sys, json; from pathlib import Path; from model.train import TrainConfig, train; "
+        "train(TrainConfig.from_dict(json.loads(sys.argv[1])), Path(sys.argv[2]), progress=False)"
+    )
+    return subprocess.Popen([sys.executable, "-c", code, json.dumps(cfg.to_dict()), str(out)])
+
+
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path):
+    torch.use_deterministic_algorithms(True)
+    # 12 steps, 3 per epoch (150 images * 0.8 / (3 tasks * 12 triplets)) -> checkpoints at 3, 6, 9, 12
+    cfg = tiny_config(steps=12, per_task=12)
+    train(cfg, tmp_path / "straight", progress=False)
+
+    killed = tmp_path / "killed"
+    proc = _train_in_subprocess(killed, cfg)
+    deadline = time.monotonic() + 120
+    while not (killed / CHECKPOINT).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / CHECKPOINT).exists()
+    resumed = resume_config(killed, None, None)
+    assert resumed == cfg
+    train(resumed, killed, resume=True, progress=False)
+
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(killed / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no checkpoint to resume from"):
+        resume_config(tmp_path, None, None)
+
+
+def test_unknown_task_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="Nope"):
+        train(tiny_config(data=DataConfig(tasks=["Nope"])), tmp_path, progress=False)
