@@ -4,7 +4,6 @@ defaults are the documented options."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, Literal, cast
 
@@ -12,7 +11,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from service.cli_index import index_app
+from service.cli_serve import serve
+from service.demo import demo
+
 app = typer.Typer(help="Attribute-conditioned image retrieval with modulation modules.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+app.command("serve")(serve)
+app.command("demo")(demo)
 console = Console(stderr=True)
 
 # Budgets that fit each dataset on a 2-core CPU (`modret compare`'s defaults, per architecture).
@@ -253,23 +259,3 @@ def diagnose(
     typer.echo(f"mean pairwise gradient cosine on shared parameters: {report['overall']:.4f}")
     for layer, value in report["per_layer"].items():
         typer.echo(f"  {layer:>8}: {value:.4f}")
-
-
-@app.command()
-def demo(
-    data_dir: Annotated[Path, typer.Option(help="where the demo keeps its model")] = Path("data"),
-    steps: int = 400,
-) -> None:
-    """Train the default modulated model on synthetic faces (cached) and print its evaluation."""
-    from model.run import METRICS, WEIGHTS
-    from model.train import TrainConfig
-    from model.train import train as run_training
-
-    run_dir = data_dir / "runs" / "demo"
-    if (run_dir / WEIGHTS).is_file() and (run_dir / METRICS).is_file():
-        console.print(f"reusing the trained demo model in {run_dir}")
-        _print_eval(json.loads((run_dir / METRICS).read_text())["test"])
-        return
-    cfg = TrainConfig(width=COMPARE_WIDTH["synthfaces"], steps=steps)
-    console.print(f"training the demo model ({asdict(cfg.data)['dataset']}, {steps} steps) into {run_dir}")
-    _print_eval(run_training(cfg, run_dir)["test"])

@@ -30,7 +30,9 @@ def test_perfect_embeddings_score_one():
 
 def test_random_embeddings_score_the_base_rate():
     labels = np.random.default_rng(1).integers(0, 2, size=(400, 1))
-    noise = torch.nn.functional.normalize(torch.randn(400, 1, 16, generator=torch.Generator().manual_seed(3)), dim=2)
+    noise = torch.nn.functional.normalize(
+        torch.randn(400, 1, 16, generator=torch.Generator().manual_seed(3)), dim=2
+    )
     result = retrieval_metrics(noise, labels, ["a"], seed=0)
     assert result["a"]["map"] == pytest.approx(0.5, abs=0.05)
     assert result["a"]["precision_at_10"] == pytest.approx(0.5, abs=0.05)

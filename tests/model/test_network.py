@@ -72,7 +72,9 @@ def test_seams_compose_to_embed(arch, batch):
     model = tiny(arch)
     features = model.forward_features(images, tasks)
     assert features.dim() == 4 and features.shape[0] == 7
-    torch.testing.assert_close(model.forward_head(features, tasks), model.embed(images, tasks), atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        model.forward_head(features, tasks), model.embed(images, tasks), atol=ATOL, rtol=0
+    )
 
 
 def test_vector_modulation_is_relu_gated_channel_scaling():

@@ -42,7 +42,9 @@ def test_eval_json_has_the_documented_shape(run_dir):
 
 
 def test_diagnose_reports_cosines_overall_and_per_layer(run_dir):
-    result = runner.invoke(app, ["diagnose", "--run", str(run_dir), "--json", "--batches", "1", "--device", "cpu"])
+    result = runner.invoke(
+        app, ["diagnose", "--run", str(run_dir), "--json", "--batches", "1", "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert -1.0 <= report["overall"] <= 1.0

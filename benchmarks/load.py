@@ -1,0 +1,251 @@
+"""Load benchmark of the search API on loopback: throughput, p50/p99 latency and average model batch size
+at several client concurrencies, with dynamic batching on and off.
+
+    .venv/bin/python benchmarks/load.py                       # temporary model + gallery, defaults below
+    .venv/bin/python benchmarks/load.py --run RUN --index INDEX --requests 400 --max-seconds 30
+
+The server runs in its own process (uvicorn, 127.0.0.1, a free port) so the client does not share its
+GIL; the client is one asyncio process with N concurrent httpx connections, each posting a multipart
+PNG to ``POST /search?task=…&k=10``. Each level is bounded by ``--requests`` and ``--max-seconds``.
+Average batch size comes from the server's ``modret_batch_size`` histogram (sum/count) over the level.
+Without ``--run`` a temporary untrained model of the demo's shape (ResNet-18 width 16, 64 px, 128-d, the
+12 SynthFaces tasks) and a gallery of ``--gallery`` SynthFaces images are built first: latency does not
+depend on the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import multiprocessing as mp
+import platform
+import re
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CONCURRENCY = (1, 4, 16, 64)
+
+
+def build_fixture(root: Path, gallery_size: int) -> tuple[Path, Path]:
+    import torch
+
+    from index.build import embed_images
+    from index.gallery import Gallery
+    from index.metadata import NewItem, content_hash
+    from model.data.synthfaces import DEFAULT_TASKS, render_face
+    from model.network import ModelConfig, create_model
+    from model.run import load_run, save_run
+
+    torch.manual_seed(0)
+    config = ModelConfig(task_names=list(DEFAULT_TASKS), width=16, image_size=64, embedding_dim=128)
+    save_run(root / "run", create_model(config))
+    run = load_run(root / "run")
+    gallery = Gallery.create(
+        root / "index", tasks=run.task_names, dim=run.embedding_dim, model_hash=run.model_hash
+    )
+    for start in range(0, gallery_size, 64):
+        faces = [render_face(1, i, 64) for i in range(start, min(gallery_size, start + 64))]
+        items, images = [], []
+        for i, (image, labels) in enumerate(faces, start):
+            buffer = io.BytesIO()
+            image.save(buffer, "PNG")
+            data = buffer.getvalue()
+            items.append(NewItem(f"face-{i}.png", content_hash(data), 64, 64, labels, data))
+            images.append(image)
+        gallery.add(items, embed_images(run, images))
+    gallery.save()
+    gallery.close()
+    return root / "run", root / "index"
+
+
+def serve(run: str, index: str, port: int, batch: int, wait_ms: float, queue: int) -> None:
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings(
+        run_dir=Path(run), index_dir=Path(index), max_batch_size=batch, max_wait_ms=wait_ms, max_queue=queue,
+        log_level="WARNING",
+    )  # fmt: skip
+    uvicorn.run(create_app(settings), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def batch_stats(metrics_text: str) -> tuple[float, float]:
+    def value(name: str) -> float:
+        match = re.search(rf"^{name} ([0-9.e+-]+)$", metrics_text, re.M)
+        return float(match.group(1)) if match else 0.0
+
+    return value("modret_batch_size_sum"), value("modret_batch_size_count")
+
+
+async def level(
+    url: str, images: list[bytes], tasks: list[str], concurrency: int, total: int, max_s: float
+) -> dict[str, Any]:
+    latencies: list[float] = []
+    errors: dict[int, int] = {}
+    sent = 0
+    deadline = time.perf_counter() + max_s
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        before = batch_stats((await client.get("/metrics")).text)
+
+        async def worker(n: int) -> None:
+            nonlocal sent
+            while sent < total and time.perf_counter() < deadline:
+                i = sent
+                sent += 1
+                files = {"image": ("q.png", images[i % len(images)], "image/png")}
+                started = time.perf_counter()
+                response = await client.post(
+                    "/search", params={"task": tasks[i % len(tasks)], "k": 10}, files=files
+                )
+                if response.status_code == 200:
+                    latencies.append(time.perf_counter() - started)
+                else:
+                    errors[response.status_code] = errors.get(response.status_code, 0) + 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(n) for n in range(concurrency)))
+        wall = time.perf_counter() - started
+        after = batch_stats((await client.get("/metrics")).text)
+    batches = after[1] - before[1]
+    ordered = sorted(latencies)
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": errors,
+        "throughput_rps": len(latencies) / wall if wall else 0.0,
+        "p50_ms": 1000 * statistics.median(ordered) if ordered else None,
+        "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] if ordered else None,
+        "avg_batch": (after[0] - before[0]) / batches if batches else None,
+    }
+
+
+def wait_ready(url: str, process: mp.process.BaseProcess, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not process.is_alive():
+            raise RuntimeError("the server process exited")
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("the server did not become ready")
+
+
+def run_mode(
+    args: argparse.Namespace, run: Path, index: Path, batch: int, images: list[bytes], tasks: list[str]
+) -> list[dict[str, Any]]:
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    process = ctx.Process(
+        target=serve, args=(str(run), str(index), port, batch, args.max_wait_ms, 1024), daemon=True
+    )
+    process.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process)
+        asyncio.run(level(url, images, tasks, 4, 20, 10))  # warm connections and caches
+        rows = []
+        for concurrency in args.concurrency:
+            total = max(args.requests, 4 * concurrency)
+            row = asyncio.run(level(url, images, tasks, concurrency, total, args.max_seconds))
+            row["batching"] = "on" if batch > 1 else "off"
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+        return rows
+    finally:
+        process.terminate()
+        process.join(30)
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| batching | concurrency | requests | throughput (req/s) | p50 (ms) | p99 (ms) | avg batch "
+        "| errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['batching']} | {r['concurrency']} | {r['requests']} | {r['throughput_rps']:.1f} | "
+            f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['avg_batch']:.2f} | {r['errors'] or '-'} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run", type=Path)
+    parser.add_argument(
+        "--index", type=Path, help="a gallery built for --run (copied: the benchmark never writes it)"
+    )
+    parser.add_argument("--gallery", type=int, default=1000, help="images in the temporary gallery")
+    parser.add_argument(
+        "--requests", type=int, default=200, help="requests per level (at least 4x concurrency)"
+    )
+    parser.add_argument("--max-seconds", type=float, default=20.0, help="time cap per level")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+
+    from model.data.synthfaces import render_face
+
+    with tempfile.TemporaryDirectory(prefix="modret-load-") as tmp:
+        if args.run is None:
+            started = time.perf_counter()
+            run, index = build_fixture(Path(tmp), args.gallery)
+            print(
+                f"built model + {args.gallery}-image gallery in {time.perf_counter() - started:.1f} s",
+                file=sys.stderr,
+            )
+        else:
+            import shutil
+
+            run, index = args.run, Path(tmp) / "index"
+            shutil.copytree(args.index, index)
+            (index / "writer.lock").unlink(missing_ok=True)
+        from model.run import load_run
+
+        tasks = load_run(run).task_names
+        images = []
+        for i in range(32):
+            buffer = io.BytesIO()
+            render_face(99, i, 128)[0].save(buffer, "PNG")
+            images.append(buffer.getvalue())
+        rows = run_mode(args, run, index, args.max_batch_size, images, tasks)
+        rows += run_mode(args, run, index, 1, images, tasks)
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {mp.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}"
+    )
+    print(markdown(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

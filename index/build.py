@@ -1,0 +1,219 @@
+"""Embedding a whole gallery under every task: read → embed → write, with per-stage timings.
+
+- **read** (a background thread, so decoding overlaps embedding): walks the source (an image folder, or a
+  dataset by name), hashes each file's bytes (the content hash that deduplicates the gallery), decodes it to
+  RGB and groups images into batches. Unreadable files are skipped and listed in the report.
+- **embed**: each decoded batch is preprocessed once and embedded under all tasks with
+  ``model.embed_all_tasks``: the batch is expanded over tasks inside the model, which computes the
+  task-independent prefix once and the modulated stages as one mixed-task batch, giving (B, T, D).
+- **write**: ``Gallery.add`` (metadata rows + one vector per task); duplicates keep their first id.
+  The gallery is saved once at the end (one durable generation).
+
+Timings are wall-clock seconds per stage (read is measured in its own thread, so the three can sum to more
+than the total when stages overlap); the service exposes them as metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from index.gallery import Gallery
+from index.metadata import NewItem, content_hash
+from model.run import LoadedRun
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
+_PREFETCH = 2  # decoded batches waiting for the model: enough to hide decoding, little memory
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    source: str  # path relative to the folder / data dir, or the dataset's synthetic id
+    image: Image.Image  # RGB
+    content_hash: str
+    labels: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class ImageSource:
+    total: int
+    items: Iterator[SourceImage]
+    skipped: list[str] = field(default_factory=list)  # "source: reason", filled while iterating
+
+
+@dataclass
+class StageTimings:
+    read_s: float = 0.0
+    embed_s: float = 0.0
+    write_s: float = 0.0
+    save_s: float = 0.0
+
+
+@dataclass
+class BuildReport:
+    images: int  # images read and embedded
+    added: int  # new gallery items (images minus duplicates)
+    duplicates: int
+    skipped: list[str]
+    tasks: list[str]
+    timings: StageTimings
+    wall_s: float
+
+    @property
+    def image_tasks_per_s(self) -> float:
+        return self.images * len(self.tasks) / self.timings.embed_s if self.timings.embed_s else 0.0
+
+
+def folder_source(directory: Path) -> ImageSource:
+    """Every image file under ``directory`` (recursively, sorted), without labels."""
+    paths = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    source = ImageSource(total=len(paths), items=iter(()))
+
+    def items() -> Iterator[SourceImage]:
+        for path in paths:
+            name = path.relative_to(directory).as_posix()
+            try:
+                data = path.read_bytes()
+                with Image.open(path) as opened:
+                    image = opened.convert("RGB")
+            except (OSError, Image.DecompressionBombError) as e:
+                source.skipped.append(f"{name}: {e}")
+                continue
+            yield SourceImage(name, image, content_hash(data))
+
+    source.items = items()
+    return source
+
+
+def dataset_source(
+    name: str, data_dir: Path | None = None, *, image_size: int = 64, num_images: int | None = None
+) -> ImageSource:
+    """A dataset by name (``model.data.load_dataset``), with its known labels.
+
+    The content hash is of the image file's bytes when the item is a file under ``data_dir`` (so that an
+    upload of the same file is recognised as a duplicate), else of the decoded pixels."""
+    from model.data import load_dataset
+
+    dataset = load_dataset(name, data_dir, image_size=image_size, num_images=num_images)
+    names = dataset.task_names
+
+    def items() -> Iterator[SourceImage]:
+        for i, source in enumerate(dataset.sources):
+            image = dataset.load_image(i).convert("RGB")
+            path = data_dir / source if data_dir is not None else None
+            if path is not None and path.is_file():
+                digest = content_hash(path.read_bytes())
+            else:
+                digest = content_hash(f"{image.size}".encode() + image.tobytes())
+            labels = {n: int(v) for n, v in zip(names, dataset.labels[i], strict=True) if v >= 0}
+            yield SourceImage(source, image, digest, labels)
+
+    return ImageSource(total=len(dataset), items=items())
+
+
+@torch.inference_mode()
+def embed_images(run: LoadedRun, images: list[Image.Image]) -> np.ndarray:
+    """(B, T, D) float32 L2-normalised embeddings of ``images`` under every task of ``run``."""
+    batch = run.preprocess.stack(images).to(run.device)
+    return run.model.embed_all_tasks(batch).float().cpu().numpy()
+
+
+def _batches(
+    items: Iterator[SourceImage], batch_size: int, out: queue.Queue[Any], timings: StageTimings
+) -> None:
+    """The read stage: fill ``out`` with lists of SourceImage, then None (or the exception raised)."""
+    try:
+        batch: list[SourceImage] = []
+        start = time.perf_counter()
+        for item in items:
+            batch.append(item)
+            if len(batch) == batch_size:
+                timings.read_s += time.perf_counter() - start
+                out.put(batch)
+                batch = []
+                start = time.perf_counter()
+        timings.read_s += time.perf_counter() - start
+        if batch:
+            out.put(batch)
+        out.put(None)
+    except BaseException as e:  # handed to the consuming thread, which re-raises it
+        out.put(e)
+
+
+def build_gallery(
+    run: LoadedRun,
+    source: ImageSource,
+    out: Path,
+    *,
+    backend: str = "faiss",
+    store_options: dict[str, Any] | None = None,
+    batch_size: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> BuildReport:
+    """Create a gallery in ``out`` holding every image of ``source`` embedded under every task."""
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; build into a new directory")
+    started = time.perf_counter()
+    timings = StageTimings()
+    gallery = Gallery.create(
+        out,
+        tasks=run.task_names,
+        dim=run.embedding_dim,
+        model_hash=run.model_hash,
+        backend=backend,
+        store_options=store_options,
+    )
+    batches: queue.Queue[Any] = queue.Queue(maxsize=_PREFETCH)
+    reader = threading.Thread(target=_batches, args=(source.items, batch_size, batches, timings), daemon=True)
+    reader.start()
+    images = added = 0
+    try:
+        while (batch := batches.get()) is not None:
+            if isinstance(batch, BaseException):
+                raise batch
+            t0 = time.perf_counter()
+            vectors = embed_images(run, [item.image for item in batch])
+            t1 = time.perf_counter()
+            before = gallery.metadata.count()
+            gallery.add(
+                [
+                    NewItem(item.source, item.content_hash, item.image.width, item.image.height, item.labels)
+                    for item in batch
+                ],
+                vectors,
+            )
+            added += gallery.metadata.count() - before
+            timings.embed_s += t1 - t0
+            timings.write_s += time.perf_counter() - t1
+            images += len(batch)
+            if progress is not None:
+                progress(len(batch))
+        t0 = time.perf_counter()
+        gallery.save()
+        timings.save_s = time.perf_counter() - t0
+    finally:
+        gallery.close()
+        reader.join(timeout=1)
+    for reason in source.skipped:
+        log.warning("skipped %s", reason)
+    return BuildReport(
+        images=images,
+        added=added,
+        duplicates=images - added,
+        skipped=list(source.skipped),
+        tasks=run.task_names,
+        timings=timings,
+        wall_s=time.perf_counter() - started,
+    )

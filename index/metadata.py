@@ -1,0 +1,222 @@
+"""Gallery metadata in SQLite (WAL mode) and the content-addressed blob folder of uploaded images.
+
+One row per gallery image: a stable integer id (``AUTOINCREMENT``, so an id is never handed out again,
+even after its item is removed), the source path or uploaded file name, the sha256 of the image's bytes
+(unique: adding the same content again returns the existing id instead of storing it twice), width and
+height of the original image, its known attribute labels, and when it was added (ISO-8601, UTC).
+
+Labels are kept twice on purpose: as JSON on the item (to show them) and as rows of a ``labels`` table
+indexed by (name, value), so that a filter such as ``{"Male": 1, "Smiling": 0}`` resolves to the allowed id
+set with one indexed query per condition. A label value is the dataset's integer label (an index into
+the task's values; binary attributes are 0/1); unknown labels are simply absent.
+
+The bytes of uploaded images live in ``blobs/<first 2 hex>/<sha256>``, written through a temporary file,
+fsync and atomic rename before the row that refers to them is committed, so a crash leaves at most an
+unreferenced blob, never a row without its blob. Blobs are not deleted with their row: the same content
+may come back, and content addressing makes keeping it harmless.
+
+WAL with ``synchronous=FULL`` makes each committed transaction durable; readers never block the writer.
+One connection is shared by the threads of a process behind a lock (SQLite serialises writers anyway).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import sqlite3
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from index.generations import fsync_path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    source TEXT NOT NULL,
+    content_hash TEXT NOT NULL UNIQUE,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    labels TEXT NOT NULL,
+    has_blob INTEGER NOT NULL,
+    added_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS labels (
+    item_id INTEGER NOT NULL REFERENCES items(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    value INTEGER NOT NULL,
+    PRIMARY KEY (item_id, name)
+);
+CREATE INDEX IF NOT EXISTS labels_by_value ON labels(name, value, item_id);
+"""
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class NewItem:
+    """An image to add. ``data`` (the file's bytes) is kept as a blob when given (uploads)."""
+
+    source: str
+    content_hash: str
+    width: int
+    height: int
+    labels: dict[str, int] = field(default_factory=dict)
+    data: bytes | None = None
+
+
+@dataclass(frozen=True)
+class ItemRecord:
+    id: int
+    source: str
+    content_hash: str
+    width: int
+    height: int
+    labels: dict[str, int]
+    has_blob: bool
+    added_at: str
+
+
+class UnknownLabelError(LookupError):
+    """A filter names a label that no gallery item has."""
+
+
+class Metadata:
+    def __init__(self, root: Path, *, read_only: bool = False) -> None:
+        self.path = root / "gallery.sqlite"
+        self.blob_dir = root / "blobs"
+        self._lock = threading.Lock()
+        if read_only:
+            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        else:
+            root.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        self._db.execute("PRAGMA foreign_keys=ON")
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, self._db:  # the connection as context manager commits, or rolls back on error
+            yield self._db
+
+    def blob_path(self, digest: str) -> Path:
+        return self.blob_dir / digest[:2] / digest
+
+    def _store_blob(self, digest: str, data: bytes) -> None:
+        path = self.blob_path(digest)
+        if path.exists():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".blob-", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+
+    def add(self, items: Sequence[NewItem]) -> tuple[list[int], list[bool]]:
+        """Ids of ``items`` (existing ones for content already present) and whether each is new."""
+        for item in items:
+            if item.data is not None:
+                self._store_blob(item.content_hash, item.data)
+        ids: list[int] = []
+        new: list[bool] = []
+        added_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        with self._transaction() as db:
+            for item in items:
+                row = db.execute(
+                    "SELECT id FROM items WHERE content_hash = ?", (item.content_hash,)
+                ).fetchone()
+                if row is not None:
+                    ids.append(int(row[0]))
+                    new.append(False)
+                    continue
+                cursor = db.execute(
+                    "INSERT INTO items (source, content_hash, width, height, labels, has_blob, added_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        item.source,
+                        item.content_hash,
+                        item.width,
+                        item.height,
+                        json.dumps(item.labels, sort_keys=True),
+                        item.data is not None,
+                        added_at,
+                    ),
+                )
+                item_id = int(cursor.lastrowid or 0)
+                db.executemany(
+                    "INSERT INTO labels (item_id, name, value) VALUES (?, ?, ?)",
+                    [(item_id, name, int(value)) for name, value in item.labels.items()],
+                )
+                ids.append(item_id)
+                new.append(True)
+        return ids, new
+
+    def remove(self, ids: Sequence[int] | np.ndarray) -> int:
+        with self._transaction() as db:
+            cursor = db.executemany("DELETE FROM items WHERE id = ?", [(int(i),) for i in ids])
+            return cursor.rowcount
+
+    def get(self, ids: Sequence[int] | np.ndarray) -> dict[int, ItemRecord]:
+        wanted = [int(i) for i in ids]
+        records: dict[int, ItemRecord] = {}
+        with self._lock:
+            for start in range(0, len(wanted), 500):  # stay under SQLite's bound-parameter limit
+                chunk = wanted[start : start + 500]
+                rows = self._db.execute(
+                    "SELECT id, source, content_hash, width, height, labels, has_blob, added_at FROM items"
+                    f" WHERE id IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ).fetchall()
+                for row in rows:
+                    records[row[0]] = ItemRecord(
+                        row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), bool(row[6]), row[7]
+                    )
+        return records
+
+    def ids(self) -> np.ndarray:
+        with self._lock:
+            rows = self._db.execute("SELECT id FROM items ORDER BY id").fetchall()
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+
+    def label_names(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT DISTINCT name FROM labels ORDER BY name")]
+
+    def matching(self, conditions: Mapping[str, int]) -> np.ndarray:
+        """Sorted ids of the items whose labels satisfy every ``name == value`` condition."""
+        known = set(self.label_names())
+        unknown = [name for name in conditions if name not in known]
+        if unknown:
+            names = ", ".join(sorted(known)) or "none"
+            raise UnknownLabelError(f"no gallery item has a label {unknown[0]!r}; known labels: {names}")
+        if not conditions:
+            return self.ids()
+        query = " INTERSECT ".join(
+            "SELECT item_id FROM labels WHERE name = ? AND value = ?" for _ in conditions
+        )
+        params = [p for name, value in conditions.items() for p in (name, int(value))]
+        with self._lock:
+            rows = self._db.execute(query, params).fetchall()
+        return np.array(sorted(r[0] for r in rows), dtype=np.int64)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,239 @@
+"""The Milvus backend: one collection per task through pymilvus' ``MilvusClient``.
+
+``uri`` is a Milvus Lite file (default ``<root>/gallery.db``, one process, no server) or a cluster address
+such as ``http://host:19530`` for galleries that outgrow one machine; the client API is the same. Each
+collection has an ``INT64`` primary key ``id`` and a ``FLOAT_VECTOR`` field ``vector`` indexed for inner
+product (``index_type`` ``FLAT`` by default: exact, so it passes the same exactness contract as faiss
+flat). Collections are created with ``Strong`` consistency so that a search sees every acknowledged add
+and remove. Collection names are ``<collection_prefix>_<position>_<task, sanitised>``, so several galleries
+can share one cluster under different prefixes.
+
+Filters become a primary-key expression ``id in [...]`` evaluated inside Milvus. (For very large allowed
+sets on a cluster, the labels would better be scalar fields of the collection; the metadata layer keeps
+them in SQLite for now so every backend filters the same way.)
+
+What a generation means here: Milvus persists its own data (its write-ahead log, flushed segments), so
+writes are durable once acknowledged, and a generation cannot roll Milvus back. ``save`` flushes every
+collection and then commits a generation (``index.generations``) whose only file, ``collections.json``,
+records the uri and collection names; its manifest records model hash, embedding size, metric and the count
+per task. ``load`` serves the newest manifest that verifies and matches the model (falling back as for
+faiss) and checks that every collection exists; counts may legitimately have moved on since the last save,
+so ``Gallery.verify`` compares them against the metadata rather than the manifest. Milvus does not apply
+one insert to several collections atomically: a crash inside ``add`` can leave an id in some tasks only,
+which ``Gallery`` repairs on open (see ``index.gallery``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index.generations import GenerationError, Generations, Manifest
+from index.rwlock import RWLock
+from index.store import (
+    DuplicateIdError,
+    SearchResult,
+    as_queries,
+    check_add,
+    check_task,
+    padded,
+    register_backend,
+)
+
+MAX_LIMIT = 16384  # Milvus' cap on topk
+_CHUNK = 10_000  # rows per insert / ids per expression, well under Milvus' message size limit
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _id_expr(ids: np.ndarray) -> str:
+    return f"id in [{','.join(str(int(i)) for i in ids)}]"
+
+
+@register_backend("milvus")
+class MilvusStore:
+    backend = "milvus"
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        tasks: list[str],
+        dim: int,
+        model_hash: str,
+        uri: str | None = None,
+        collection_prefix: str = "modret",
+        index_type: str = "FLAT",
+    ) -> None:
+        from pymilvus import MilvusClient  # optional dependency: imported only when this backend is used
+
+        if not _NAME.fullmatch(collection_prefix):
+            raise ValueError(f"collection_prefix {collection_prefix!r} must match {_NAME.pattern}")
+        self.root = root
+        self.dim = dim
+        self.model_hash = model_hash
+        self._tasks = list(tasks)
+        root.mkdir(parents=True, exist_ok=True)
+        self.uri = uri or str(root / "gallery.db")
+        self.options: dict[str, Any] = {"collection_prefix": collection_prefix, "index_type": index_type}
+        self.collections = {
+            task: f"{collection_prefix}_{i:03d}_{re.sub(r'[^A-Za-z0-9_]', '_', task)}"[:255]
+            for i, task in enumerate(self._tasks)
+        }
+        self.generations = Generations(root)
+        self.manifest: Manifest | None = None
+        self._lock = RWLock()
+        self._client = MilvusClient(self.uri)
+        for collection in self.collections.values():
+            if not self._client.has_collection(collection):
+                self._create(collection)
+
+    def _create(self, collection: str) -> None:
+        from pymilvus import DataType, MilvusClient
+
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
+        index_params = self._client.prepare_index_params()
+        index_params.add_index(field_name="vector", index_type=self.options["index_type"], metric_type="IP")
+        self._client.create_collection(
+            collection, schema=schema, index_params=index_params, consistency_level="Strong"
+        )
+
+    def tasks(self) -> list[str]:
+        return list(self._tasks)
+
+    def _count(self, task: str) -> int:
+        rows = self._client.query(self.collections[task], filter="", output_fields=["count(*)"])
+        return int(rows[0]["count(*)"])
+
+    def _present(self, task: str, ids: np.ndarray) -> np.ndarray:
+        found: list[int] = []
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            rows = self._client.query(self.collections[task], filter=_id_expr(chunk), output_fields=["id"])
+            found += [int(r["id"]) for r in rows]
+        return np.array(sorted(found), dtype=np.int64)
+
+    def count(self, task: str) -> int:
+        check_task(task, self._tasks)
+        with self._lock.read():
+            return self._count(task)
+
+    def ids(self, task: str) -> np.ndarray:
+        check_task(task, self._tasks)
+        with self._lock.read():
+            iterator = self._client.query_iterator(
+                self.collections[task], batch_size=_CHUNK, filter="", output_fields=["id"]
+            )
+            found: list[int] = []
+            while rows := iterator.next():
+                found += [int(r["id"]) for r in rows]
+            iterator.close()
+            return np.array(sorted(found), dtype=np.int64)
+
+    def search(
+        self, task: str, queries: np.ndarray, k: int, filter: np.ndarray | None = None
+    ) -> SearchResult:
+        check_task(task, self._tasks)
+        queries = as_queries(queries, self.dim)
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        result = padded(len(queries), k)
+        if not len(queries) or (filter is not None and len(filter) == 0):
+            return result
+        with self._lock.read():
+            total = self._count(task)
+            if total == 0:
+                return result
+            hits = self._client.search(
+                self.collections[task],
+                data=list(queries),
+                limit=min(k, total, MAX_LIMIT),
+                filter="" if filter is None else _id_expr(np.unique(filter)),
+                output_fields=["id"],
+                search_params={"metric_type": "IP"},
+            )
+        for row, row_hits in enumerate(hits):
+            for col, hit in enumerate(row_hits):
+                result.ids[row, col] = int(hit["id"])
+                result.scores[row, col] = float(hit["distance"])
+        return result
+
+    def add(self, ids: np.ndarray, vectors_by_task: dict[str, np.ndarray]) -> None:
+        ids = np.asarray(ids, dtype=np.int64)
+        check_add(ids, vectors_by_task, self._tasks, self.dim)
+        if not len(ids):
+            return
+        with self._lock.write():
+            present = self._present(self._tasks[0], ids)
+            if len(present):
+                raise DuplicateIdError(f"ids already stored: {present[:10].tolist()}")
+            for task in self._tasks:
+                vectors = np.asarray(vectors_by_task[task], dtype=np.float32)
+                for start in range(0, len(ids), _CHUNK):
+                    rows = [
+                        {"id": int(i), "vector": v}
+                        for i, v in zip(
+                            ids[start : start + _CHUNK], vectors[start : start + _CHUNK], strict=True
+                        )
+                    ]
+                    self._client.insert(self.collections[task], rows)
+
+    def remove(self, ids: np.ndarray) -> int:
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        if not len(ids):
+            return 0
+        with self._lock.write():
+            present = self._present(self._tasks[0], ids)
+            for task in self._tasks:
+                # Every task, not only the first one's hits: a crash inside ``add`` may have left an id
+                # in later tasks only.
+                for start in range(0, len(ids), _CHUNK):
+                    self._client.delete(self.collections[task], ids=ids[start : start + _CHUNK].tolist())
+            return len(present)
+
+    def save(self) -> Manifest:
+        with self._lock.read():
+            for collection in self.collections.values():
+                self._client.flush(collection)
+            self.manifest = self.generations.commit(
+                self._write_files,
+                model_hash=self.model_hash,
+                embedding_dim=self.dim,
+                backend=self.backend,
+                tasks=self._tasks,
+                counts={task: self._count(task) for task in self._tasks},
+                options=self.options,
+            )
+        return self.manifest
+
+    def _write_files(self, directory: Path) -> None:
+        record = {"uri": self.uri, "collections": self.collections}
+        (directory / "collections.json").write_text(json.dumps(record, indent=2))
+
+    def load(self) -> Manifest | None:
+        outcome, _ = self.generations.load_newest(
+            self._check_collections, model_hash=self.model_hash, embedding_dim=self.dim
+        )
+        self.manifest = outcome.manifest
+        return outcome.manifest
+
+    def _check_collections(self, manifest: Manifest, directory: Path) -> None:
+        record = json.loads((directory / "collections.json").read_text())
+        if manifest.tasks != self._tasks or record["collections"] != self.collections:
+            raise GenerationError(
+                f"generation {manifest.generation} describes collections {record['collections']}, "
+                f"expected {self.collections}"
+            )
+        missing = [c for c in self.collections.values() if not self._client.has_collection(c)]
+        if missing:
+            raise GenerationError(
+                f"generation {manifest.generation}: collections missing in Milvus: {missing}"
+            )
+
+    def close(self) -> None:
+        self._client.close()

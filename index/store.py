@@ -1,0 +1,164 @@
+"""The vector-store contract every backend fulfils, and the registry that opens one by name.
+
+A store holds, for every task the model knows, one set of L2-normalised float32 vectors keyed by int64
+ids (assigned by the gallery metadata: stable, never reused). The score of a match is the inner product,
+i.e. the cosine similarity. Searches answer ``k`` columns per query, best first; when fewer than ``k``
+items qualify the row is padded with id ``-1`` and score ``-inf`` so that callers always get rectangular
+arrays.
+
+``filter`` is an array of allowed ids (the metadata resolves label filters such as ``{"Male": 1}`` to it);
+``None`` means every id is allowed, an empty array means none is.
+
+Durability is the backend's: ``save()`` commits a generation (see ``index.generations``) and ``load()``
+replaces the in-memory state with the newest generation that verifies, falling back to older ones.
+Backends register themselves in ``BACKENDS`` under the name the CLI's ``--backend`` accepts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from index.generations import Generations, Manifest
+
+PAD_ID = -1
+
+
+class UnknownTaskError(LookupError):
+    """A task name the store was not built for; the message lists the known ones."""
+
+    def __init__(self, task: str, known: Sequence[str]) -> None:
+        super().__init__(f"unknown task {task!r}; this index knows: {', '.join(known)}")
+        self.task = task
+
+
+class DuplicateIdError(ValueError):
+    """``add`` was given an id that is already stored (ids are never reused)."""
+
+
+class SearchResult(NamedTuple):
+    ids: np.ndarray  # (Q, k) int64, PAD_ID where fewer than k items qualify
+    scores: np.ndarray  # (Q, k) float32 inner products, -inf where padded
+
+
+@runtime_checkable
+class VectorStore(Protocol):
+    """One vector set per task; see the module docstring for the conventions."""
+
+    root: Path
+    dim: int
+    model_hash: str
+    generations: Generations
+    manifest: Manifest | None  # the generation last loaded or saved
+
+    def tasks(self) -> list[str]: ...
+
+    def count(self, task: str) -> int: ...
+
+    def ids(self, task: str) -> np.ndarray:
+        """All ids stored for ``task``, sorted (int64)."""
+        ...
+
+    def add(self, ids: np.ndarray, vectors_by_task: dict[str, np.ndarray]) -> None:
+        """Store ``vectors_by_task[t][i]`` under ``ids[i]`` for every task ``t`` (all tasks at once)."""
+        ...
+
+    def remove(self, ids: np.ndarray) -> int:
+        """Remove ``ids`` from every task; returns how many were present. Unknown ids are ignored."""
+        ...
+
+    def search(
+        self, task: str, queries: np.ndarray, k: int, filter: np.ndarray | None = None
+    ) -> SearchResult: ...
+
+    def save(self) -> Manifest:
+        """Commit the current state as a new durable generation and return its manifest."""
+        ...
+
+    def load(self) -> Manifest | None:
+        """Replace the in-memory state with the newest good generation; ``None`` when none exists."""
+        ...
+
+    def close(self) -> None: ...
+
+
+StoreFactory = Callable[..., VectorStore]
+BACKENDS: dict[str, StoreFactory] = {}
+
+
+def register_backend(name: str) -> Callable[[StoreFactory], StoreFactory]:
+    def decorate(factory: StoreFactory) -> StoreFactory:
+        BACKENDS[name] = factory
+        return factory
+
+    return decorate
+
+
+def open_store(
+    backend: str,
+    root: Path,
+    *,
+    tasks: Sequence[str],
+    dim: int,
+    model_hash: str,
+    options: dict[str, Any] | None = None,
+) -> VectorStore:
+    """Open (and load, when a generation exists) the ``backend`` store rooted at ``root``."""
+    # Importing the backend modules fills BACKENDS; done here so that importing ``index.store`` alone
+    # stays cheap and never pulls pymilvus in.
+    import index.faiss_store
+    import index.milvus_store  # noqa: F401
+
+    try:
+        factory = BACKENDS[backend]
+    except KeyError:
+        raise ValueError(
+            f"unknown backend {backend!r}; choose one of: {', '.join(sorted(BACKENDS))}"
+        ) from None
+    store = factory(root, tasks=list(tasks), dim=dim, model_hash=model_hash, **(options or {}))
+    store.load()
+    return store
+
+
+def check_task(task: str, known: Sequence[str]) -> None:
+    if task not in known:
+        raise UnknownTaskError(task, known)
+
+
+def check_add(
+    ids: np.ndarray, vectors_by_task: dict[str, np.ndarray], tasks: Sequence[str], dim: int
+) -> None:
+    """Validate an ``add`` call's shapes and task set (shared by every backend so they fail alike)."""
+    if ids.ndim != 1 or ids.dtype != np.int64:
+        raise ValueError(f"ids must be a 1-D int64 array, got {ids.dtype} of shape {ids.shape}")
+    if len(np.unique(ids)) != len(ids):
+        raise DuplicateIdError("ids within one add call must be distinct")
+    if (ids < 0).any():
+        raise ValueError("ids must be non-negative (-1 marks padding in search results)")
+    missing = set(tasks) - set(vectors_by_task)
+    extra = set(vectors_by_task) - set(tasks)
+    if extra:
+        raise UnknownTaskError(sorted(extra)[0], tasks)
+    if missing:
+        raise ValueError(f"add must give vectors for every task; missing: {', '.join(sorted(missing))}")
+    for task, vectors in vectors_by_task.items():
+        if vectors.shape != (len(ids), dim):
+            raise ValueError(f"vectors for {task!r} have shape {vectors.shape}, expected {(len(ids), dim)}")
+
+
+def as_queries(queries: np.ndarray, dim: int) -> np.ndarray:
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if queries.ndim != 2 or queries.shape[1] != dim:
+        raise ValueError(f"queries must have shape (Q, {dim}), got {queries.shape}")
+    return queries
+
+
+def padded(num_queries: int, k: int) -> SearchResult:
+    return SearchResult(
+        np.full((num_queries, k), PAD_ID, dtype=np.int64),
+        np.full((num_queries, k), -np.inf, dtype=np.float32),
+    )

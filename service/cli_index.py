@@ -1,0 +1,141 @@
+"""``modret index``: build a gallery index from a trained run, describe it, verify it.
+
+- ``build --run RUN_DIR (--images DIR | --dataset NAME [--data-dir DIR]) --out INDEX_DIR
+  [--backend faiss|milvus] [--kind flat|hnsw|ivfpq]`` embeds every image under every task in one pass
+  (``index.build``) with a progress bar and writes one index per task plus the gallery metadata.
+- ``info INDEX_DIR``: tasks, counts, model hash, sizes, the served generation.
+- ``verify INDEX_DIR [--run RUN_DIR]``: checksums, model match, every id present in every task; exits 1 on
+  any problem.
+
+``info`` and ``verify`` open the gallery read-only, so they can run beside a service that serves it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+from index.build import build_gallery, dataset_source, folder_source
+from index.gallery import Gallery, GalleryError
+from model.run import load_run
+
+index_app = typer.Typer(help="Build, inspect and verify gallery indexes.", no_args_is_help=True)
+console = Console()
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code=1)
+
+
+@index_app.command()
+def build(
+    run: Path = typer.Option(..., "--run", help="Trained run directory (model.safetensors + config.json)."),
+    out: Path = typer.Option(..., "--out", help="New directory for the gallery index."),
+    images: Path | None = typer.Option(None, "--images", help="Folder of gallery images (recursive)."),
+    dataset: str | None = typer.Option(None, "--dataset", help="Dataset name, e.g. synthfaces or celeba."),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="The dataset's files."),
+    num_images: int | None = typer.Option(None, "--num-images", help="Dataset size or subsample."),
+    backend: str = typer.Option("faiss", "--backend", help="faiss or milvus."),
+    kind: str = typer.Option("flat", "--kind", help="faiss index kind: flat (exact), hnsw or ivfpq."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    device: str = typer.Option("auto", "--device", help="Torch device for embedding: auto, cpu, cuda."),
+) -> None:
+    """Embed a gallery under every task and write one index per task plus metadata."""
+    if (images is None) == (dataset is None):
+        raise _fail("give exactly one of --images DIR or --dataset NAME")
+    try:
+        loaded = load_run(run, device=device)
+    except ValueError as e:
+        raise _fail(str(e)) from e
+    image_size = loaded.preprocess.image_size
+    if images is not None:
+        source = folder_source(images)
+    else:
+        assert dataset is not None
+        source = dataset_source(dataset, data_dir, image_size=image_size, num_images=num_images)
+    options: dict[str, Any] = {"kind": kind} if backend == "faiss" else {}
+    try:
+        with tqdm(total=source.total, unit="img", desc="embedding") as bar:
+            report = build_gallery(
+                loaded,
+                source,
+                out,
+                backend=backend,
+                store_options=options,
+                batch_size=batch_size,
+                progress=bar.update,
+            )
+    except (FileExistsError, GalleryError, ValueError) as e:
+        raise _fail(str(e)) from e
+    t = report.timings
+    console.print(
+        f"{report.added} images ({report.duplicates} duplicates, {len(report.skipped)} unreadable) × "
+        f"{len(report.tasks)} tasks → {out} in {report.wall_s:.1f} s "
+        f"(read {t.read_s:.1f} s, embed {t.embed_s:.1f} s, write {t.write_s:.1f} s, save {t.save_s:.1f} s; "
+        f"{report.image_tasks_per_s:.0f} image-tasks/s)"
+    )
+    for reason in report.skipped[:10]:
+        console.print(f"[yellow]skipped[/yellow] {reason}")
+
+
+def _open(index_dir: Path) -> Gallery:
+    try:
+        return Gallery.open(index_dir, read_only=True)
+    except GalleryError as e:
+        raise _fail(str(e)) from e
+
+
+@index_app.command()
+def info(index_dir: Path = typer.Argument(..., help="Gallery index directory.")) -> None:
+    """Tasks, counts, model hash and sizes of a gallery index."""
+    gallery = _open(index_dir)
+    try:
+        summary = gallery.info()
+    finally:
+        gallery.close()
+    table = Table(title=str(summary.root), show_header=False)
+    table.add_row("backend", f"{summary.backend} {summary.options}")
+    table.add_row("model hash", summary.model_hash)
+    table.add_row("embedding size", str(summary.embedding_dim))
+    table.add_row("generation", str(summary.generation))
+    table.add_row("items", str(summary.items))
+    for task, count in summary.counts.items():
+        table.add_row(f"task {task}", f"{count} vectors")
+    for part, size in summary.sizes.items():
+        table.add_row(f"size {part}", f"{size / 1e6:.2f} MB")
+    for reason in summary.rejected_generations:
+        table.add_row("[red]refused[/red]", reason)
+    console.print(table)
+
+
+@index_app.command()
+def verify(
+    index_dir: Path = typer.Argument(..., help="Gallery index directory."),
+    run: Path | None = typer.Option(
+        None, "--run", help="Also check the index was built with this run's model."
+    ),
+) -> None:
+    """Checksums, model match, every id present in every task; exit status 1 on any problem."""
+    model_hash = None
+    if run is not None:
+        try:
+            model_hash = load_run(run).model_hash
+        except ValueError as e:
+            raise _fail(str(e)) from e
+    gallery = _open(index_dir)
+    try:
+        report = gallery.verify(model_hash)
+    finally:
+        gallery.close()
+    for line in report.checked:
+        console.print(f"[green]ok[/green] {line}")
+    for problem in report.problems:
+        console.print(f"[red]problem[/red] {problem}")
+    if not report.ok:
+        raise typer.Exit(code=1)

@@ -1,0 +1,145 @@
+"""The one error shape every failure is answered with, the exceptions that carry it, and their handlers.
+
+Every error response is JSON ``{"status", "error", "message", "details", "request_id"}``: ``error`` is a
+stable machine code (``unknown_task``, ``payload_too_large``…), ``message`` says in words what was wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("service.errors")
+
+REQUEST_STATE_KEY = "modret"  # per-request dict in the ASGI scope: request id, task, timings
+
+
+class ErrorBody(BaseModel):
+    status: int
+    error: str
+    message: str
+    details: dict[str, Any] | None = None
+    request_id: str | None = None
+
+
+class ApiError(Exception):
+    """Raised anywhere below a route; becomes an ``ErrorBody`` response with ``status``."""
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        message: str,
+        details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.error, self.message = status, error, message
+        self.details, self.headers = details, headers
+
+
+HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_parameters",
+    429: "too_many_requests",
+    500: "internal_error",
+    503: "unavailable",
+    504: "timeout",
+}
+
+
+def error_body(
+    status: int,
+    error: str,
+    message: str,
+    details: dict[str, Any] | None = None,
+    request_id: str | None = None,
+) -> dict[str, Any]:
+    return ErrorBody(
+        status=status, error=error, message=message, details=details, request_id=request_id
+    ).model_dump()
+
+
+def request_id_of(scope: MutableMapping[str, Any]) -> str | None:
+    state = scope.get(REQUEST_STATE_KEY)
+    return state.get("request_id") if isinstance(state, dict) else None
+
+
+def error_response(
+    request: Request,
+    status: int,
+    error: str,
+    message: str,
+    details: dict[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    body = error_body(status, error, message, details, request_id_of(request.scope))
+    return JSONResponse(body, status_code=status, headers=dict(headers) if headers else None)
+
+
+def _validation_message(errors: list[Any]) -> tuple[str, list[dict[str, Any]]]:
+    problems = []
+    for err in errors:
+        where = ".".join(str(part) for part in err.get("loc", ()))
+        problems.append({"where": where, "problem": str(err.get("msg", "invalid"))})
+    text = "; ".join(f"{p['where']}: {p['problem']}" for p in problems) or "invalid request"
+    return text, problems
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ApiError)
+        return error_response(request, exc.status, exc.error, exc.message, exc.details, exc.headers)
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        code = HTTP_CODES.get(exc.status_code, "error")
+        message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+        return error_response(request, exc.status_code, code, message, headers=exc.headers)
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        message, problems = _validation_message(list(exc.errors()))
+        return error_response(request, 422, "invalid_parameters", message, {"problems": problems})
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", extra={"request_id": request_id_of(request.scope)})
+        return error_response(request, 500, "internal_error", "internal error; see the server log")
+
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(Exception, on_unexpected)
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` for a route: each listed status documented with ``ErrorBody``."""
+    described = {
+        400: "Malformed request or image",
+        401: "Missing or wrong API key",
+        403: "API key lacks the admin right",
+        404: "Unknown task or image",
+        413: "Body, image or pixel count too large",
+        415: "Image type not allowed",
+        422: "Invalid parameters",
+        503: "Not ready, shutting down, or queue full (see Retry-After)",
+        504: "Request took longer than the configured timeout",
+    }
+    return {
+        s: {"model": ErrorBody, "description": described.get(s, HTTP_CODES.get(s, "error"))} for s in statuses
+    }

@@ -1,0 +1,58 @@
+"""Reading the gallery for the image routes (blocking: called in a worker thread)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from index.gallery import Gallery
+from index.metadata import ItemRecord
+from service.errors import ApiError
+from service.images import MEDIA_TYPES, sniff_format
+from service.schemas import ImageInfo, ImagePage
+
+
+def not_found(item_id: int) -> ApiError:
+    return ApiError(404, "image_not_found", f"no gallery image with id {item_id}", {"id": item_id})
+
+
+def image_info(record: ItemRecord) -> ImageInfo:
+    return ImageInfo(
+        id=record.id,
+        source=record.source,
+        width=record.width,
+        height=record.height,
+        labels=record.labels,
+        added_at=record.added_at,
+        image_url=f"/images/{record.id}/content" if record.has_blob else None,
+    )
+
+
+def get_record(gallery: Gallery, item_id: int) -> ItemRecord:
+    record = gallery.items([item_id]).get(item_id)
+    if record is None:
+        raise not_found(item_id)
+    return record
+
+
+def page(gallery: Gallery, offset: int, limit: int) -> ImagePage:
+    ids = gallery.metadata.ids()
+    chosen = ids[offset : offset + limit]
+    records = gallery.items(chosen)
+    items = [image_info(records[int(i)]) for i in chosen if int(i) in records]
+    return ImagePage(total=len(ids), offset=offset, limit=limit, items=items)
+
+
+def content(gallery: Gallery, item_id: int) -> tuple[Path, str]:
+    """The stored file of an item (located by its content hash, never by a client path) and its type."""
+    record = get_record(gallery, item_id)
+    path = gallery.blob_path(record)
+    if path is None or not path.is_file():
+        raise ApiError(
+            404,
+            "no_image_content",
+            f"image {item_id} was indexed from {record.source!r} without keeping its bytes",
+            {"id": item_id},
+        )
+    with path.open("rb") as f:
+        fmt = sniff_format(f.read(16))
+    return path, MEDIA_TYPES.get(fmt or "", "application/octet-stream")

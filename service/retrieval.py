@@ -1,0 +1,120 @@
+"""Ranking gallery items for a query: per-task candidates, weighted re-ranking, "why similar" scores.
+
+Blocking (faiss / SQLite): routes call these functions in a worker thread, never on the event loop.
+
+A query has one vector per requested task. Candidates are gathered per task — for a negative weight the
+search runs with the negated vector, so it gathers the items *least* similar under that task — then each
+candidate's similarity under every requested task is completed by a search restricted to the candidates,
+and the ranking score is the weighted sum ``Σ w_t · sim_t``. With one task of weight 1 the score is the
+plain cosine similarity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from index.gallery import Gallery
+from index.metadata import ItemRecord, UnknownLabelError
+from index.store import PAD_ID
+from service.errors import ApiError
+from service.task_specs import WeightedTask
+
+MAX_CANDIDATES = 5000
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: int
+    score: float
+    record: ItemRecord
+    similarities: dict[str, float] | None  # every task's similarity, when explained
+
+
+def allowed_ids(gallery: Gallery, conditions: Mapping[str, int]) -> np.ndarray | None:
+    """Ids satisfying the label filter (label names case-insensitive), None for no filter."""
+    if not conditions:
+        return None
+    names = {name.lower(): name for name in gallery.metadata.label_names()}
+    resolved = {names.get(name.lower(), name): value for name, value in conditions.items()}
+    try:
+        return gallery.metadata.matching(resolved)
+    except UnknownLabelError as exc:
+        raise ApiError(422, "unknown_label", str(exc), {"known_labels": sorted(names.values())}) from None
+
+
+def similarities_for(gallery: Gallery, task: str, query: np.ndarray, ids: np.ndarray) -> dict[int, float]:
+    """Cosine similarity of ``ids`` to ``query`` under ``task`` (ids no longer stored are left out)."""
+    if not len(ids):
+        return {}
+    result = gallery.store.search(task, query[None, :], len(ids), ids)
+    return {int(i): float(s) for i, s in zip(result.ids[0], result.scores[0], strict=True) if i != PAD_ID}
+
+
+def rank(
+    gallery: Gallery,
+    tasks: Sequence[WeightedTask],
+    queries: Mapping[str, np.ndarray],
+    *,
+    k: int,
+    offset: int = 0,
+    min_score: float | None = None,
+    allowed: np.ndarray | None = None,
+    exclude: Sequence[int] = (),
+    candidate_factor: int = 4,
+) -> list[tuple[int, float]]:
+    """The ``(id, score)`` pairs at ranks ``offset+1 … offset+k``, best first."""
+    if allowed is not None and not len(allowed):
+        return []
+    want = offset + k + len(exclude)
+    per_task = want if len(tasks) == 1 else min(MAX_CANDIDATES, max(want, candidate_factor * want))
+    excluded = {int(i) for i in exclude}
+    sims: dict[str, dict[int, float]] = {}
+    candidates: set[int] = set()
+    for task in tasks:
+        sign = 1.0 if task.weight > 0 else -1.0
+        found = gallery.store.search(task.name, sign * queries[task.name][None, :], per_task, allowed)
+        scores = {
+            int(i): sign * float(s) for i, s in zip(found.ids[0], found.scores[0], strict=True) if i != PAD_ID
+        }
+        sims[task.name] = scores
+        candidates.update(scores)
+    candidates -= excluded
+    if len(tasks) > 1:
+        pool = np.array(sorted(candidates), dtype=np.int64)
+        for task in tasks:
+            missing = pool[~np.isin(pool, np.fromiter(sims[task.name], dtype=np.int64))]
+            sims[task.name].update(similarities_for(gallery, task.name, queries[task.name], missing))
+        # An id removed between the searches has no score under some task: it is dropped.
+        candidates = {i for i in candidates if all(i in sims[t.name] for t in tasks)}
+    scored = [(i, sum(t.weight * sims[t.name][i] for t in tasks)) for i in candidates]
+    scored.sort(key=lambda pair: (-pair[1], pair[0]))
+    if min_score is not None:
+        scored = [pair for pair in scored if pair[1] >= min_score]
+    return scored[offset : offset + k]
+
+
+def explain(
+    gallery: Gallery, queries_all: Mapping[str, np.ndarray], ids: Sequence[int]
+) -> dict[int, dict[str, float]]:
+    """For each id, its similarity to the query under every task in ``queries_all``."""
+    wanted = np.array(sorted(set(ids)), dtype=np.int64)
+    out: dict[int, dict[str, float]] = {int(i): {} for i in wanted}
+    for task, query in queries_all.items():
+        for item, score in similarities_for(gallery, task, query, wanted).items():
+            out[item][task] = round(score, 6)
+    return out
+
+
+def hits(
+    gallery: Gallery, ranked: Sequence[tuple[int, float]], explained: Mapping[int, dict[str, float]] | None
+) -> list[Hit]:
+    """Attach metadata; items deleted meanwhile are skipped."""
+    records = gallery.items([i for i, _ in ranked])
+    return [
+        Hit(i, score, records[i], dict(explained.get(i, {})) if explained is not None else None)
+        for i, score in ranked
+        if i in records
+    ]

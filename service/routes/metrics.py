@@ -1,0 +1,33 @@
+"""``GET /metrics``: Prometheus text format (behind the API key when one is set)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
+
+from service.auth import require_reader
+from service.errors import responses
+from service.state import ServiceState, get_state
+
+router = APIRouter(tags=["metrics"], dependencies=[Depends(require_reader)])
+
+
+def render(state: ServiceState) -> bytes:
+    loaded = state.loaded
+    if loaded is not None:
+        for task in loaded.tasks:
+            state.metrics.gallery_size.labels(task).set(loaded.gallery.store.count(task))
+        state.metrics.queue_depth.set(loaded.batcher.queue_depth())
+    return state.metrics.render()
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}}, **responses(401, 504)},
+)
+async def metrics(state: ServiceState = Depends(get_state)) -> Response:
+    body = await run_in_threadpool(render, state)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,51 @@
+"""``GET /tasks`` and ``GET /tasks/{task}``: what the model can search by."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from starlette.concurrency import run_in_threadpool
+
+from service.auth import require_reader
+from service.errors import responses
+from service.request_log import note_task
+from service.schemas import ModelInfo, TaskInfo, TaskList
+from service.state import Loaded, get_loaded
+from service.task_specs import resolve_task
+
+router = APIRouter(tags=["tasks"], dependencies=[Depends(require_reader)])
+
+
+def describe_task(name: str) -> str:
+    words = name.replace("_", " ").lower()
+    return f"images whose '{words}' attribute resembles the query's"
+
+
+def task_info(loaded: Loaded, name: str) -> TaskInfo:
+    metrics = loaded.task_metrics.get(name)
+    return TaskInfo(
+        name=name,
+        index=loaded.tasks.index(name),
+        description=describe_task(name),
+        gallery_size=loaded.gallery.store.count(name),
+        accuracy=metrics.get("triplet_accuracy") if metrics else None,
+        metrics=metrics,
+    )
+
+
+def list_tasks(loaded: Loaded) -> TaskList:
+    return TaskList(
+        tasks=[task_info(loaded, name) for name in loaded.tasks],
+        model=ModelInfo(name=loaded.model_name, hash=loaded.run.model_hash),
+    )
+
+
+@router.get("/tasks", response_model=TaskList, responses=responses(401, 503, 504))
+async def get_tasks(loaded: Loaded = Depends(get_loaded)) -> TaskList:
+    return await run_in_threadpool(list_tasks, loaded)
+
+
+@router.get("/tasks/{task}", response_model=TaskInfo, responses=responses(401, 404, 503, 504))
+async def get_task(task: str, request: Request, loaded: Loaded = Depends(get_loaded)) -> TaskInfo:
+    name = resolve_task(task, loaded.tasks)
+    note_task(request, name)
+    return await run_in_threadpool(task_info, loaded, name)

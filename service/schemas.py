@@ -1,0 +1,102 @@
+"""Response bodies of the API (the OpenAPI schema is generated from these)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ModelInfo(BaseModel):
+    name: str
+    hash: str
+
+
+class TaskWeightOut(BaseModel):
+    task: str
+    weight: float
+
+
+class SearchHit(BaseModel):
+    id: int
+    rank: int
+    score: float
+    labels: dict[str, int]
+    image_url: str | None = Field(None, description="the image's bytes, when the gallery stores them")
+    similarities: dict[str, float] | None = Field(
+        None, description="with explain=true: similarity to the query under every task"
+    )
+
+
+class Timing(BaseModel):
+    decode: float
+    queue: float
+    embed: float
+    search: float
+
+
+class SearchResponse(BaseModel):
+    task: str
+    tasks: list[TaskWeightOut]
+    query_id: int | None = Field(None, description="the gallery image queried with (by_id)")
+    results: list[SearchHit]
+    model: ModelInfo
+    index_generation: int | None
+    timing_ms: Timing
+
+
+class TaskInfo(BaseModel):
+    name: str
+    index: int
+    description: str
+    gallery_size: int
+    accuracy: float | None = Field(None, description="the model's test triplet accuracy, when known")
+    metrics: dict[str, float] | None = None
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskInfo]
+    model: ModelInfo
+
+
+class ImageInfo(BaseModel):
+    id: int
+    source: str
+    width: int
+    height: int
+    labels: dict[str, int]
+    added_at: str
+    image_url: str | None
+
+
+class ImagePage(BaseModel):
+    total: int
+    offset: int
+    limit: int
+    items: list[ImageInfo]
+
+
+class AddedImage(BaseModel):
+    id: int
+    filename: str
+    duplicate: bool
+
+
+class AddImagesResponse(BaseModel):
+    items: list[AddedImage]
+    index_generation: int | None
+
+
+class Deleted(BaseModel):
+    id: int
+    deleted: bool
+
+
+class Liveness(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    model: ModelInfo
+    tasks: int
+    gallery_size: int
+    index_generation: int | None

@@ -1,0 +1,85 @@
+"""Every setting of the service, read once from ``MODRET_*`` environment variables or a ``.env`` file.
+
+This is the only place the service reads the environment. ``Settings.redacted()`` is what gets logged at
+start: secrets (the API keys) appear as ``"***"`` when set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MODRET_", env_file=".env", extra="ignore")
+
+    # What to serve
+    run_dir: Path = Field(default=Path("runs/latest"), description="training run directory (model + config)")
+    index_dir: Path = Field(
+        default=Path("index"), description="gallery/index directory (`modret index build`)"
+    )
+    create_index: bool = Field(default=False, description="create an empty gallery when INDEX_DIR holds none")
+    data_dir: Path = Field(
+        default=Path("data"), description="where `modret demo` keeps its model, index and example image"
+    )
+    device: str = Field(default="cpu", description="torch device for the model: cpu, cuda, auto")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+
+    # Dynamic batching
+    max_batch_size: int = Field(
+        default=32, ge=1, le=4096, description="images per model call; 1 turns batching off"
+    )
+    max_wait_ms: float = Field(default=5.0, ge=0, description="how long the worker waits to fill a batch")
+    max_queue: int = Field(default=256, ge=1, description="queued embedding jobs before requests get 503")
+    retry_after_s: int = Field(
+        default=1, ge=1, description="Retry-After sent with 503 when the queue is full"
+    )
+
+    # Input hardening
+    max_body_bytes: int = Field(
+        default=20 * 1024 * 1024, ge=1024, description="request body cap, chunked too"
+    )
+    max_image_pixels: int = Field(
+        le=Image.MAX_IMAGE_PIXELS or 89_478_485,
+        default=24_000_000,
+        ge=1,
+        description="decoded pixel cap (Pillow's own bomb limit is 89M/179M)",
+    )
+    max_form_parts: int = Field(
+        default=64, ge=1, description="multipart files and fields accepted per request"
+    )
+    max_upload_files: int = Field(default=32, ge=1, description="images per POST /images")
+    request_timeout_s: float = Field(default=30.0, gt=0, description="per-request time limit (504 past it)")
+
+    # Search
+    candidate_factor: int = Field(default=4, ge=1, description="per-task candidates = factor x (offset + k)")
+
+    # Access
+    api_key: SecretStr | None = Field(
+        default=None, description="required in X-API-Key on every non-health route"
+    )
+    admin_key: SecretStr | None = Field(default=None, description="required in X-API-Key for gallery writes")
+    cors_origins: list[str] = Field(default_factory=list, description="CORS allowed origins; empty: off")
+
+    # Lifecycle and logs
+    warmup: bool = True
+    drain_delay_s: float = Field(default=0.0, ge=0, description="time readiness reports 503 before shutdown")
+    save_on_shutdown: bool = True
+    log_level: str = "INFO"
+
+    def redacted(self) -> dict[str, Any]:
+        """All settings as JSON-able values, secrets replaced by ``"***"`` (or None when unset)."""
+        out: dict[str, Any] = {}
+        for name, value in self.model_dump().items():
+            if isinstance(value, SecretStr):
+                out[name] = "***"
+            elif isinstance(value, Path):
+                out[name] = str(value)
+            else:
+                out[name] = value
+        return out

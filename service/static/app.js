@@ -1,0 +1,168 @@
+"use strict";
+// modret web UI: plain JS, talks to the same-origin API. No external resources.
+const $ = (id) => document.getElementById(id);
+const state = { file: null, byId: null, tasks: [], page: 0, pageSize: 24 };
+
+function headers() {
+  const key = $("api-key").value.trim();
+  return key ? { "X-API-Key": key } : {};
+}
+
+function setStatus(text, isError = false) {
+  $("status").textContent = text;
+  $("status").className = isError ? "error" : "";
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, { ...options, headers: { ...headers(), ...(options.headers || {}) } });
+  const type = response.headers.get("content-type") || "";
+  const body = type.includes("application/json") ? await response.json() : null;
+  if (!response.ok) throw new Error(body && body.message ? body.message : `HTTP ${response.status}`);
+  return body;
+}
+
+// Images with an API key cannot be plain <img src>: fetch them with the header and show a blob URL.
+async function loadImage(img, url) {
+  if (!url) { img.alt = "(no stored image)"; return; }
+  if (!$("api-key").value.trim()) { img.src = url; return; }
+  try {
+    const response = await fetch(url, { headers: headers() });
+    if (response.ok) img.src = URL.createObjectURL(await response.blob());
+  } catch (e) { /* leave the placeholder */ }
+}
+
+async function loadTasks() {
+  const data = await api("/tasks");
+  state.tasks = data.tasks;
+  const box = $("tasks");
+  box.textContent = "";
+  data.tasks.forEach((task, i) => {
+    const label = document.createElement("label");
+    label.className = "task";
+    label.title = task.description + (task.accuracy != null ? ` (accuracy ${task.accuracy.toFixed(2)})` : "");
+    const weight = document.createElement("input");
+    weight.type = "number"; weight.step = "0.5"; weight.min = "-5"; weight.max = "5";
+    weight.value = i === 0 ? "1" : "0";
+    weight.dataset.task = task.name;
+    weight.className = "task-weight";
+    label.append(task.name.replace(/_/g, " "), weight);
+    box.append(label);
+  });
+}
+
+function chosenTasks() {
+  return [...document.querySelectorAll(".task-weight")]
+    .map((input) => [input.dataset.task, parseFloat(input.value)])
+    .filter(([, w]) => Number.isFinite(w) && w !== 0);
+}
+
+function setQueryFile(file) {
+  state.file = file; state.byId = null;
+  $("preview").src = URL.createObjectURL(file); $("preview").hidden = false;
+  $("search").disabled = false;
+}
+
+function setQueryId(id, url) {
+  state.file = null; state.byId = id;
+  $("preview").hidden = false; loadImage($("preview"), url);
+  $("search").disabled = false;
+  runSearch();
+}
+
+function bars(similarities) {
+  const box = document.createElement("div");
+  for (const [task, value] of Object.entries(similarities || {})) {
+    const row = document.createElement("div"); row.className = "bar";
+    const name = document.createElement("span"); name.textContent = task.replace(/_/g, " ");
+    const track = document.createElement("span"); track.className = "track";
+    const fill = document.createElement("span"); fill.className = "fill";
+    fill.style.width = `${Math.max(0, Math.min(1, value)) * 100}%`;
+    track.append(fill);
+    const number = document.createElement("span"); number.textContent = value.toFixed(2);
+    row.append(name, track, number); box.append(row);
+  }
+  return box;
+}
+
+function showResults(data) {
+  const grid = $("results"); grid.textContent = "";
+  for (const hit of data.results) {
+    const card = document.createElement("div"); card.className = "card result";
+    const img = document.createElement("img"); loadImage(img, hit.image_url);
+    img.addEventListener("click", () => setQueryId(hit.id, hit.image_url));
+    const score = document.createElement("div"); score.className = "score";
+    score.textContent = `#${hit.rank}  score ${hit.score.toFixed(3)}`;
+    card.append(img, score, bars(hit.similarities));
+    grid.append(card);
+  }
+  const t = data.timing_ms;
+  setStatus(`${data.results.length} results for ${data.task} — decode ${t.decode} ms, queue ${t.queue} ms, embed ${t.embed} ms, search ${t.search} ms`);
+}
+
+async function runSearch() {
+  const tasks = chosenTasks();
+  if (!tasks.length) { setStatus("give at least one task a non-zero weight", true); return; }
+  if (!state.file && state.byId == null) { setStatus("choose a query image first", true); return; }
+  const params = new URLSearchParams();
+  tasks.forEach(([name, w]) => params.append("task", `${name}:${w}`));
+  params.set("k", $("k").value || "12");
+  if ($("explain").checked) params.set("explain", "true");
+  const options = { method: "POST" };
+  if (state.byId != null) params.set("by_id", state.byId);
+  else { const form = new FormData(); form.append("image", state.file); options.body = form; }
+  setStatus("searching…");
+  try { showResults(await api(`/search?${params}`, options)); }
+  catch (e) { setStatus(e.message, true); }
+}
+
+async function loadGallery() {
+  try {
+    const data = await api(`/images?offset=${state.page * state.pageSize}&limit=${state.pageSize}`);
+    const grid = $("gallery"); grid.textContent = "";
+    for (const item of data.items) {
+      const cell = document.createElement("div"); cell.className = "thumb";
+      const img = document.createElement("img"); loadImage(img, item.image_url);
+      cell.append(img, `#${item.id}`);
+      cell.addEventListener("click", () => setQueryId(item.id, item.image_url));
+      grid.append(cell);
+    }
+    const pages = Math.max(1, Math.ceil(data.total / state.pageSize));
+    $("page").textContent = ` ${state.page + 1} / ${pages} (${data.total} images) `;
+  } catch (e) { setStatus(e.message, true); }
+}
+
+async function uploadToGallery(files) {
+  const form = new FormData();
+  for (const file of files) form.append("images", file);
+  try {
+    const data = await api("/images", { method: "POST", body: form });
+    const dups = data.items.filter((i) => i.duplicate).length;
+    setStatus(`added ${data.items.length - dups} image(s)` + (dups ? `, ${dups} already present` : ""));
+    loadGallery();
+  } catch (e) { setStatus(e.message, true); }
+}
+
+function init() {
+  const drop = $("drop");
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault(); drop.classList.remove("over");
+    if (e.dataTransfer.files.length) setQueryFile(e.dataTransfer.files[0]);
+  });
+  $("file").addEventListener("change", (e) => { if (e.target.files.length) setQueryFile(e.target.files[0]); });
+  $("search").addEventListener("click", runSearch);
+  $("upload").addEventListener("change", (e) => uploadToGallery(e.target.files));
+  $("prev").addEventListener("click", () => { if (state.page > 0) { state.page--; loadGallery(); } });
+  $("next").addEventListener("click", () => { state.page++; loadGallery(); });
+  $("api-key").value = localStorage.getItem("modret-key") || "";
+  $("api-key").addEventListener("change", () => { localStorage.setItem("modret-key", $("api-key").value); boot(); });
+  boot();
+}
+
+async function boot() {
+  try { await loadTasks(); await loadGallery(); setStatus("ready"); }
+  catch (e) { setStatus(e.message, true); }
+}
+
+init();

@@ -1,0 +1,97 @@
+"""Parsing the ``task`` and ``filter`` query parameters.
+
+``task`` repeats: ``Smiling``, ``Smiling:1``, ``Black_Hair:0.5``, ``Eyeglasses:-1``. Names match
+case-insensitively; an unknown name is 404 with the valid ones listed; a name given twice, a missing or
+non-finite or zero weight is 422. ``filter`` repeats as ``Label:value`` with an integer value.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from service.errors import ApiError
+
+_LABEL = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MAX_WEIGHT = 1000.0
+
+
+@dataclass(frozen=True)
+class WeightedTask:
+    name: str  # canonical spelling
+    index: int  # position in the model's task list
+    weight: float
+
+
+def unknown_task(name: str, known: Sequence[str]) -> ApiError:
+    return ApiError(
+        404,
+        "unknown_task",
+        f"unknown task {name!r}; valid tasks: {', '.join(known)}",
+        {"task": name, "valid_tasks": list(known)},
+    )
+
+
+def resolve_task(name: str, known: Sequence[str]) -> str:
+    """The canonical spelling of ``name`` (case-insensitive), or 404 listing the valid tasks."""
+    lookup = {task.lower(): task for task in known}
+    canonical = lookup.get(name.strip().lower())
+    if canonical is None:
+        raise unknown_task(name, known)
+    return canonical
+
+
+def _invalid(message: str) -> ApiError:
+    return ApiError(422, "invalid_parameters", message)
+
+
+def parse_tasks(specs: Sequence[str], known: Sequence[str]) -> list[WeightedTask]:
+    if not specs:
+        raise _invalid(f"give at least one task, e.g. ?task={known[0]}")
+    if len(specs) > len(known):
+        raise _invalid(f"at most {len(known)} tasks per query, got {len(specs)}")
+    out: list[WeightedTask] = []
+    seen: set[str] = set()
+    for spec in specs:
+        name, sep, weight_text = spec.partition(":")
+        canonical = resolve_task(name, known)
+        weight = 1.0
+        if sep:
+            try:
+                weight = float(weight_text)
+            except ValueError:
+                raise _invalid(f"task weight must be a number: {spec!r} (use Task:0.5)") from None
+            if not math.isfinite(weight) or weight == 0 or abs(weight) > MAX_WEIGHT:
+                raise _invalid(f"task weight must be non-zero and within ±{MAX_WEIGHT:g}: {spec!r}")
+        if canonical in seen:
+            raise _invalid(f"task {canonical!r} given more than once; give each task once with its weight")
+        seen.add(canonical)
+        out.append(WeightedTask(canonical, list(known).index(canonical), weight))
+    return out
+
+
+def describe(tasks: Sequence[WeightedTask]) -> str:
+    """``Smiling`` for one task of weight 1, else ``Smiling:1,Eyeglasses:-1``."""
+    if len(tasks) == 1 and tasks[0].weight == 1.0:
+        return tasks[0].name
+    return ",".join(f"{t.name}:{t.weight:g}" for t in tasks)
+
+
+def parse_filters(specs: Sequence[str]) -> dict[str, int]:
+    conditions: dict[str, int] = {}
+    for spec in specs:
+        name, sep, value = spec.partition(":")
+        if not sep or not _LABEL.match(name):
+            raise _invalid(f"filter must look like Label:1, got {spec!r}")
+        try:
+            number = int(value)
+        except ValueError:
+            raise _invalid(f"filter value must be an integer: {spec!r}") from None
+        if abs(number) > 2**31:
+            raise _invalid(f"filter value out of range: {spec!r}")
+        if name in conditions and conditions[name] != number:
+            raise _invalid(f"label {name!r} filtered with two different values")
+        conditions[name] = number
+    return conditions

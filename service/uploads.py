@@ -1,0 +1,143 @@
+"""Reading image bytes out of request bodies: multipart uploads or JSON with base64.
+
+Multipart parsing is capped in parts (``max_form_parts`` for files and for fields) so a body of 10,000
+empty parts is refused after the cap instead of being parsed; the body size itself is capped by
+``service.body_limit`` while it streams in.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from starlette.datastructures import FormData, UploadFile
+
+from service.errors import ApiError
+from service.settings import Settings
+
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MAX_LABELS = 256
+
+
+@dataclass
+class Upload:
+    filename: str
+    data: bytes
+    labels: dict[str, int] = field(default_factory=dict)
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def _form(request: Request, settings: Settings) -> FormData:
+    parts = settings.max_form_parts
+    form = await request.form(max_files=parts, max_fields=parts, max_part_size=1024 * 1024)
+    if len(form.multi_items()) > parts:
+        raise ApiError(413, "too_many_parts", f"at most {parts} multipart parts per request")
+    return form
+
+
+def _no_image(hint: str) -> ApiError:
+    return ApiError(400, "missing_image", f"no image in the request: {hint}")
+
+
+def _decode_base64(text: Any) -> bytes:
+    if not isinstance(text, str):
+        raise ApiError(400, "bad_json", "JSON field 'image' must be a base64 string")
+    if text.startswith("data:"):
+        text = text.partition(",")[2]  # a data: URL as produced by FileReader.readAsDataURL
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "bad_base64", "JSON field 'image' is not valid base64") from None
+
+
+async def _json_body(request: Request) -> Any:
+    raw = await request.body()
+    if not raw:
+        raise ApiError(400, "empty_body", "the request body is empty")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "bad_json", "the request body is not valid JSON") from None
+
+
+async def read_query_image(request: Request, settings: Settings) -> bytes:
+    """The image of a search request: multipart field ``image`` or JSON ``{"image": base64}``."""
+    hint = 'send multipart field \'image\', a JSON body {"image": "<base64>"}, or use ?by_id='
+    media = _media_type(request)
+    if media == "multipart/form-data":
+        form = await _form(request, settings)
+        try:
+            value = form.get("image")
+            if value is None:
+                raise _no_image(hint)
+            if isinstance(value, UploadFile):
+                return await value.read()
+            return value.encode()  # a text field: decode_image will say it is not an image
+        finally:
+            await form.close()
+    if media in ("application/json", "") or media.endswith("+json"):
+        body = await _json_body(request) if media else await _empty_or_error(request, hint)
+        if not isinstance(body, dict) or "image" not in body:
+            raise ApiError(400, "bad_json", "JSON body must be an object with an 'image' field (base64)")
+        return _decode_base64(body["image"])
+    raise ApiError(
+        415, "unsupported_media_type", f"Content-Type {media!r} not accepted; {hint}", {"content_type": media}
+    )
+
+
+async def _empty_or_error(request: Request, hint: str) -> Any:
+    raw = await request.body()
+    if not raw:
+        raise _no_image(hint)
+    raise ApiError(400, "missing_content_type", f"the body has no Content-Type; {hint}")
+
+
+def parse_labels(text: str) -> dict[str, int]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise ApiError(400, "bad_labels", 'labels must be a JSON object such as {"Smiling": 1}') from None
+    if not isinstance(value, dict) or len(value) > MAX_LABELS:
+        raise ApiError(400, "bad_labels", f"labels must be a JSON object of at most {MAX_LABELS} entries")
+    labels: dict[str, int] = {}
+    for name, number in value.items():
+        if not _LABEL_NAME.match(name) or isinstance(number, bool) or not isinstance(number, int):
+            raise ApiError(400, "bad_labels", f"label {name!r}: names are [A-Za-z0-9_.-], values integers")
+        if abs(number) > 2**31:
+            raise ApiError(400, "bad_labels", f"label {name!r}: value out of range")
+        labels[name] = number
+    return labels
+
+
+async def read_gallery_uploads(request: Request, settings: Settings) -> list[Upload]:
+    """Files of a ``POST /images``: multipart fields ``images`` (repeated) and optional ``labels``
+    (one JSON object for all files, or one per file in the same order)."""
+    if _media_type(request) != "multipart/form-data":
+        raise ApiError(415, "unsupported_media_type", "POST /images takes multipart/form-data")
+    form = await _form(request, settings)
+    try:
+        files = [v for k, v in form.multi_items() if k in ("images", "image") and isinstance(v, UploadFile)]
+        texts = [v for k, v in form.multi_items() if k == "labels" and isinstance(v, str)]
+        if not files:
+            raise _no_image("send one or more multipart file fields named 'images'")
+        if len(files) > settings.max_upload_files:
+            raise ApiError(413, "too_many_files", f"at most {settings.max_upload_files} images per request")
+        labels = [parse_labels(t) for t in texts]
+        if len(labels) not in (0, 1, len(files)):
+            raise ApiError(400, "bad_labels", "give one labels object for all images or one per image")
+        uploads = []
+        for i, file in enumerate(files):
+            own = labels[i] if len(labels) == len(files) else (labels[0] if labels else {})
+            name = (file.filename or f"upload-{i}")[-200:]
+            uploads.append(Upload(name, await file.read(), own))
+        return uploads
+    finally:
+        await form.close()

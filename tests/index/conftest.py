@@ -1,0 +1,139 @@
+"""Shared fixtures for the index tests: every backend through one factory, random unit vectors, an oracle.
+
+Backends under contract (``BACKEND_CASES``): faiss flat (faiss search and the torch matmul path on CPU),
+faiss HNSW (exact in practice on these tiny galleries: ``ef_search`` exceeds the gallery size, so the
+graph walk visits every vector), faiss IVF-PQ (approximate: only the checks that do not need exactness)
+and Milvus Lite (one database file per test module; each store gets its own collection prefix).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from index.store import VectorStore, open_store
+
+DIM = 8
+TASKS = ["Smiling", "Eyeglasses"]
+MODEL_HASH = "0" * 64
+SCORE_TOL = 1e-5
+
+
+@dataclass(frozen=True)
+class BackendCase:
+    name: str
+    backend: str
+    options: dict[str, Any] = field(default_factory=dict)
+    exact: bool = True
+    persists_unsaved: bool = False  # Milvus keeps acknowledged writes without save()
+
+
+BACKEND_CASES = [
+    BackendCase("faiss-flat", "faiss", {"kind": "flat", "search_device": "faiss"}),
+    BackendCase("faiss-flat-torch", "faiss", {"kind": "flat", "search_device": "cpu"}),
+    BackendCase("faiss-hnsw", "faiss", {"kind": "hnsw", "ef_search": 256}),
+    BackendCase("faiss-ivfpq", "faiss", {"kind": "ivfpq"}, exact=False),
+    BackendCase("milvus-lite", "milvus", persists_unsaved=True),
+]
+EXACT_CASES = [case for case in BACKEND_CASES if case.exact]
+
+_prefixes = itertools.count()
+StoreFactory = Callable[[], VectorStore]
+
+
+def unit_vectors(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def vectors_by_task(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    return {task: unit_vectors(rng, n) for task in TASKS}
+
+
+@pytest.fixture(scope="module")
+def milvus_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("milvus") / "gallery.db")
+
+
+@pytest.fixture
+def make_store_for(tmp_path: Path, milvus_uri: str) -> Iterator[Callable[[BackendCase], StoreFactory]]:
+    """``make_store_for(case)`` returns a factory; each call of the factory opens the same store anew."""
+    opened: list[VectorStore] = []
+
+    def for_case(case: BackendCase) -> StoreFactory:
+        root = tmp_path / f"store-{next(_prefixes)}"
+        options = dict(case.options)
+        if case.backend == "milvus":
+            options |= {"uri": milvus_uri, "collection_prefix": f"t{root.name.replace('-', '_')}"}
+
+        def make() -> VectorStore:
+            store = open_store(
+                case.backend, root, tasks=TASKS, dim=DIM, model_hash=MODEL_HASH, options=options
+            )
+            opened.append(store)
+            return store
+
+        return make
+
+    yield for_case
+    for store in opened:
+        store.close()
+
+
+class Oracle:
+    """Brute-force numpy reference: id -> vector per task."""
+
+    def __init__(self) -> None:
+        self.vectors: dict[int, dict[str, np.ndarray]] = {}
+
+    def add(self, ids: np.ndarray, by_task: dict[str, np.ndarray]) -> None:
+        for row, i in enumerate(ids):
+            self.vectors[int(i)] = {task: by_task[task][row] for task in TASKS}
+
+    def remove(self, ids: np.ndarray) -> None:
+        for i in ids:
+            self.vectors.pop(int(i), None)
+
+    def ids(self) -> np.ndarray:
+        return np.array(sorted(self.vectors), dtype=np.int64)
+
+    def scores(
+        self, task: str, queries: np.ndarray, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        ids = self.ids() if allowed is None else np.intersect1d(self.ids(), allowed)
+        if not len(ids):
+            return ids, np.empty((len(queries), 0), dtype=np.float32)
+        matrix = np.stack([self.vectors[int(i)][task] for i in ids])
+        return ids, queries @ matrix.T
+
+
+def assert_matches_oracle(
+    result_ids: np.ndarray,
+    result_scores: np.ndarray,
+    oracle: Oracle,
+    task: str,
+    queries: np.ndarray,
+    k: int,
+    allowed: np.ndarray | None = None,
+) -> None:
+    """Same top-k as brute force up to ties: scores agree within SCORE_TOL position by position, every
+    returned id's true score equals its reported score, and padding exactly where fewer than k qualify."""
+    ids, scores = oracle.scores(task, queries, allowed)
+    expected_n = min(k, len(ids))
+    assert result_ids.shape == result_scores.shape == (len(queries), k)
+    for q in range(len(queries)):
+        want = np.sort(scores[q])[::-1][:expected_n]
+        np.testing.assert_allclose(result_scores[q, :expected_n], want, atol=SCORE_TOL)
+        got = result_ids[q, :expected_n]
+        assert len(set(got.tolist())) == expected_n
+        true = scores[q][np.searchsorted(ids, got)]
+        assert np.isin(got, ids).all()
+        np.testing.assert_allclose(result_scores[q, :expected_n], true, atol=SCORE_TOL)
+        assert (result_ids[q, expected_n:] == -1).all()
+        assert np.isneginf(result_scores[q, expected_n:]).all()

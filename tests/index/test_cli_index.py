@@ -1,0 +1,68 @@
+"""``modret index build / info / verify`` through typer's CliRunner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from model.network import ModelConfig, create_model
+from model.run import save_run
+from service.cli_index import index_app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("run")
+    save_run(
+        path,
+        create_model(
+            ModelConfig(task_names=["Smiling", "Eyeglasses"], width=8, image_size=32, embedding_dim=16)
+        ),
+    )
+    return path
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_build_info_verify(run_dir: Path, tmp_path: Path, kind: str) -> None:
+    out = tmp_path / "index"
+    args = [
+        "build",
+        "--run",
+        str(run_dir),
+        "--dataset",
+        "synthfaces",
+        "--num-images",
+        "20",
+        "--out",
+        str(out),
+    ]
+    result = runner.invoke(index_app, [*args, "--kind", kind, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "20 images (0 duplicates, 0 unreadable) × 2 tasks" in result.output
+
+    result = runner.invoke(index_app, ["info", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "task Smiling" in result.output and "20 vectors" in result.output and kind in result.output
+
+    result = runner.invoke(index_app, ["verify", str(out), "--run", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert "model hash matches the run" in result.output and "20 ids in each of 2 tasks" in result.output
+
+    index_file = next((out / "store").glob("gen-*/task-000.faiss"))
+    index_file.write_bytes(index_file.read_bytes()[:-4])
+    result = runner.invoke(index_app, ["verify", str(out)])
+    assert result.exit_code == 1
+    assert "no servable generation" in result.output and "truncated" in result.output
+
+
+def test_usage_errors(run_dir: Path, tmp_path: Path) -> None:
+    result = runner.invoke(index_app, ["build", "--run", str(run_dir), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "exactly one of --images DIR or --dataset NAME" in result.output
+    result = runner.invoke(index_app, ["info", str(tmp_path / "missing")])
+    assert result.exit_code == 1 and "holds no gallery" in result.output

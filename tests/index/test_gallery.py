@@ -1,0 +1,144 @@
+"""The Gallery facade: metadata (ids, dedupe, labels, blobs), label filters, model binding, crash repair,
+single-writer locking, verify."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from index.gallery import Gallery, GalleryError
+from index.metadata import NewItem, UnknownLabelError, content_hash
+from tests.index.conftest import DIM, MODEL_HASH, TASKS, unit_vectors
+
+
+def item(n: int, male: int, upload: bool = False) -> NewItem:
+    data = f"image bytes {n}".encode()
+    return NewItem(
+        source=f"img{n}.jpg",
+        content_hash=content_hash(data),
+        width=30 + n,
+        height=20,
+        labels={"Male": male, "Smiling": n % 2},
+        data=data if upload else None,
+    )
+
+
+def vectors(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([unit_vectors(rng, n) for _ in TASKS], axis=1)
+
+
+def create(root: Path, backend: str = "faiss") -> Gallery:
+    return Gallery.create(root, tasks=TASKS, dim=DIM, model_hash=MODEL_HASH, backend=backend)
+
+
+def test_ids_dedupe_labels_and_blobs(tmp_path: Path) -> None:
+    gallery = create(tmp_path)
+    ids = gallery.add([item(i, male=i % 3 == 0, upload=i < 2) for i in range(6)], vectors(6))
+    assert ids == [1, 2, 3, 4, 5, 6]
+    # The same content again (also twice within one batch) returns the existing id, stored once.
+    again = gallery.add([item(2, 0), item(9, 1), item(9, 1)], vectors(3, seed=1))
+    assert again == [3, 7, 7]
+    assert gallery.store.count("Smiling") == 7 and gallery.metadata.count() == 7
+    record = gallery.items([1])[1]
+    assert (record.source, record.width, record.height) == ("img0.jpg", 30, 20)
+    assert record.labels == {"Male": 1, "Smiling": 0} and record.added_at.endswith("+00:00")
+    blob = gallery.blob_path(record)
+    assert blob is not None and blob.read_bytes() == b"image bytes 0" and blob.name == record.content_hash
+    assert gallery.blob_path(gallery.items([4])[4]) is None
+    # Removed ids are never handed out again.
+    assert gallery.remove([7]) == 1
+    assert gallery.add([item(20, 0)], vectors(1, seed=2)) == [8]
+    gallery.close()
+
+
+def test_label_filter(tmp_path: Path) -> None:
+    gallery = create(tmp_path)
+    ids = np.array(gallery.add([item(i, male=int(i % 3 == 0)) for i in range(12)], vectors(12)))
+    queries = unit_vectors(np.random.default_rng(5), 2)
+    males = set(ids[np.arange(12) % 3 == 0].tolist())
+    result = gallery.search("Smiling", queries, 10, {"Male": 1})
+    assert set(result.ids[result.ids >= 0].tolist()) == males
+    both = gallery.search("Smiling", queries, 10, {"Male": 1, "Smiling": 1})
+    assert set(both.ids[both.ids >= 0].tolist()) == {i for i in males if (i - 1) % 2 == 1}
+    with pytest.raises(
+        UnknownLabelError, match="no gallery item has a label 'Bald'; known labels: Male, Smiling"
+    ):
+        gallery.search("Smiling", queries, 3, {"Bald": 1})
+    gallery.close()
+
+
+def test_model_binding_and_single_writer(tmp_path: Path) -> None:
+    create(tmp_path).close()
+    with pytest.raises(GalleryError, match="already holds a gallery"):
+        create(tmp_path)
+    with pytest.raises(GalleryError, match="rebuild the index with this run"):
+        Gallery.open(tmp_path, model_hash="e" * 64)
+    writer = Gallery.open(tmp_path, model_hash=MODEL_HASH)
+    with pytest.raises(GalleryError, match="open for writing in another process"):
+        Gallery.open(tmp_path)
+    reader = Gallery.open(tmp_path, read_only=True)
+    with pytest.raises(GalleryError, match="read-only"):
+        reader.add([item(1, 0)], vectors(1))
+    reader.close()
+    writer.close()
+    with pytest.raises(GalleryError, match="holds no gallery"):
+        Gallery.open(tmp_path / "nothing")
+
+
+def test_reopen_repairs_unsaved_changes(tmp_path: Path) -> None:
+    gallery = create(tmp_path)
+    gallery.add([item(i, 0) for i in range(5)], vectors(5))
+    gallery.save()
+    gallery.add([item(i, 0) for i in range(5, 8)], vectors(3, seed=1))  # never saved
+    gallery.remove([2])  # durable at once, though the store's removal is not saved
+    gallery.close()  # as good as a crash: nothing saved since
+
+    reopened = Gallery.open(tmp_path, model_hash=MODEL_HASH)
+    assert reopened.metadata.ids().tolist() == [1, 3, 4, 5]
+    assert reopened.store.ids("Eyeglasses").tolist() == [1, 3, 4, 5]
+    assert len(reopened.repairs) == 2
+    assert reopened.verify(MODEL_HASH).ok
+    reopened.save()
+    info = reopened.info()
+    assert info.counts == {"Smiling": 4, "Eyeglasses": 4} and info.items == 4 and info.generation == 2
+    reopened.close()
+
+
+def test_verify_reports_problems(tmp_path: Path) -> None:
+    gallery = create(tmp_path)
+    gallery.add([item(i, 0, upload=True) for i in range(4)], vectors(4))
+    gallery.save()
+    gallery.add([item(9, 0)], vectors(1, seed=3))
+    gallery.save()
+    report = gallery.verify(MODEL_HASH)
+    assert report.ok, report.problems
+    gallery.close()
+
+    newest = sorted((tmp_path / "store").glob("gen-*/task-001.faiss"))[-1]
+    newest.write_bytes(newest.read_bytes()[:-8])
+    blob = gallery.metadata.blob_path(item(0, 0).content_hash)
+    blob.unlink()
+    reader = Gallery.open(tmp_path, read_only=True)
+    report = reader.verify("d" * 64)
+    text = "\n".join(report.problems)
+    assert "refused generation: manifest-00000002.json" in text and "truncated" in text
+    assert "model mismatch" in text
+    assert "task 'Smiling': 1 ids missing" in text  # served generation 1 lacks the item added later
+    assert "blob" in text and "missing" in text
+    reader.close()
+
+
+def test_milvus_gallery(tmp_path: Path) -> None:
+    gallery = create(tmp_path, backend="milvus")
+    ids = gallery.add([item(i, male=i % 2) for i in range(6)], vectors(6))
+    gallery.save()
+    gallery.close()
+    reopened = Gallery.open(tmp_path, model_hash=MODEL_HASH)
+    assert (tmp_path / "store" / "gallery.db").exists()
+    result = reopened.search("Eyeglasses", unit_vectors(np.random.default_rng(1), 1), 6, {"Male": 1})
+    assert set(result.ids[result.ids >= 0].tolist()) == {ids[i] for i in range(6) if i % 2}
+    assert reopened.verify(MODEL_HASH).ok
+    reopened.close()

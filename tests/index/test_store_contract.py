@@ -1,0 +1,174 @@
+"""The VectorStore contract, run unchanged against every backend in BACKEND_CASES."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from index.store import DuplicateIdError, UnknownTaskError, VectorStore
+from tests.index.conftest import (
+    BACKEND_CASES,
+    DIM,
+    MODEL_HASH,
+    TASKS,
+    BackendCase,
+    Oracle,
+    StoreFactory,
+    assert_matches_oracle,
+    unit_vectors,
+    vectors_by_task,
+)
+
+N = 40  # ≥ the IVF-PQ training minimum, small enough for HNSW to be exact
+
+pytestmark = pytest.mark.parametrize("case", BACKEND_CASES, ids=[c.name for c in BACKEND_CASES])
+
+
+@pytest.fixture
+def factory(case: BackendCase, make_store_for: Callable[[BackendCase], StoreFactory]) -> StoreFactory:
+    return make_store_for(case)
+
+
+def filled(factory: StoreFactory, seed: int = 0) -> tuple[VectorStore, Oracle, np.random.Generator]:
+    rng = np.random.default_rng(seed)
+    store, oracle = factory(), Oracle()
+    ids = np.arange(100, 100 + N, dtype=np.int64)
+    by_task = vectors_by_task(rng, N)
+    store.add(ids, by_task)
+    oracle.add(ids, by_task)
+    return store, oracle, rng
+
+
+def check_search(
+    case: BackendCase,
+    store: VectorStore,
+    oracle: Oracle,
+    task: str,
+    queries: np.ndarray,
+    k: int,
+    allowed: np.ndarray | None = None,
+) -> None:
+    result = store.search(task, queries, k, allowed)
+    if case.exact:
+        assert_matches_oracle(result.ids, result.scores, oracle, task, queries, k, allowed)
+        return
+    # Approximate backends: only valid, distinct, allowed ids, padded with -1.
+    valid = oracle.ids() if allowed is None else np.intersect1d(oracle.ids(), allowed)
+    for row in result.ids:
+        hits = row[row >= 0]
+        assert np.isin(hits, valid).all()
+        assert len(set(hits.tolist())) == len(hits)
+        assert (row[len(hits) :] == -1).all()
+
+
+def test_add_search_matches_brute_force(case: BackendCase, factory: StoreFactory) -> None:
+    store, oracle, rng = filled(factory)
+    assert store.tasks() == TASKS
+    for task in TASKS:
+        assert store.count(task) == N
+        np.testing.assert_array_equal(store.ids(task), oracle.ids())
+        check_search(case, store, oracle, task, unit_vectors(rng, 5), 10)
+
+
+def test_save_load_round_trip(case: BackendCase, factory: StoreFactory) -> None:
+    store, oracle, rng = filled(factory)
+    queries = unit_vectors(rng, 4)
+    before = store.search("Smiling", queries, 7)
+    manifest = store.save()
+    assert manifest.counts == {task: N for task in TASKS}
+    assert manifest.model_hash == MODEL_HASH and manifest.embedding_dim == DIM
+    reopened = factory()
+    assert reopened.manifest is not None and reopened.manifest.generation == manifest.generation
+    after = reopened.search("Smiling", queries, 7)
+    np.testing.assert_array_equal(after.ids, before.ids)
+    np.testing.assert_allclose(after.scores, before.scores, atol=1e-6)
+    check_search(case, reopened, oracle, "Eyeglasses", queries, 7)
+
+
+def test_ids_stable_after_deletes(case: BackendCase, factory: StoreFactory) -> None:
+    store, oracle, _ = filled(factory)
+    removed = np.array([100, 117, 139, 5000], dtype=np.int64)  # 5000 was never added: ignored
+    assert store.remove(removed) == 3
+    oracle.remove(removed)
+    assert store.remove(removed) == 0
+    for task in TASKS:
+        assert store.count(task) == N - 3
+        np.testing.assert_array_equal(store.ids(task), oracle.ids())
+    # Each surviving vector still finds itself under its own id, through save and reload too.
+    survivors = oracle.ids()
+    own = np.stack([oracle.vectors[int(i)]["Smiling"] for i in survivors])
+    check_search(case, store, oracle, "Smiling", own, 3)
+    store.save()
+    reopened = factory()
+    np.testing.assert_array_equal(reopened.ids("Smiling"), survivors)
+    check_search(case, reopened, oracle, "Smiling", own, 3)
+    if case.exact:
+        np.testing.assert_array_equal(reopened.search("Smiling", own, 1).ids[:, 0], survivors)
+
+
+def test_readding_a_removed_id(case: BackendCase, factory: StoreFactory) -> None:
+    store, oracle, rng = filled(factory)
+    store.remove(np.array([105]))
+    again = vectors_by_task(rng, 1)
+    store.add(np.array([105]), again)
+    oracle.add(np.array([105]), again)
+    assert store.count("Smiling") == N
+    check_search(case, store, oracle, "Smiling", again["Smiling"], 5)
+
+
+def test_filter_restricts_results(case: BackendCase, factory: StoreFactory) -> None:
+    store, oracle, rng = filled(factory)
+    store.remove(np.array([101]))
+    oracle.remove(np.array([101]))
+    allowed = np.array([101, 102, 110, 111, 125, 130, 131, 9999], dtype=np.int64)  # 101 removed, 9999 absent
+    queries = unit_vectors(rng, 3)
+    for k in (2, 10):
+        check_search(case, store, oracle, "Eyeglasses", queries, k, allowed)
+    result = store.search("Eyeglasses", queries, 10, allowed)
+    assert set(result.ids[result.ids >= 0].tolist()) <= {102, 110, 111, 125, 130, 131}
+    nothing = store.search("Eyeglasses", queries, 4, np.array([], dtype=np.int64))
+    assert (nothing.ids == -1).all() and np.isneginf(nothing.scores).all()
+
+
+def test_empty_index(case: BackendCase, factory: StoreFactory) -> None:
+    store = factory()
+    assert store.count("Smiling") == 0
+    assert len(store.ids("Smiling")) == 0
+    result = store.search("Smiling", unit_vectors(np.random.default_rng(0), 2), 5)
+    assert result.ids.shape == (2, 5) and (result.ids == -1).all() and np.isneginf(result.scores).all()
+    manifest = store.save()
+    assert manifest.counts == {task: 0 for task in TASKS}
+    assert factory().count("Eyeglasses") == 0
+
+
+def test_k_larger_than_gallery(case: BackendCase, factory: StoreFactory) -> None:
+    store, oracle, rng = filled(factory)
+    result = store.search("Smiling", unit_vectors(rng, 2), N + 15)
+    check_search(case, store, oracle, "Smiling", unit_vectors(rng, 2), N + 15)
+    if case.exact:
+        assert (np.sort(result.ids[:, :N], axis=1) == oracle.ids()).all()
+        assert (result.ids[:, N:] == -1).all()
+
+
+def test_unknown_task_is_a_clear_error(case: BackendCase, factory: StoreFactory) -> None:
+    store, _, rng = filled(factory)
+    for call in (
+        lambda: store.search("Bald", unit_vectors(rng, 1), 3),
+        lambda: store.count("Bald"),
+        lambda: store.add(np.array([1]), {"Bald": unit_vectors(rng, 1), **vectors_by_task(rng, 1)}),
+    ):
+        with pytest.raises(UnknownTaskError, match=r"unknown task 'Bald'.*Smiling, Eyeglasses"):
+            call()
+
+
+def test_bad_input_is_rejected(case: BackendCase, factory: StoreFactory) -> None:
+    store, _, rng = filled(factory)
+    with pytest.raises(DuplicateIdError):
+        store.add(np.array([100], dtype=np.int64), vectors_by_task(rng, 1))
+    with pytest.raises(ValueError, match="missing: Eyeglasses"):
+        store.add(np.array([1], dtype=np.int64), {"Smiling": unit_vectors(rng, 1)})
+    with pytest.raises(ValueError, match="shape"):
+        store.search("Smiling", unit_vectors(rng, 1, DIM + 1), 3)
+    assert store.count("Smiling") == N

@@ -1,0 +1,89 @@
+"""The gallery routes: add (one or many, labels, duplicates), read, content, list, delete; persisted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from index.gallery import Gallery
+from tests.service.fixtures import error_of, face, running_server, settings_for
+
+
+def test_add_read_list_delete_and_persist(run_dir: Path, index_dir: Path) -> None:
+    new_a, new_b = face(1000)[0], face(1001)[0]
+    existing = face(2)[0]  # gallery item 3
+    with running_server(settings_for(run_dir, index_dir)) as server, server.client() as client:
+        files = [
+            ("images", ("a.png", new_a, "image/png")),
+            ("images", ("b.png", new_b, "image/png")),
+            ("images", ("dup.png", existing, "image/png")),
+            ("images", ("a-again.png", new_a, "image/png")),
+        ]
+        labels = [("labels", json.dumps({"Smiling": 1, "Male": 0}))]
+        added = client.post("/images", files=files, data=dict(labels))
+        assert added.status_code == 201, added.text
+        items = added.json()["items"]
+        assert [i["duplicate"] for i in items] == [False, False, True, True]
+        assert items[2]["id"] == 3 and items[3]["id"] == items[0]["id"]
+        new_id = items[0]["id"]
+        generation = added.json()["index_generation"]
+        assert generation >= 2
+
+        info = client.get(f"/images/{new_id}").json()
+        assert info["labels"] == {"Male": 0, "Smiling": 1}
+        assert info["source"] == "a.png" and info["width"] == 48
+        content = client.get(f"/images/{new_id}/content")
+        assert content.content == new_a and content.headers["content-type"] == "image/png"
+        assert content.headers["x-content-type-options"] == "nosniff"
+
+        page = client.get("/images", params={"offset": 20, "limit": 10}).json()
+        assert page["total"] == 26 and [i["id"] for i in page["items"]] == [21, 22, 23, 24, 25, 26]
+
+        # the new image is searchable at once, and label filters see its labels
+        hits = client.post("/search", params=[("task", "Smiling"), ("k", "1"), ("filter", "Male:0")],
+                           files={"image": ("q.png", new_a, "image/png")}).json()["results"]  # fmt: skip
+        assert [h["id"] for h in hits] == [new_id]
+
+        assert client.delete("/images/5").json() == {"id": 5, "deleted": True}
+        assert error_of(client.delete("/images/5"))["status"] == 404
+        assert client.get("/images/5").status_code == 404
+        assert client.get("/images/5/content").status_code == 404
+        found = client.post(
+            "/search",
+            params={"task": "Smiling", "k": 100},
+            files={"image": ("q.png", face(4)[0], "image/png")},
+        )
+        assert 5 not in [h["id"] for h in found.json()["results"]]
+        assert client.get("/tasks/Smiling").json()["gallery_size"] == 25
+
+    reopened = Gallery.open(index_dir)  # after a graceful stop: the adds and the delete are on disk
+    try:
+        assert reopened.metadata.count() == 25
+        assert all(reopened.store.count(t) == 25 for t in reopened.tasks)
+        assert 5 not in reopened.metadata.ids().tolist()
+    finally:
+        reopened.close()
+
+
+def test_bad_gallery_uploads(run_dir: Path, index_dir: Path) -> None:
+    with (
+        running_server(settings_for(run_dir, index_dir, max_upload_files=2)) as server,
+        server.client() as client,
+    ):
+        png = face(1)[0]
+        cases = [
+            ({"files": [("images", ("t.jpg", b"text", "image/jpeg"))]}, 415),
+            ({"files": [("images", ("e.png", b"", "image/png"))]}, 400),
+            ({"files": [("images", ("x.png", png, "image/png"))], "data": {"labels": "[1]"}}, 400),
+            ({"files": [("images", ("x.png", png, "image/png"))], "data": {"labels": '{"a b": 1}'}}, 400),
+            ({"files": [("images", ("x.png", png, "image/png"))] * 3}, 413),
+            ({"content": b"{}", "headers": {"content-type": "application/json"}}, 415),
+            ({"files": [("other", ("x.png", png, "image/png"))]}, 400),
+        ]
+        for kwargs, status in cases:
+            response = client.post("/images", **kwargs)  # type: ignore[arg-type]
+            assert response.status_code == status, (kwargs.keys(), response.text)
+            error_of(response)
+        assert client.get("/images").json()["total"] == 24
+        assert client.get("/images/999999").status_code == 404
+        assert client.get("/images", params={"limit": 0}).status_code == 422
