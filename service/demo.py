@@ -176,8 +176,13 @@ def prepare_index(
         if milvus_uri:
             options["uri"] = milvus_uri
     source = dataset_source("synthfaces", image_size=run.preprocess.image_size, num_images=num_images)
-    with _staging(paths.index_dir) as tmp, tqdm(total=source.total, unit="img", desc="index") as bar:
-        report = build_gallery(run, source, tmp, backend=backend, store_options=options, progress=bar.update)
+    # Milvus records where its data lives (a Milvus Lite file inside the directory, or a cluster), so that
+    # gallery is built in place; an interrupted build fails the check above next time and is rebuilt.
+    staging = _staging(paths.index_dir) if backend == "faiss" else _in_place(paths.index_dir)
+    with staging as target, tqdm(total=source.total, unit="img", desc="index") as bar:
+        report = build_gallery(
+            run, source, target, backend=backend, store_options=options, progress=bar.update
+        )
     say(
         f"index: {report.added} faces × {len(report.tasks)} tasks → {paths.index_dir} "
         f"in {report.wall_s:.1f} s"
@@ -189,6 +194,7 @@ def _staging(final: Path) -> Iterator[Path]:
     """A fresh directory beside ``final`` that replaces ``final`` only when the block succeeds."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.new-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the run from a container (or user) that mounts it
     try:
         yield tmp
     except BaseException:
@@ -199,6 +205,15 @@ def _staging(final: Path) -> Iterator[Path]:
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def _in_place(final: Path) -> Iterator[Path]:
+    """``final``, emptied first."""
+    if final.exists():
+        shutil.rmtree(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    yield final
 
 
 @contextmanager
