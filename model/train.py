@@ -21,7 +21,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from model.data import load_dataset
-from model.data.base import AttributeDataset
+from model.data.base import UNKNOWN, AttributeDataset
 from model.data.triplets import Triplets, TripletSampler, fixed_triplets
 from model.evaluate import evaluate, triplet_accuracy
 from model.network import Arch, ModelConfig, ModulationKind, MultiTaskEmbedder, create_model
@@ -29,6 +29,9 @@ from model.preprocess import Preprocess, materialize
 from model.run import METRICS, RunError, atomic_write, resolve_device, save_run, write_json
 
 CHECKPOINT = "checkpoint.pt"
+Mining = Literal["all-tasks", "batch-all", "none"]
+MINING: tuple[Mining, ...] = ("all-tasks", "batch-all", "none")
+_CUBE_LIMIT = 1 << 24  # elements of one (anchors, positives, negatives) block of the batch-all loss
 
 
 @dataclass
@@ -67,9 +70,10 @@ class TrainConfig:
     epochs: int = 10
     per_task: int = 8  # triplets per task per batch (the official code's 8)
     margin: float = 0.2
-    # "batch-all": every valid triplet among each task's sampled images; "none": only the sampled
-    # triplets (the official code). Same loss and sampler either way; batch-all learns far faster.
-    mining: Literal["batch-all", "none"] = "batch-all"
+    # "none": only the sampled triplets (the official code); "batch-all": every valid triplet among
+    # each task's sampled images; "all-tasks": every sampled image embedded under every task (the
+    # shared prefix once) and every valid triplet per task among all of them. Same loss and sampler.
+    mining: Mining = "all-tasks"
     optimizer: Literal["adamw", "adagrad"] = "adamw"
     lr: float | None = None  # None: 1e-3 for AdamW, 0.01 for Adagrad (the official code)
     weight_decay: float = 1e-4
@@ -106,24 +110,58 @@ def triplet_loss(embeddings: Tensor, margin: float) -> Tensor:
     return F.relu((a - p).pow(2).sum(1) - (a - n).pow(2).sum(1) + margin).mean()
 
 
-def batch_all_triplet_loss(embeddings: Tensor, task_ids: Tensor, values: Tensor, margin: float) -> Tensor:
-    """The same triplet loss over every valid triplet inside each task's rows of a balanced batch
-    ("batch all", Hermans et al. 2017): a task's 3k sampled images hold O(k³) triplets instead of k.
-    Averaged over the triplets that still violate the margin, per task, then over tasks.
-
-    ``values``: each row's label under its own task. Every task must hold the same number of rows.
+def batch_all_triplet_loss(embeddings: Tensor, values: Tensor, margin: float) -> Tensor:
+    """The triplet loss over every valid triplet inside each group ("batch all", Hermans et al. 2017):
+    ``embeddings`` (T, G, D) holds G images embedded under task t, ``values`` (T, G) their labels under
+    t (``UNKNOWN`` never takes part). A valid triplet has anchor and positive of one value and a
+    negative of another, so G images hold O(G³) triplets where sampling draws O(G). Averaged over the
+    triplets that still violate the margin, per task, then over tasks.
     """
-    order = torch.argsort(task_ids, stable=True)
-    tasks = int(torch.unique(task_ids).numel())
-    e = embeddings[order].reshape(tasks, -1, embeddings.shape[1])  # (B, D) -> (T, G, D)
-    y = values[order].reshape(tasks, -1)  # (T, G)
-    d = torch.cdist(e, e).pow(2)  # (T, G, G) squared distances
-    same = y.unsqueeze(2) == y.unsqueeze(1)
-    positive = same & ~torch.eye(y.shape[1], dtype=torch.bool, device=y.device)
-    valid = positive.unsqueeze(3) & ~same.unsqueeze(2)  # (T, a, p, n)
-    losses = F.relu(d.unsqueeze(3) - d.unsqueeze(2) + margin) * valid
-    active = (losses > 1e-12).sum(dim=(1, 2, 3)).clamp(min=1)
-    return (losses.sum(dim=(1, 2, 3)) / active).mean()
+    per_task = []
+    for e, y in zip(embeddings, values, strict=True):
+        d = torch.cdist(e, e).pow(2)  # (G, G) squared distances
+        known = y != UNKNOWN
+        same = (y.unsqueeze(1) == y.unsqueeze(0)) & known.unsqueeze(1) & known.unsqueeze(0)
+        positive = same & ~torch.eye(len(y), dtype=torch.bool, device=y.device)
+        negative = ~same & known.unsqueeze(1) & known.unsqueeze(0)
+        total, active = e.new_zeros(()), e.new_zeros(())
+        chunk = max(1, _CUBE_LIMIT // max(1, len(y) ** 2))  # anchors per step: bounds the (a, p, n) cube
+        for a in range(0, len(y), chunk):
+            valid = positive[a : a + chunk].unsqueeze(2) & negative[a : a + chunk].unsqueeze(1)
+            cube = F.relu(d[a : a + chunk].unsqueeze(2) - d[a : a + chunk].unsqueeze(1) + margin) * valid
+            total = total + cube.sum()
+            active = active + (cube > 1e-12).sum()
+        per_task.append(total / active.clamp(min=1))
+    return torch.stack(per_task).mean()
+
+
+def _mined_loss(
+    model: MultiTaskEmbedder,
+    cfg: TrainConfig,
+    pixels: _Pixels,
+    labels: np.ndarray,
+    triplets: Triplets,
+    preprocess: Preprocess,
+    device: torch.device,
+) -> tuple[Tensor, int]:
+    """The step's loss under ``cfg.mining`` and the number of images embedded (for images/s)."""
+    items, tasks = triplet_batch(triplets)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    if cfg.mining == "all-tasks":
+        unique = np.unique(items)
+        with amp:
+            table = model.embed_all_tasks(preprocess.normalize(pixels[unique]).to(device))  # (U, T, D)
+        values = torch.from_numpy(labels[unique].T.copy()).to(device)  # (T, U)
+        return batch_all_triplet_loss(table.float().transpose(0, 1), values, cfg.margin), len(unique)
+    task_ids = torch.from_numpy(tasks).to(device)
+    with amp:
+        embeddings = model.embed(preprocess.normalize(pixels[items]).to(device), task_ids).float()
+    if cfg.mining == "none":
+        return triplet_loss(embeddings, cfg.margin), len(items)
+    order = torch.argsort(task_ids, stable=True)  # balanced batch: every task holds 3 * per_task rows
+    grouped = embeddings[order].reshape(len(np.unique(tasks)), -1, embeddings.shape[1])  # (T, G, D)
+    values = torch.from_numpy(labels[items, tasks]).to(device)[order].reshape(grouped.shape[:2])
+    return batch_all_triplet_loss(grouped, values, cfg.margin), len(items)
 
 
 def triplet_batch(triplets: Triplets) -> tuple[np.ndarray, np.ndarray]:
@@ -189,7 +227,6 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
     extra = {"train": cfg.to_dict(), "dataset": asdict(cfg.data)}
     pixels = _Pixels(dataset, np.concatenate([train_idx, val_idx]), preprocess, progress)
     val = fixed_triplets(dataset.labels, val_idx, cfg.val_triplets_per_task, seed=cfg.seed)
-    use_amp = device.type == "cuda"
     model.train()
     started, seen = time.perf_counter(), 0
     bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.arch}", disable=not progress)
@@ -197,22 +234,13 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
     while step < total_steps:
         if step % steps_per_epoch == 0:
             sampler = _epoch_sampler(dataset, train_idx, cfg, step, steps_per_epoch)
-        items, tasks = triplet_batch(sampler.sample())
-        images = preprocess.normalize(pixels[items]).to(device, non_blocking=True)
-        task_ids = torch.from_numpy(tasks).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            embeddings = model.embed(images, task_ids)
-        if cfg.mining == "batch-all":
-            values = torch.from_numpy(dataset.labels[items, tasks]).to(device)
-            loss = batch_all_triplet_loss(embeddings.float(), task_ids, values, cfg.margin)
-        else:
-            loss = triplet_loss(embeddings.float(), cfg.margin)
+        loss, embedded = _mined_loss(model, cfg, pixels, dataset.labels, sampler.sample(), preprocess, device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
         step += 1
-        seen += len(items)
+        seen += embedded
         rate = seen / (time.perf_counter() - started)
         bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")
         bar.update(1)

@@ -39,6 +39,9 @@ DatasetOpt = Annotated[str, typer.Option(help="synthfaces | celeba | utzappos | 
 DataDirOpt = Annotated[Path | None, typer.Option(help="dataset root (not needed for synthfaces)")]
 TasksOpt = Annotated[str | None, typer.Option(help="comma-separated task names (default: the dataset's)")]
 ArchOpt = Annotated[str, typer.Option(help="modulated | shared | mask | independent")]
+MiningOpt = Annotated[
+    str, typer.Option(help="all-tasks | batch-all | none (the official code's sampled triplets only)")
+]
 
 
 def _train_config(
@@ -61,9 +64,12 @@ def _train_config(
     lr: float | None,
     seed: int,
     device: str,
+    mining: str,
 ) -> Any:
-    from model.train import DataConfig, TrainConfig
+    from model.train import MINING, DataConfig, TrainConfig
 
+    if mining not in MINING:
+        raise _fail(f"unknown mining {mining!r}; choose one of {', '.join(MINING)}")
     return TrainConfig(
         data=DataConfig(dataset, str(data_dir) if data_dir else None, _split(tasks), num_images, seed),
         arch=cast(Any, arch),
@@ -81,6 +87,7 @@ def _train_config(
         lr=lr,
         seed=seed,
         device=device,
+        mining=cast(Any, mining),
     )
 
 
@@ -102,6 +109,7 @@ def train(
     steps: Annotated[int | None, typer.Option(help="total steps (overrides --epochs)")] = None,
     per_task: Annotated[int, typer.Option(help="triplets per task per batch")] = 8,
     margin: float = 0.2,
+    mining: MiningOpt = "all-tasks",
     optimizer: Annotated[str, typer.Option(help="adamw | adagrad")] = "adamw",
     lr: Annotated[float | None, typer.Option(help="default 1e-3 (AdamW) / 0.01 (Adagrad)")] = None,
     seed: int = 0,
@@ -121,6 +129,7 @@ def train(
             else _train_config(
                 dataset, data_dir, tasks, num_images, arch, modulation, backbone, width, modulate,
                 image_size, embedding_dim, epochs, steps, per_task, margin, optimizer, lr, seed, device,
+                mining,
             )
         )  # fmt: skip
         metrics = run_training(cfg, out, resume=resume)
@@ -204,6 +213,7 @@ def compare(
         int | None, typer.Option(help="steps per architecture (default: fits the dataset)")
     ] = None,
     per_task: int = 8,
+    mining: MiningOpt = "all-tasks",
     seed: int = 0,
     device: str = "auto",
     out: Annotated[Path | None, typer.Option(help="default: runs/compare-<dataset>")] = None,
@@ -222,7 +232,7 @@ def compare(
     cfg = _train_config(
         dataset, data_dir, tasks, num_images, "modulated", modulation, backbone,
         width or COMPARE_WIDTH.get(dataset), None, image_size, embedding_dim, 10,
-        steps or COMPARE_STEPS.get(dataset, 400), per_task, 0.2, "adamw", None, seed, device,
+        steps or COMPARE_STEPS.get(dataset, 400), per_task, 0.2, "adamw", None, seed, device, mining,
     )  # fmt: skip
     try:
         results = run_compare(cfg, cast(Any, arch_list), out or Path("runs") / f"compare-{dataset}")

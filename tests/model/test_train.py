@@ -14,7 +14,15 @@ import torch
 from safetensors.torch import load_file
 
 from model.run import load_run
-from model.train import CHECKPOINT, DataConfig, TrainConfig, resume_config, train
+from model.train import (
+    CHECKPOINT,
+    MINING,
+    DataConfig,
+    TrainConfig,
+    batch_all_triplet_loss,
+    resume_config,
+    train,
+)
 
 TASKS = ["Pale_Skin", "Wearing_Hat", "Eyeglasses"]
 
@@ -91,3 +99,32 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
 def test_unknown_task_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="Nope"):
         train(tiny_config(data=DataConfig(tasks=["Nope"])), tmp_path, progress=False)
+
+
+def _brute_force_batch_all(e: torch.Tensor, y: torch.Tensor, margin: float) -> torch.Tensor:
+    losses = []
+    for a in range(len(y)):
+        for p in range(len(y)):
+            for n in range(len(y)):
+                if a != p and y[a] == y[p] != -1 and y[n] != -1 and y[n] != y[a]:
+                    d_ap = (e[a] - e[p]).pow(2).sum()
+                    d_an = (e[a] - e[n]).pow(2).sum()
+                    losses.append(torch.relu(d_ap - d_an + margin))
+    active = [v for v in losses if v > 1e-12]
+    return torch.stack(active).sum() / max(1, len(active))
+
+
+def test_batch_all_loss_matches_a_brute_force_enumeration(monkeypatch):
+    torch.manual_seed(0)
+    e = torch.nn.functional.normalize(torch.randn(2, 9, 4), dim=2)
+    y = torch.tensor([[0, 1, 1, 0, 2, -1, 2, 0, 1], [1, 1, 0, 0, -1, -1, 1, 0, 0]])
+    expected = torch.stack([_brute_force_batch_all(e[t], y[t], 0.2) for t in range(2)]).mean()
+    torch.testing.assert_close(batch_all_triplet_loss(e, y, 0.2), expected, atol=1e-6, rtol=1e-5)
+    monkeypatch.setattr("model.train._CUBE_LIMIT", 1)  # one anchor per block: same sum, less memory
+    torch.testing.assert_close(batch_all_triplet_loss(e, y, 0.2), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mining", MINING)
+def test_every_mining_mode_trains(tmp_path, mining):
+    metrics = train(tiny_config(mining=mining, steps=3), tmp_path, progress=False)
+    assert metrics["steps"] == 3 and metrics["history"][-1]["loss"] >= 0
