@@ -30,6 +30,14 @@ def _split(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+def _tasks(value: str | None) -> list[str] | None:
+    """Comma-separated task names, or a preset name (``official7``, ``all39``)."""
+    from model.data import TASK_PRESETS
+
+    preset = TASK_PRESETS.get((value or "").strip().lower())
+    return list(preset) if preset else _split(value)
+
+
 def _fail(message: str) -> typer.Exit:
     console.print(f"[red]error:[/red] {message}")
     return typer.Exit(code=2)
@@ -37,7 +45,9 @@ def _fail(message: str) -> typer.Exit:
 
 DatasetOpt = Annotated[str, typer.Option(help="synthfaces | celeba | utzappos | folder")]
 DataDirOpt = Annotated[Path | None, typer.Option(help="dataset root (not needed for synthfaces)")]
-TasksOpt = Annotated[str | None, typer.Option(help="comma-separated task names (default: the dataset's)")]
+TasksOpt = Annotated[
+    str | None, typer.Option(help="comma-separated task names, or official7 / all39 (default: the dataset's)")
+]
 ArchOpt = Annotated[str, typer.Option(help="modulated | shared | mask | independent")]
 MiningOpt = Annotated[
     str, typer.Option(help="all-tasks | batch-all | none (the official code's sampled triplets only)")
@@ -71,7 +81,7 @@ def _train_config(
     if mining not in MINING:
         raise _fail(f"unknown mining {mining!r}; choose one of {', '.join(MINING)}")
     return TrainConfig(
-        data=DataConfig(dataset, str(data_dir) if data_dir else None, _split(tasks), num_images, seed),
+        data=DataConfig(dataset, str(data_dir) if data_dir else None, _tasks(tasks), num_images, seed),
         arch=cast(Any, arch),
         modulation=cast(Any, modulation),
         backbone=backbone,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from model.data.base import AttributeDataset
-from model.data.celeba import CelebA
+from model.data.celeba import ALL_BUT_BLURRY, OFFICIAL_7, CelebA
 from model.data.folder import ImageFolder
 from model.data.synthfaces import DEFAULT_NUM_IMAGES, SynthFaces
 from model.data.utzappos import UTZappos
@@ -57,6 +57,9 @@ def _folder(
 ) -> AttributeDataset:
     return ImageFolder(_needs_dir("folder", data_dir), tasks, num_images=num_images, seed=seed)
 
+
+# Named task lists: the official code's 7 CelebA attributes and the 39 without Blurry.
+TASK_PRESETS: Final[dict[str, tuple[str, ...]]] = {"official7": OFFICIAL_7, "all39": ALL_BUT_BLURRY}
 
 DATASETS: Final[dict[str, Loader]] = {
     "synthfaces": _synthfaces,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from model.data.celeba import OFFICIAL_7
 from service.cli import app
 
 TINY = [
@@ -78,3 +80,19 @@ def test_bad_input_exits_with_a_clear_message(args, message):
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert message in result.output
+
+
+CELEBA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "celeba-10k"
+
+
+@pytest.mark.celeba
+@pytest.mark.skipif(
+    not CELEBA.is_dir(), reason="the real CelebA sample (../shared/data/celeba-10k) is absent"
+)
+def test_train_on_the_real_celeba_sample_with_the_official_tasks(tmp_path):
+    args = ["train", "--out", str(tmp_path), "--dataset", "celeba", "--data-dir", str(CELEBA)]
+    args += ["--tasks", "official7", "--num-images", "2000", "--steps", "2", *TINY[4:]]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model"]["task_names"] == list(OFFICIAL_7)
