@@ -56,6 +56,22 @@ class DrainingServer(uvicorn.Server):
         self._loop.call_soon_threadsafe(self.handle_exit, signal.SIGTERM, None)
 
 
+def build_server(settings: Settings) -> DrainingServer:
+    """The app for ``settings`` under a draining uvicorn server (logging configured first)."""
+    configure(settings)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=max(5, int(settings.request_timeout_s) + 5),
+        server_header=False,
+    )
+    return DrainingServer(config, app.state.modret, settings.drain_delay_s)
+
+
 def serve(
     run: Annotated[Path, typer.Option(help="run directory written by `modret train`")],
     index: Annotated[Path, typer.Option(help="gallery directory written by `modret index build`")],
@@ -77,16 +93,4 @@ def serve(
     ):
         if value is not None:
             overrides[name] = value
-    settings = Settings(**overrides)
-    configure(settings)
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=max(5, int(settings.request_timeout_s) + 5),
-        server_header=False,
-    )
-    DrainingServer(config, app.state.modret, settings.drain_delay_s).run()
+    build_server(Settings(**overrides)).run()

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import uvicorn
 
 from index.build import build_gallery, dataset_source
 from index.gallery import Gallery, GalleryError
@@ -350,8 +349,7 @@ def serve_demo(
     started: float,
 ) -> None:
     """Serve the demo's run and gallery with ``modret serve``'s server; print the banner once ready."""
-    from service.app import configure, create_app
-    from service.cli_serve import DrainingServer
+    from service.cli_serve import build_server
 
     settings = base.model_copy(
         update={
@@ -363,25 +361,14 @@ def serve_demo(
             "device": device,
         }
     )
-    configure(settings)
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=max(5, int(settings.request_timeout_s) + 5),
-        server_header=False,
-    )
-    server = DrainingServer(config, app.state.modret, settings.drain_delay_s)
+    server = build_server(settings)
 
     def announce() -> None:
         while not server.started:
             if server.should_exit:
                 return
             time.sleep(0.05)
-        loaded = app.state.modret.loaded
+        loaded = server.state.loaded
         size = loaded.gallery.metadata.count() if loaded is not None else 0
         text = banner(
             public_url(settings.host, settings.port),
