@@ -24,8 +24,12 @@ if [ -n "${MODRET_RUN_DIR:-}" ] && [ -f "$MODRET_RUN_DIR/model.safetensors" ]; t
     if [ ! -f "$index/gallery.json" ]; then
         if [ -n "${MODRET_GALLERY_IMAGES:-}" ]; then
             echo "building the gallery index $index from $MODRET_GALLERY_IMAGES" >&2
+            store_images="--store-images"
+            case "${MODRET_INDEX_STORE_IMAGES:-true}" in
+                false | False | FALSE | 0 | no) store_images="--no-store-images" ;;
+            esac
             modret index build --run "$MODRET_RUN_DIR" --images "$MODRET_GALLERY_IMAGES" --out "$index" \
-                --backend "${MODRET_INDEX_BACKEND:-faiss}" --kind "${MODRET_INDEX_KIND:-flat}"
+                --backend "${MODRET_INDEX_BACKEND:-faiss}" --kind "${MODRET_INDEX_KIND:-flat}" "$store_images"
         else
             export MODRET_CREATE_INDEX=true
         fi

@@ -1,13 +1,17 @@
 """Embedding a whole gallery under every task: read → embed → write, with per-stage timings.
 
 - **read** (a background thread, so decoding overlaps embedding): walks the source (an image folder, or a
-  dataset by name), hashes each file's bytes (the content hash that deduplicates the gallery), decodes it to
-  RGB and groups images into batches. Unreadable files are skipped and listed in the report.
+  dataset by name), takes each image's bytes (the file's own, or a PNG encoding for an image a dataset
+  generates, see ``image_bytes``), hashes them (the content hash that deduplicates the gallery), decodes the
+  image to RGB and groups images into batches. Unreadable files are skipped and listed in the report.
 - **embed**: each decoded batch is preprocessed once and embedded under all tasks with
   ``model.embed_all_tasks``: the batch is expanded over tasks inside the model, which computes the
   task-independent prefix once and the modulated stages as one mixed-task batch, giving (B, T, D).
 - **write**: ``Gallery.add`` (metadata rows + one vector per task); duplicates keep their first id.
-  The gallery is saved once at the end (one durable generation).
+  Unless ``store_images=False`` (``modret index build --no-store-images``, for galleries too large to keep
+  a copy of), the bytes go into the gallery's content-addressed blob folder, so that the service can serve
+  them (``GET /images/{id}/content``, the web UI's thumbnails) without ever reading a path the source
+  named. The gallery is saved once at the end (one durable generation).
 
 Timings are wall-clock seconds per stage (read is measured in its own thread, so the three can sum to more
 than the total when stages overlap); the service exposes them as metrics.
@@ -15,6 +19,7 @@ than the total when stages overlap); the service exposes them as metrics.
 
 from __future__ import annotations
 
+import io
 import logging
 import queue
 import threading
@@ -36,14 +41,40 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 _PREFETCH = 2  # decoded batches waiting for the model: enough to hide decoding, little memory
+# Magic numbers of the formats the service serves (and accepts as uploads: ``service.images``); a file in
+# any other format (TIFF) is kept as its PNG encoding so that a browser can show every gallery image.
+_SERVABLE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+
+
+def _servable(data: bytes) -> bool:
+    return data.startswith(_SERVABLE_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def image_bytes(image: Image.Image, file_data: bytes | None) -> bytes:
+    """The bytes a gallery image is hashed and kept as: the file's own when it has a file in a format
+    the service serves (so an upload of the same file is recognised as a duplicate), else the PNG
+    encoding of ``image`` (images a dataset generates, or files in other formats)."""
+    if file_data is not None and _servable(file_data):
+        return file_data
+    return png_bytes(image)
 
 
 @dataclass(frozen=True)
 class SourceImage:
     source: str  # path relative to the folder / data dir, or the dataset's synthetic id
     image: Image.Image  # RGB
-    content_hash: str
+    data: bytes  # encoded image (``image_bytes``): hashed, and kept as a blob unless the build says not
     labels: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def content_hash(self) -> str:
+        return content_hash(self.data)
 
 
 @dataclass
@@ -91,7 +122,7 @@ def folder_source(directory: Path) -> ImageSource:
             except (OSError, Image.DecompressionBombError) as e:
                 source.skipped.append(f"{name}: {e}")
                 continue
-            yield SourceImage(name, image, content_hash(data))
+            yield SourceImage(name, image, image_bytes(image, data))
 
     source.items = items()
     return source
@@ -102,8 +133,9 @@ def dataset_source(
 ) -> ImageSource:
     """A dataset by name (``model.data.load_dataset``), with its known labels.
 
-    The content hash is of the image file's bytes when the item is a file under ``data_dir`` (so that an
-    upload of the same file is recognised as a duplicate), else of the decoded pixels."""
+    An item's bytes (``image_bytes``) are its image file's when the dataset reads files (``sources`` are
+    paths relative to ``data_dir``: CelebA, UT-Zappos50K, a labelled folder), else the PNG encoding of the
+    image the dataset draws (synthfaces, whose ``sources`` are synthetic ids)."""
     from model.data import load_dataset
 
     dataset = load_dataset(name, data_dir, image_size=image_size, num_images=num_images)
@@ -113,12 +145,9 @@ def dataset_source(
         for i, source in enumerate(dataset.sources):
             image = dataset.load_image(i).convert("RGB")
             path = data_dir / source if data_dir is not None else None
-            if path is not None and path.is_file():
-                digest = content_hash(path.read_bytes())
-            else:
-                digest = content_hash(f"{image.size}".encode() + image.tobytes())
+            file_data = path.read_bytes() if path is not None and path.is_file() else None
             labels = {n: int(v) for n, v in zip(names, dataset.labels[i], strict=True) if v >= 0}
-            yield SourceImage(source, image, digest, labels)
+            yield SourceImage(source, image, image_bytes(image, file_data), labels)
 
     return ImageSource(total=len(dataset), items=items())
 
@@ -160,9 +189,11 @@ def build_gallery(
     backend: str = "faiss",
     store_options: dict[str, Any] | None = None,
     batch_size: int = 64,
+    store_images: bool = True,
     progress: Callable[[int], None] | None = None,
 ) -> BuildReport:
-    """Create a gallery in ``out`` holding every image of ``source`` embedded under every task."""
+    """Create a gallery in ``out`` holding every image of ``source`` embedded under every task; with
+    ``store_images`` (the default) each image's bytes are kept in the gallery's blob folder."""
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; build into a new directory")
     started = time.perf_counter()
@@ -189,7 +220,14 @@ def build_gallery(
             before = gallery.metadata.count()
             gallery.add(
                 [
-                    NewItem(item.source, item.content_hash, item.image.width, item.image.height, item.labels)
+                    NewItem(
+                        item.source,
+                        item.content_hash,
+                        item.image.width,
+                        item.image.height,
+                        item.labels,
+                        item.data if store_images else None,
+                    )
                     for item in batch
                 ],
                 vectors,

@@ -18,6 +18,10 @@ Filters are faiss ``SearchParameters(sel=IDSelectorBatch(allowed))``: the select
 search, so a filtered search returns the best ``k`` allowed items, not the allowed part of an unfiltered
 top-k.
 
+``get`` (stored vectors by id) reconstructs them: exactly for ``flat`` and ``hnsw`` (``IndexIDMap2``'s
+reverse map; both keep the full vectors), approximately for ``ivfpq``, which keeps only PQ codes and
+decodes the ones asked for after a scan of the inverted lists' ids.
+
 On a CUDA machine exact (``flat``) search runs as a torch matmul + top-k on the GPU
 (``index.gpu_search``): the faiss GPU wheels from PyPI do not run on H100/H200. ``search_device``:
 ``"auto"`` (CUDA when available, else faiss), ``"faiss"``, or a torch device such as ``"cpu"`` (used by
@@ -27,8 +31,9 @@ All tasks always hold the same ids (``add`` and ``remove`` act on every task und
 Threads: faiss' OpenMP pool is limited to ``omp_threads`` (default 1; ``None`` leaves faiss' default).
 Concurrent searches from request threads (faiss releases the GIL) parallelise serving better than OpenMP
 inside one search, and on the 2-core machine here OpenMP with 2 threads made a single flat query over
-10k vectors 100× slower (50 ms instead of 0.4 ms) and IVF-PQ training 2× slower. The setting is
-process-wide in faiss.
+10k vectors 100× slower (50 ms instead of 0.4 ms) and IVF-PQ training 2× slower. OpenMP keeps the
+setting per thread (a thread that never set it gets the default, one OpenMP thread per core), so every
+search, add, remove and save applies it in the thread that calls it: request threads included.
 
 Persistence goes through ``index.generations``: files ``task-NNN.faiss`` (NNN = the task's position) and,
 for HNSW, ``tombstones.npy``. A loaded generation's options (kind and search parameters) override the
@@ -50,6 +55,8 @@ from index.rwlock import RWLock
 from index.store import (
     DuplicateIdError,
     SearchResult,
+    UnknownIdError,
+    as_ids,
     as_queries,
     check_add,
     check_task,
@@ -108,8 +115,8 @@ class FaissStore:
             "compact_fraction": compact_fraction,
         }
         self.search_device = search_device
-        if omp_threads is not None:
-            faiss.omp_set_num_threads(omp_threads)
+        self.omp_threads = omp_threads
+        self._limit_threads()
         self.generations = Generations(root)
         self.manifest: Manifest | None = None
         self._lock = RWLock()
@@ -118,6 +125,11 @@ class FaissStore:
         self._indexes = {task: self._new_index() for task in self._tasks}
         self._tombstones = np.empty(0, dtype=np.int64)  # sorted; HNSW only
         self._mirrors: dict[str, TorchExactSearcher] = {}
+
+    def _limit_threads(self) -> None:
+        """Apply ``omp_threads`` in the calling thread (OpenMP's setting is per thread; see the docstring)."""
+        if self.omp_threads is not None:
+            faiss.omp_set_num_threads(self.omp_threads)
 
     @property
     def kind(self) -> str:
@@ -182,6 +194,43 @@ class FaissStore:
         with self._lock.read():
             return np.sort(self._live_ids(task))
 
+    def get(self, task: str, ids: np.ndarray) -> np.ndarray:
+        check_task(task, self._tasks)
+        ids = as_ids(ids)
+        with self._lock.read():
+            index = self._indexes[task]
+            if self.kind == "ivfpq":
+                vectors, found = self._ivf_reconstruct(index, ids)
+            else:
+                found = np.isin(ids, self._stored_ids(index))
+                if len(self._tombstones):
+                    found &= ~np.isin(ids, self._tombstones)
+                vectors = None
+            if not found.all():
+                raise UnknownIdError(ids[~found], task)
+            if vectors is None:
+                vectors = index.reconstruct_batch(ids) if len(ids) else np.empty((0, self.dim))
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def _ivf_reconstruct(self, index: Any, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Decoded vectors of ``ids`` found in the inverted lists, and which ids were found. A scan of the
+        lists' ids (no per-id direct map is kept: it would cost as much memory as the codes)."""
+        vectors = np.zeros((len(ids), self.dim), dtype=np.float32)
+        found = np.zeros(len(ids), dtype=bool)
+        wanted = np.unique(ids)
+        lists = index.invlists
+        for list_no in range(lists.nlist if len(wanted) else 0):
+            size = lists.list_size(list_no)
+            if not size:
+                continue
+            stored = faiss.rev_swig_ptr(lists.get_ids(list_no), size)
+            for offset in np.flatnonzero(np.isin(stored, wanted)):
+                rows = np.flatnonzero(ids == stored[offset])  # several when an id is asked for twice
+                index.reconstruct_from_offset(list_no, int(offset), faiss.swig_ptr(vectors[rows[0]]))
+                vectors[rows[1:]] = vectors[rows[0]]
+                found[rows] = True
+        return vectors, found
+
     def search(
         self, task: str, queries: np.ndarray, k: int, filter: np.ndarray | None = None
     ) -> SearchResult:
@@ -189,6 +238,7 @@ class FaissStore:
         queries = as_queries(queries, self.dim)
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
+        self._limit_threads()
         with self._lock.read():
             index = self._indexes[task]
             if index.ntotal == 0 or (filter is not None and len(filter) == 0):
@@ -257,6 +307,7 @@ class FaissStore:
         check_add(ids, vectors_by_task, self._tasks, self.dim)
         if not len(ids):
             return
+        self._limit_threads()
         with self._lock.write():
             first = self._indexes[self._tasks[0]]
             present = np.isin(ids, self._live_ids(self._tasks[0]))
@@ -274,6 +325,7 @@ class FaissStore:
 
     def remove(self, ids: np.ndarray) -> int:
         ids = np.unique(np.asarray(ids, dtype=np.int64))
+        self._limit_threads()
         with self._lock.write():
             present = ids[np.isin(ids, self._live_ids(self._tasks[0]))]
             if not len(present):
@@ -303,6 +355,7 @@ class FaissStore:
     # --- persistence ---------------------------------------------------------------------------------
 
     def save(self) -> Manifest:
+        self._limit_threads()
         with self._save_lock:
             if self.kind == "hnsw":
                 with self._lock.write():

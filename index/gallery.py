@@ -36,7 +36,7 @@ import numpy as np
 
 from index.generations import GenerationError, Manifest, write_durably
 from index.metadata import ItemRecord, Metadata, NewItem
-from index.store import SearchResult, VectorStore, open_store
+from index.store import SearchResult, VectorStore, as_ids, open_store
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +246,14 @@ class Gallery:
         labels equal the given values (e.g. ``{"Male": 1}``)."""
         allowed = None if not filter else self.metadata.matching(filter)
         return self.store.search(task, queries, k, allowed)
+
+    def vectors(self, ids: Sequence[int] | np.ndarray, task: str) -> np.ndarray:
+        """The stored (n, D) embeddings of ``ids`` under ``task``, row i for ``ids[i]`` (no re-embedding).
+
+        Raises ``UnknownTaskError`` for a task the gallery was not built for and ``UnknownIdError``
+        (naming them) for ids without vectors. Exact copies except for approximate stores that keep
+        compressed codes (faiss IVF-PQ), which return their decoded vectors."""
+        return self.store.get(task, as_ids(ids))
 
     def items(self, ids: Sequence[int] | np.ndarray) -> dict[int, ItemRecord]:
         return self.metadata.get(ids)

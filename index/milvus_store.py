@@ -16,11 +16,17 @@ What a generation means here: Milvus persists its own data (its write-ahead log,
 writes are durable once acknowledged, and a generation cannot roll Milvus back. ``save`` flushes every
 collection and then commits a generation (``index.generations``) whose only file, ``collections.json``,
 records the uri and collection names; its manifest records model hash, embedding size, metric and the count
-per task. ``load`` serves the newest manifest that verifies and matches the model (falling back as for
-faiss) and checks that every collection exists; counts may legitimately have moved on since the last save,
-so ``Gallery.verify`` compares them against the metadata rather than the manifest. Milvus does not apply
-one insert to several collections atomically: a crash inside ``add`` can leave an id in some tasks only,
-which ``Gallery`` repairs on open (see ``index.gallery``).
+per task. Opening a store loads every collection into memory (``load_collection``): collections of a
+Milvus Lite file opened by another process, or of a restarted cluster, start out released and refuse
+searches until loaded. ``load`` serves the newest manifest that verifies and matches the model (falling
+back as for faiss) and checks that every collection exists; counts may legitimately have moved on since
+the last save, so ``Gallery.verify`` compares them against the metadata rather than the manifest. With a
+Milvus Lite file ``save`` excludes searches while it flushes (Lite's flush is not isolated from a
+concurrent search, which can miss the rows being flushed). Milvus does not apply one insert to several
+collections atomically: a crash inside ``add`` can leave an id in some tasks only, which ``Gallery``
+repairs on open (see ``index.gallery``).
+
+``get`` (stored vectors by id) is Milvus' primary-key ``get`` with the ``vector`` field: exact copies.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ from index.rwlock import RWLock
 from index.store import (
     DuplicateIdError,
     SearchResult,
+    UnknownIdError,
+    as_ids,
     as_queries,
     check_add,
     check_task,
@@ -78,6 +86,7 @@ class MilvusStore:
         self._tasks = list(tasks)
         root.mkdir(parents=True, exist_ok=True)
         self.uri = uri or str(root / "gallery.db")
+        self.lite = self.uri.endswith(".db")  # pymilvus' own rule: a .db uri is a Milvus Lite file
         self.options: dict[str, Any] = {"collection_prefix": collection_prefix, "index_type": index_type}
         self.collections = {
             task: f"{collection_prefix}_{i:03d}_{re.sub(r'[^A-Za-z0-9_]', '_', task)}"[:255]
@@ -90,6 +99,9 @@ class MilvusStore:
         for collection in self.collections.values():
             if not self._client.has_collection(collection):
                 self._create(collection)
+            # A collection that exists from an earlier process (or a restarted server) starts released:
+            # searches, queries and gets fail until it is loaded. Loading a loaded collection is a no-op.
+            self._client.load_collection(collection)
 
     def _create(self, collection: str) -> None:
         from pymilvus import DataType, MilvusClient
@@ -134,6 +146,24 @@ class MilvusStore:
                 found += [int(r["id"]) for r in rows]
             iterator.close()
             return np.array(sorted(found), dtype=np.int64)
+
+    def get(self, task: str, ids: np.ndarray) -> np.ndarray:
+        check_task(task, self._tasks)
+        ids = as_ids(ids)
+        wanted = np.unique(ids)
+        rows: dict[int, list[float]] = {}
+        with self._lock.read():
+            for start in range(0, len(wanted), _CHUNK):
+                chunk = wanted[start : start + _CHUNK].tolist()
+                for row in self._client.get(self.collections[task], ids=chunk, output_fields=["vector"]):
+                    rows[int(row["id"])] = row["vector"]
+        missing = [i for i in wanted.tolist() if i not in rows]
+        if missing:
+            raise UnknownIdError(np.array(missing, dtype=np.int64), task)
+        vectors = np.empty((len(ids), self.dim), dtype=np.float32)
+        for position, i in enumerate(ids.tolist()):
+            vectors[position] = rows[i]
+        return vectors
 
     def search(
         self, task: str, queries: np.ndarray, k: int, filter: np.ndarray | None = None
@@ -197,7 +227,11 @@ class MilvusStore:
             return len(present)
 
     def save(self) -> Manifest:
-        with self._lock.read():
+        # Milvus Lite's flush is not isolated from searches that run meanwhile: one can miss the rows
+        # being flushed (tests/index/test_concurrency.py caught it). With a Lite file the save therefore
+        # excludes searches (it takes milliseconds there); a cluster's flush runs beside them.
+        lock = self._lock.write if self.lite else self._lock.read
+        with lock():
             for collection in self.collections.values():
                 self._client.flush(collection)
             self.manifest = self.generations.commit(

@@ -6,6 +6,10 @@ i.e. the cosine similarity. Searches answer ``k`` columns per query, best first;
 items qualify the row is padded with id ``-1`` and score ``-inf`` so that callers always get rectangular
 arrays.
 
+``get(task, ids)`` returns the stored vectors themselves, one row per requested id in the order asked
+(exact copies for the flat and HNSW kinds and Milvus; IVF-PQ keeps only compressed codes and returns
+their decoded approximation); an id not stored is an ``UnknownIdError`` naming it.
+
 ``filter`` is an array of allowed ids (the metadata resolves label filters such as ``{"Male": 1}`` to it);
 ``None`` means every id is allowed, an empty array means none is.
 
@@ -36,6 +40,16 @@ class UnknownTaskError(LookupError):
         self.task = task
 
 
+class UnknownIdError(LookupError):
+    """``get`` was asked for ids that are not stored; ``ids`` holds them (sorted, distinct)."""
+
+    def __init__(self, ids: np.ndarray, task: str) -> None:
+        self.ids = np.unique(np.asarray(ids, dtype=np.int64))
+        shown = ", ".join(str(int(i)) for i in self.ids[:10]) + (", …" if len(self.ids) > 10 else "")
+        super().__init__(f"{len(self.ids)} id(s) not stored under task {task!r}: {shown}")
+        self.task = task
+
+
 class DuplicateIdError(ValueError):
     """``add`` was given an id that is already stored (ids are never reused)."""
 
@@ -61,6 +75,11 @@ class VectorStore(Protocol):
 
     def ids(self, task: str) -> np.ndarray:
         """All ids stored for ``task``, sorted (int64)."""
+        ...
+
+    def get(self, task: str, ids: np.ndarray) -> np.ndarray:
+        """The stored (n, D) float32 vectors of ``ids`` under ``task``, row i for ``ids[i]``; raises
+        ``UnknownTaskError`` / ``UnknownIdError`` for a task or an id that is not stored."""
         ...
 
     def add(self, ids: np.ndarray, vectors_by_task: dict[str, np.ndarray]) -> None:
@@ -148,6 +167,14 @@ def check_add(
     for task, vectors in vectors_by_task.items():
         if vectors.shape != (len(ids), dim):
             raise ValueError(f"vectors for {task!r} have shape {vectors.shape}, expected {(len(ids), dim)}")
+
+
+def as_ids(ids: np.ndarray | Sequence[int]) -> np.ndarray:
+    """``ids`` as a 1-D int64 array (``get``'s argument, shared by every backend so they fail alike)."""
+    array = np.asarray(ids)
+    if array.ndim != 1 or (len(array) and not np.issubdtype(array.dtype, np.integer)):
+        raise ValueError(f"ids must be a 1-D integer array, got {array.dtype} of shape {array.shape}")
+    return array.astype(np.int64, copy=False)
 
 
 def as_queries(queries: np.ndarray, dim: int) -> np.ndarray:

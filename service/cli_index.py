@@ -1,8 +1,10 @@
 """``modret index``: build a gallery index from a trained run, describe it, verify it.
 
 - ``build --run RUN_DIR (--images DIR | --dataset NAME [--data-dir DIR]) --out INDEX_DIR
-  [--backend faiss|milvus] [--kind flat|hnsw|ivfpq]`` embeds every image under every task in one pass
-  (``index.build``) with a progress bar and writes one index per task plus the gallery metadata.
+  [--backend faiss|milvus] [--kind flat|hnsw|ivfpq] [--no-store-images]`` embeds every image under every
+  task in one pass (``index.build``) with a progress bar and writes one index per task plus the gallery
+  metadata and, unless ``--no-store-images``, a copy of each image's bytes (so that the service can show
+  them: ``GET /images/{id}/content``, the web UI's thumbnails; it never serves a file by its path).
 - ``info INDEX_DIR``: tasks, counts, model hash, sizes, the served generation.
 - ``verify INDEX_DIR [--run RUN_DIR]``: checksums, model match, every id present in every task; exits 1 on
   any problem.
@@ -44,6 +46,11 @@ def build(
     backend: str = typer.Option("faiss", "--backend", help="faiss or milvus."),
     kind: str = typer.Option("flat", "--kind", help="faiss index kind: flat (exact), hnsw or ivfpq."),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
+    store_images: bool = typer.Option(
+        True,
+        "--store-images/--no-store-images",
+        help="Keep each image's bytes in the gallery so the service can show them (off for huge galleries).",
+    ),
     device: str = typer.Option("auto", "--device", help="Torch device for embedding: auto, cpu, cuda."),
 ) -> None:
     """Embed a gallery under every task and write one index per task plus metadata."""
@@ -69,6 +76,7 @@ def build(
                 backend=backend,
                 store_options=options,
                 batch_size=batch_size,
+                store_images=store_images,
                 progress=bar.update,
             )
     except (FileExistsError, GalleryError, ValueError) as e:

@@ -1,9 +1,8 @@
 """A gallery item's stored embeddings, for ``?by_id=`` queries (no re-embedding).
 
-The store contract (``index.store.VectorStore``) has no "get vector by id" call yet, so the vector is read
-back through search: querying with the D unit vectors e_1…e_D, restricted to the one id, returns the
-inner products <e_d, v> = v[d], i.e. the vector itself. Exact for exact (flat) indexes; an approximate
-index that cannot find the item under a one-id filter yields 409 rather than a wrong vector.
+The vectors come straight from the store (``Gallery.vectors``): exact copies for exact indexes, the decoded
+approximation for an IVF-PQ index (re-normalised here, as queries always are). An item that has metadata
+but no vector under a task (removed meanwhile, or a store that a crash left behind) is 409.
 """
 
 from __future__ import annotations
@@ -13,26 +12,24 @@ from collections.abc import Sequence
 import numpy as np
 
 from index.gallery import Gallery
+from index.store import UnknownIdError
 from service.errors import ApiError
 
 
 def stored_vectors(gallery: Gallery, item_id: int, tasks: Sequence[str]) -> dict[str, np.ndarray]:
     if not gallery.items([item_id]):
         raise ApiError(404, "image_not_found", f"no gallery image with id {item_id}", {"id": item_id})
-    dim = gallery.embedding_dim
-    basis = np.eye(dim, dtype=np.float32)
-    allowed = np.array([item_id], dtype=np.int64)
     out: dict[str, np.ndarray] = {}
     for task in tasks:
-        found = gallery.store.search(task, basis, 1, allowed)
-        if not (found.ids[:, 0] == item_id).all():
+        try:
+            vector = gallery.vectors([item_id], task)[0]
+        except UnknownIdError:
             raise ApiError(
                 409,
                 "vector_unavailable",
-                f"the index cannot return the stored vector of image {item_id} under {task!r}",
+                f"the index holds no stored vector of image {item_id} under {task!r}",
                 {"id": item_id, "task": task},
-            )
-        vector = found.scores[:, 0].astype(np.float32)
+            ) from None
         norm = float(np.linalg.norm(vector))
         out[task] = vector / norm if norm > 0 else vector
     return out

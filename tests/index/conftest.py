@@ -9,10 +9,10 @@ and Milvus Lite (one database file per test module; each store gets its own coll
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pytest
@@ -56,17 +56,34 @@ def vectors_by_task(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     return {task: unit_vectors(rng, n) for task in TASKS}
 
 
+def end_process_state(milvus_uri: str) -> None:
+    """Drop what this process holds beyond the files, as a process exit would, so that a store opened next
+    sees only what a new process (a restarted service, ``modret index verify``) would see.
+
+    For faiss nothing survives but the files already. Milvus Lite runs its server inside the process that
+    first opened a ``.db`` file, one per file, kept until exit; stopping it makes the next client start a
+    fresh server over the same file, whose collections come up released, as they do in a new process."""
+    from milvus_lite.server_manager import server_manager_instance
+
+    server_manager_instance.release_server(milvus_uri)
+
+
 @pytest.fixture(scope="module")
 def milvus_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(tmp_path_factory.mktemp("milvus") / "gallery.db")
 
 
+class MakeStore(Protocol):
+    def __call__(self, case: BackendCase, tasks: Sequence[str] = TASKS) -> StoreFactory: ...
+
+
 @pytest.fixture
-def make_store_for(tmp_path: Path, milvus_uri: str) -> Iterator[Callable[[BackendCase], StoreFactory]]:
-    """``make_store_for(case)`` returns a factory; each call of the factory opens the same store anew."""
+def make_store_for(tmp_path: Path, milvus_uri: str) -> Iterator[MakeStore]:
+    """``make_store_for(case)`` returns a factory; each call of the factory opens the same store anew.
+    ``tasks`` defaults to ``TASKS``."""
     opened: list[VectorStore] = []
 
-    def for_case(case: BackendCase) -> StoreFactory:
+    def for_case(case: BackendCase, tasks: Sequence[str] = TASKS) -> StoreFactory:
         root = tmp_path / f"store-{next(_prefixes)}"
         options = dict(case.options)
         if case.backend == "milvus":
@@ -74,7 +91,7 @@ def make_store_for(tmp_path: Path, milvus_uri: str) -> Iterator[Callable[[Backen
 
         def make() -> VectorStore:
             store = open_store(
-                case.backend, root, tasks=TASKS, dim=DIM, model_hash=MODEL_HASH, options=options
+                case.backend, root, tasks=tasks, dim=DIM, model_hash=MODEL_HASH, options=options
             )
             opened.append(store)
             return store

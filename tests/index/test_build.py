@@ -11,6 +11,7 @@ from PIL import Image
 
 from index.build import build_gallery, dataset_source, embed_images, folder_source
 from index.gallery import Gallery
+from index.metadata import content_hash
 from model.network import ModelConfig, create_model
 from model.run import LoadedRun, load_run, save_run
 
@@ -64,6 +65,8 @@ def test_build_from_folder_dedupes_and_skips_unreadable(tiny_run: LoadedRun, tmp
     assert gallery.info().counts == {task: 7 for task in TASKS}
     record = gallery.items([7])[7]  # ids follow sorted file order: 0.png is 1
     assert (record.source, record.width, record.height) == ("6.png", 24, 26)
+    blob = gallery.blob_path(record)  # the file's own bytes, kept in the gallery (never served by path)
+    assert blob is not None and blob.read_bytes() == (folder / "6.png").read_bytes()
     assert gallery.verify(tiny_run.model_hash).ok
     gallery.close()
     with pytest.raises(FileExistsError, match="not empty"):
@@ -84,4 +87,61 @@ def test_build_from_dataset_keeps_labels(tiny_run: LoadedRun, tmp_path: Path) ->
     )
     result = gallery.search(TASKS[0], query[:, 0], 3, {name: value})
     assert result.ids[0, 0] == 1 and result.scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+    gallery.close()
+
+
+def test_build_from_dataset_keeps_image_bytes(tiny_run: LoadedRun, tmp_path: Path) -> None:
+    """Generated images are kept as PNG (hash = the PNG's), so the service can show every item."""
+    build_gallery(tiny_run, dataset_source("synthfaces", image_size=32, num_images=6), tmp_path / "index")
+    gallery = Gallery.open(tmp_path / "index", read_only=True)
+    faces = list(dataset_source("synthfaces", image_size=32, num_images=6).items)
+    records = gallery.items(gallery.metadata.ids())
+    assert len(records) == 6
+    for face, record in zip(faces, records.values(), strict=True):
+        blob = gallery.blob_path(record)
+        assert blob is not None and blob.name == record.content_hash
+        data = blob.read_bytes()
+        assert data.startswith(b"\x89PNG") and content_hash(data) == record.content_hash
+        with Image.open(blob) as image:
+            assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(face.image))
+    assert "6 blobs present" in gallery.verify().checked
+    gallery.close()
+
+
+def test_build_from_a_dataset_of_files_keeps_the_files(tiny_run: LoadedRun, tmp_path: Path) -> None:
+    """A dataset that reads files keeps each file's bytes; a format browsers cannot show becomes PNG."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 255, (24, 20, 3), dtype=np.uint8)) for _ in range(3)]
+    images[0].save(data_dir / "a.jpg", quality=90)
+    images[1].save(data_dir / "b.png")
+    images[2].save(data_dir / "c.tif")
+    (data_dir / "labels.csv").write_text("filename,Smiling\na.jpg,1\nb.png,0\nc.tif,1\n")
+    build_gallery(tiny_run, dataset_source("folder", data_dir), tmp_path / "index")
+    gallery = Gallery.open(tmp_path / "index", read_only=True)
+    by_source = {r.source: r for r in gallery.items(gallery.metadata.ids()).values()}
+    assert sorted(by_source) == ["a.jpg", "b.png", "c.tif"]
+    for name in ("a.jpg", "b.png"):
+        blob = gallery.blob_path(by_source[name])
+        assert blob is not None and blob.read_bytes() == (data_dir / name).read_bytes()
+    tiff = gallery.blob_path(by_source["c.tif"])
+    assert tiff is not None and tiff.read_bytes().startswith(b"\x89PNG")
+    with Image.open(tiff) as image:
+        assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(images[2]))
+    assert by_source["a.jpg"].labels == {"Smiling": 1}
+    gallery.close()
+
+
+def test_build_without_image_bytes(tiny_run: LoadedRun, tmp_path: Path) -> None:
+    source = dataset_source("synthfaces", image_size=32, num_images=4)
+    report = build_gallery(tiny_run, source, tmp_path / "index", store_images=False)
+    assert report.added == 4
+    gallery = Gallery.open(tmp_path / "index", read_only=True)
+    records = gallery.items(gallery.metadata.ids()).values()
+    assert all(gallery.blob_path(r) is None for r in records)
+    assert not (tmp_path / "index" / "blobs").exists()
+    # The same content hashes as a build that keeps the bytes: an upload of a served image is a duplicate.
+    faces = dataset_source("synthfaces", image_size=32, num_images=4).items
+    assert [r.content_hash for r in records] == [content_hash(f.data) for f in faces]
     gallery.close()

@@ -8,9 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index.gallery import Gallery, GalleryError
+from index.gallery import STORE_DIR, Gallery, GalleryError
 from index.metadata import NewItem, UnknownLabelError, content_hash
-from tests.index.conftest import DIM, MODEL_HASH, TASKS, unit_vectors
+from index.store import UnknownIdError
+from tests.index.conftest import (
+    BACKEND_CASES,
+    DIM,
+    MODEL_HASH,
+    TASKS,
+    BackendCase,
+    end_process_state,
+    unit_vectors,
+)
 
 
 def item(n: int, male: int, upload: bool = False) -> NewItem:
@@ -142,3 +151,58 @@ def test_milvus_gallery(tmp_path: Path) -> None:
     assert set(result.ids[result.ids >= 0].tolist()) == {ids[i] for i in range(6) if i % 2}
     assert reopened.verify(MODEL_HASH).ok
     reopened.close()
+
+
+def test_a_blob_given_for_known_content_is_kept(tmp_path: Path) -> None:
+    gallery = create(tmp_path)
+    [first] = gallery.add([item(1, 0)], vectors(1))  # built without its bytes
+    assert gallery.blob_path(gallery.items([first])[first]) is None
+    assert gallery.add([item(1, 0, upload=True)], vectors(1, seed=1)) == [first]  # the same image, uploaded
+    blob = gallery.blob_path(gallery.items([first])[first])
+    assert blob is not None and blob.read_bytes() == b"image bytes 1"
+    gallery.close()
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES, ids=[c.name for c in BACKEND_CASES])
+def test_reopened_in_a_fresh_process(case: BackendCase, tmp_path: Path) -> None:
+    """A gallery built, saved and closed, then opened by a new process (a restarted service; ``modret
+    index verify`` beside it): search, stored vectors and verify work, read-only and for writing."""
+    gallery = Gallery.create(
+        tmp_path,
+        tasks=TASKS,
+        dim=DIM,
+        model_hash=MODEL_HASH,
+        backend=case.backend,
+        store_options=case.options,
+    )
+    added = vectors(20)  # IVF-PQ trains on its first add: at least 16 vectors
+    ids = gallery.add([item(i, male=i % 2, upload=i < 3) for i in range(20)], added)
+    gallery.remove([ids[5]])
+    gallery.save()
+    gallery.close()
+    kept = [i for i in range(20) if i != 5]
+    for read_only in (True, False):
+        end_process_state(str(tmp_path / STORE_DIR / "gallery.db"))  # Milvus Lite's file in the gallery
+        reopened = Gallery.open(tmp_path, model_hash=MODEL_HASH, read_only=read_only)
+        assert reopened.repairs == []
+        report = reopened.verify(MODEL_HASH)
+        assert report.ok, report.problems
+        for t, task in enumerate(TASKS):
+            result = reopened.search(task, added[kept, t], 1)
+            if case.exact:
+                assert result.ids[:, 0].tolist() == [ids[i] for i in kept]
+            else:
+                assert set(result.ids[:, 0].tolist()) <= {ids[i] for i in kept}
+            stored = reopened.vectors([ids[i] for i in kept], task)
+            assert stored.shape == (len(kept), DIM)
+            if case.exact:
+                np.testing.assert_allclose(stored, added[kept, t], atol=1e-6)
+        with pytest.raises(UnknownIdError, match=rf"not stored under task 'Smiling': {ids[5]}"):
+            reopened.vectors([ids[5]], "Smiling")
+        males = reopened.search("Eyeglasses", added[:1, 1], 20, {"Male": 1})
+        assert set(males.ids[males.ids >= 0].tolist()) <= {ids[i] for i in kept if i % 2}
+        if not read_only:  # and it takes writes
+            [new_id] = reopened.add([item(30, 1)], vectors(1, seed=4))
+            assert new_id in reopened.store.ids("Eyeglasses").tolist()
+            assert reopened.vectors([new_id], "Eyeglasses").shape == (1, DIM)
+        reopened.close()

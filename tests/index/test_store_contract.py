@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from index.store import DuplicateIdError, UnknownTaskError, VectorStore
+from index.store import DuplicateIdError, UnknownIdError, UnknownTaskError, VectorStore
 from tests.index.conftest import (
     BACKEND_CASES,
     DIM,
@@ -17,6 +17,7 @@ from tests.index.conftest import (
     Oracle,
     StoreFactory,
     assert_matches_oracle,
+    end_process_state,
     unit_vectors,
     vectors_by_task,
 )
@@ -85,6 +86,56 @@ def test_save_load_round_trip(case: BackendCase, factory: StoreFactory) -> None:
     np.testing.assert_array_equal(after.ids, before.ids)
     np.testing.assert_allclose(after.scores, before.scores, atol=1e-6)
     check_search(case, reopened, oracle, "Eyeglasses", queries, 7)
+
+
+def check_get(case: BackendCase, store: VectorStore, oracle: Oracle, task: str, ids: np.ndarray) -> None:
+    got = store.get(task, ids)
+    assert got.shape == (len(ids), DIM) and got.dtype == np.float32
+    want = np.stack([oracle.vectors[int(i)][task] for i in ids]) if len(ids) else got
+    if case.exact:
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    elif len(ids):  # IVF-PQ decodes its compressed codes: close to the vector added, not equal
+        cosine = np.sum(got * want, axis=1) / np.linalg.norm(got, axis=1)
+        assert cosine.min() > 0.75 and cosine.mean() > 0.9, cosine
+
+
+def test_get_returns_the_stored_vectors(case: BackendCase, factory: StoreFactory) -> None:
+    store, oracle, _ = filled(factory)
+    asked = np.array([139, 100, 117, 100, 120], dtype=np.int64)  # any order, repeats allowed
+    for task in TASKS:
+        check_get(case, store, oracle, task, asked)
+    check_get(case, store, oracle, "Smiling", np.array([], dtype=np.int64))
+    store.remove(np.array([117, 118]))
+    oracle.remove(np.array([117, 118]))
+    with pytest.raises(UnknownIdError, match=r"2 id\(s\) not stored under task 'Eyeglasses': 117, 5000") as e:
+        store.get("Eyeglasses", np.array([100, 5000, 117, 139], dtype=np.int64))
+    assert e.value.ids.tolist() == [117, 5000]
+    with pytest.raises(UnknownTaskError, match="unknown task 'Bald'"):
+        store.get("Bald", np.array([100]))
+    with pytest.raises(ValueError, match="1-D integer"):
+        store.get("Smiling", np.array([[100]]))
+    check_get(case, store, oracle, "Eyeglasses", oracle.ids())
+
+
+def test_reopened_in_a_fresh_process(case: BackendCase, factory: StoreFactory, milvus_uri: str) -> None:
+    """What a restarted service sees: only the saved files (and, for Milvus, the database file)."""
+    store, oracle, rng = filled(factory)
+    store.remove(np.array([101, 130]))
+    oracle.remove(np.array([101, 130]))
+    manifest = store.save()
+    store.close()
+    end_process_state(milvus_uri)
+    reopened = factory()
+    assert reopened.manifest is not None and reopened.manifest.generation == manifest.generation
+    for task in TASKS:
+        assert reopened.count(task) == N - 2
+        np.testing.assert_array_equal(reopened.ids(task), oracle.ids())
+        check_search(case, reopened, oracle, task, unit_vectors(rng, 3), 5)
+        check_get(case, reopened, oracle, task, oracle.ids()[::7])
+    more = vectors_by_task(rng, 2)
+    reopened.add(np.array([500, 501], dtype=np.int64), more)
+    oracle.add(np.array([500, 501], dtype=np.int64), more)
+    check_search(case, reopened, oracle, "Smiling", more["Smiling"], 3)
 
 
 def test_ids_stable_after_deletes(case: BackendCase, factory: StoreFactory) -> None:

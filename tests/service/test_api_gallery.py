@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
+from index.build import build_gallery, dataset_source
 from index.gallery import Gallery
-from tests.service.fixtures import error_of, face, running_server, settings_for
+from model.run import load_run
+from tests.service.fixtures import IMAGE_SIZE, encode, error_of, face, running_server, settings_for
 
 
 def test_add_read_list_delete_and_persist(run_dir: Path, index_dir: Path) -> None:
@@ -87,3 +93,21 @@ def test_bad_gallery_uploads(run_dir: Path, index_dir: Path) -> None:
         assert client.get("/images").json()["total"] == 24
         assert client.get("/images/999999").status_code == 404
         assert client.get("/images", params={"limit": 0}).status_code == 422
+
+
+def test_a_dataset_built_gallery_serves_its_images(run_dir: Path, tmp_path: Path) -> None:
+    """``modret index build --dataset`` (as the demo builds its gallery) keeps the images' bytes: search
+    results link them and ``/images/{id}/content`` serves them."""
+    source = dataset_source("synthfaces", image_size=IMAGE_SIZE, num_images=8)
+    build_gallery(load_run(run_dir), source, tmp_path / "index")
+    faces = [item.image for item in dataset_source("synthfaces", image_size=IMAGE_SIZE, num_images=8).items]
+    with running_server(settings_for(run_dir, tmp_path / "index")) as server, server.client() as client:
+        found = client.post("/search", params={"task": "Smiling", "k": 3}, files={"image": encode(faces[4])})
+        assert found.status_code == 200, found.text
+        best = found.json()["results"][0]
+        assert best["id"] == 5 and best["image_url"] == "/images/5/content"
+        content = client.get(best["image_url"])
+        assert content.status_code == 200 and content.headers["content-type"] == "image/png"
+        with Image.open(io.BytesIO(content.content)) as image:
+            assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(faces[4]))
+        assert client.get("/images/1").json()["image_url"] == "/images/1/content"
