@@ -150,6 +150,9 @@ def stale_index_reason(index_dir: Path, run: LoadedRun, backend: str) -> str | N
             return "; ".join(report.problems[:3])
         if gallery.metadata.count() == 0:
             return f"{index_dir} is empty"
+        first = gallery.metadata.get(gallery.metadata.ids()[:1])
+        if not all(record.has_blob for record in first.values()):
+            return f"{index_dir} keeps no image bytes (built by an older version): the web UI needs them"
     except Exception as e:  # a damaged store or database: rebuilding is the remedy
         return f"{index_dir} cannot be checked ({e})"
     finally:

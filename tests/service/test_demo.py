@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -156,6 +157,10 @@ def test_demo_trains_serves_then_reuses_its_cache(tmp_path: Path) -> None:
     assert any("rebuilding" in line for line in said), said
     assert demo.stale_index_reason(paths.index_dir, run, "faiss") is None
     assert not [p for p in paths.index_dir.parent.iterdir() if p.name.startswith(".")]  # no leftovers
+
+    with sqlite3.connect(paths.index_dir / "gallery.sqlite") as db:  # as built before images were kept
+        db.execute("UPDATE items SET has_blob = 0")
+    assert "image bytes" in (demo.stale_index_reason(paths.index_dir, run, "faiss") or "")
 
 
 def test_incomplete_run_is_not_reused(tmp_path: Path) -> None:
