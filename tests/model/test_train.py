@@ -59,19 +59,24 @@ def test_training_learns_easy_attributes(tmp_path):
     assert metrics["test"]["mean"]["triplet_accuracy"] > 0.8, metrics["test"]
 
 
-def _train_in_subprocess(out: Path, cfg: TrainConfig) -> subprocess.Popen[bytes]:
+def _train_in_subprocess(out: Path, cfg: TrainConfig, resume: bool = False) -> subprocess.Popen[bytes]:
+    # Every run of this test trains in a fresh process: in-process state left by other tests (OpenMP
+    # thread counts set by faiss, say) changes float reduction order and so the weights.
     code = (
-        "import sys, json; from pathlib import Path; from model.train import TrainConfig, train; "
-        "train(TrainConfig.from_dict(json.loads(sys.argv[1])), Path(sys.argv[2]), progress=False)"
+        "import sys, json; from pathlib import Path; import torch; "
+        "from model.train import TrainConfig, train; torch.use_deterministic_algorithms(True); "
+        "train(TrainConfig.from_dict(json.loads(sys.argv[1])), Path(sys.argv[2]), resume=sys.argv[3] == '1', "
+        "progress=False)"
     )
-    return subprocess.Popen([sys.executable, "-c", code, json.dumps(cfg.to_dict()), str(out)])
+    return subprocess.Popen(
+        [sys.executable, "-c", code, json.dumps(cfg.to_dict()), str(out), str(int(resume))]
+    )
 
 
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path):
-    torch.use_deterministic_algorithms(True)
     # 12 steps, 3 per epoch (150 images * 0.8 / (3 tasks * 12 triplets)) -> checkpoints at 3, 6, 9, 12
     cfg = tiny_config(steps=12, per_task=12)
-    train(cfg, tmp_path / "straight", progress=False)
+    assert _train_in_subprocess(tmp_path / "straight", cfg).wait() == 0
 
     killed = tmp_path / "killed"
     proc = _train_in_subprocess(killed, cfg)
@@ -83,12 +88,14 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path):
     assert (killed / CHECKPOINT).exists()
     resumed = resume_config(killed, None, None)
     assert resumed == cfg
-    train(resumed, killed, resume=True, progress=False)
+    assert _train_in_subprocess(killed, resumed, resume=True).wait() == 0
 
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(killed / "model.safetensors"))
     for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(
+            a[name], b[name], atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
