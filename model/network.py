@@ -26,8 +26,10 @@ from torch import Tensor, nn
 
 Arch = Literal["modulated", "shared", "mask", "independent"]
 ModulationKind = Literal["vector", "matrix"]
+ModulationInit = Literal["identity", "routing"]
 ARCHS: tuple[Arch, ...] = ("modulated", "shared", "mask", "independent")
 MODULATIONS: tuple[ModulationKind, ...] = ("vector", "matrix")
+MODULATION_INITS: tuple[ModulationInit, ...] = ("identity", "routing")
 EMB = "emb"
 
 
@@ -35,12 +37,27 @@ EMB = "emb"
 # Modulation modules
 
 
-class VectorModulation(nn.Module):
-    """Per-task channel factors ``y = x * relu(m[task])``, initialised to ones (the official code)."""
+def _routing(num_tasks: int, channels: int) -> Tensor:
+    """A random half of the channels per task, as 0/1 factors: the ``routing`` initialisation.
 
-    def __init__(self, num_tasks: int, channels: int) -> None:
+    Starting every task on the same features (all ones) lets the tasks whose cues are easiest claim the
+    shared features in the first steps; the others then see only those tasks' information, and the
+    triplet loss, which is smallest for an uninformative embedding when it collapses, never recovers
+    their own cue. Random per-task routes (Strezoski et al., "Many Task Learning with Task Routing",
+    ICCV 2019) give every task features of its own from step one. A 0 factor has no gradient through
+    the ReLU, so the routes are fixed and the kept factors are learned.
+    """
+    return (torch.rand(num_tasks, channels) < 0.5).float()
+
+
+class VectorModulation(nn.Module):
+    """Per-task channel factors ``y = x * relu(m[task])``, initialised to ones (the official code) or to
+    random 0/1 routes."""
+
+    def __init__(self, num_tasks: int, channels: int, init: ModulationInit = "identity") -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(num_tasks, channels))
+        start = _routing(num_tasks, channels) if init == "routing" else torch.ones(num_tasks, channels)
+        self.weight = nn.Parameter(start)
 
     def forward(self, x: Tensor, task_ids: Tensor) -> Tensor:
         # A gather of (B, C) factors: every row of a mixed-task batch gets its own task's vector.
@@ -50,16 +67,20 @@ class VectorModulation(nn.Module):
 
 class MatrixModulation(nn.Module):
     """Per-task C×C projection ``x' = x W_t`` at every position (a bias-free 1×1 conv per task),
-    initialised to identity (the paper's general form).
+    initialised to identity (the paper's general form) or to a diagonal of random 0/1 routes.
 
     Rows are grouped by task and padded to the largest group so that all groups run in ONE batched
     matmul: a per-sample C×C matrix is never materialised (1 MiB per sample at 512 channels), and there
     is no Python loop of small launches over task groups.
     """
 
-    def __init__(self, num_tasks: int, channels: int) -> None:
+    def __init__(self, num_tasks: int, channels: int, init: ModulationInit = "identity") -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.eye(channels).repeat(num_tasks, 1, 1))
+        if init == "routing":
+            start = torch.diag_embed(_routing(num_tasks, channels))  # (T, C) -> (T, C, C)
+        else:
+            start = torch.eye(channels).repeat(num_tasks, 1, 1)
+        self.weight = nn.Parameter(start)
 
     def forward(self, x: Tensor, task_ids: Tensor) -> Tensor:
         batch, channels = x.shape[:2]
@@ -215,16 +236,20 @@ class Trunk(nn.Module):
         embedding_dim: int,
         modulate: Sequence[str],
         modulation: ModulationKind,
+        init: ModulationInit = "identity",
     ) -> None:
         super().__init__()
         module = MODULATION_MODULES[modulation]
         self.stem = backbone.stem
         self.stages = nn.ModuleList(backbone.stages)
         self.fc = nn.Linear(backbone.channels[-1], embedding_dim)
+        # Post-ReLU pooled features share a large positive mean, so without centring every image embeds
+        # near one direction and triplet distances start near 0, where the loss has almost no gradient.
+        self.neck = nn.BatchNorm1d(embedding_dim)
         self.modulations = nn.ModuleDict()
         for place in modulate:
             width = embedding_dim if place == EMB else backbone.channels[int(place) - 1]
-            self.modulations[place] = module(num_tasks, width)
+            self.modulations[place] = module(num_tasks, width, init)
         stage_places = [int(p) - 1 for p in modulate if p != EMB]
         # Stages before the first modulated one are task-independent: embed_all_tasks runs them once.
         self.first_conditioned = min(stage_places, default=len(self.stages))
@@ -240,7 +265,7 @@ class Trunk(nn.Module):
         return self.forward_stages(self.stem(x), task_ids)  # (B, 3, H, W) -> (B, C, h, w)
 
     def pool(self, features: Tensor) -> Tensor:
-        return self.fc(features.mean(dim=(2, 3)))  # (B, C, h, w) -> (B, D)
+        return self.neck(self.fc(features.mean(dim=(2, 3))))  # (B, C, h, w) -> (B, D)
 
     def forward_head(self, features: Tensor, task_ids: Tensor) -> Tensor:
         return self.finish(self.pool(features), task_ids)
@@ -283,6 +308,7 @@ class MultiTaskEmbedder(nn.Module):
                 config.embedding_dim,
                 config.resolved_modulate,
                 config.modulation,
+                config.modulation_init,
             )
             for _ in range(copies)
         )
@@ -355,6 +381,7 @@ class ModelConfig:
     task_names: list[str]
     arch: Arch = "modulated"
     modulation: ModulationKind = "vector"
+    modulation_init: ModulationInit = "identity"  # "routing": random 0/1 per-task routes
     backbone: str = "resnet18"
     width: int | None = None  # None: the backbone's usual width
     image_size: int = 64
@@ -370,6 +397,11 @@ class ModelConfig:
         if self.modulation not in MODULATIONS:
             raise ValueError(
                 f"unknown modulation {self.modulation!r}; choose one of {', '.join(MODULATIONS)}"
+            )
+        if self.modulation_init not in MODULATION_INITS:
+            raise ValueError(
+                f"unknown modulation init {self.modulation_init!r}; "
+                f"choose one of {', '.join(MODULATION_INITS)}"
             )
         if self.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")

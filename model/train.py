@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +25,7 @@ from model.data import load_dataset
 from model.data.base import UNKNOWN, AttributeDataset
 from model.data.triplets import Triplets, TripletSampler, fixed_triplets
 from model.evaluate import evaluate, triplet_accuracy
-from model.network import Arch, ModelConfig, ModulationKind, MultiTaskEmbedder, create_model
+from model.network import Arch, ModelConfig, ModulationInit, ModulationKind, MultiTaskEmbedder, create_model
 from model.preprocess import Preprocess, materialize
 from model.run import METRICS, RunError, atomic_write, resolve_device, save_run, write_json
 
@@ -61,6 +62,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     arch: Arch = "modulated"
     modulation: ModulationKind = "vector"
+    modulation_init: ModulationInit = "identity"
     backbone: str = "resnet18"
     width: int | None = None
     image_size: int = 64
@@ -76,6 +78,7 @@ class TrainConfig:
     mining: Mining = "all-tasks"
     optimizer: Literal["adamw", "adagrad"] = "adamw"
     lr: float | None = None  # None: 1e-3 for AdamW, 0.01 for Adagrad (the official code)
+    warmup: float = 0.25  # fraction of the steps over which the lr ramps up linearly, then cosine decay
     weight_decay: float = 1e-4
     seed: int = 0
     device: str = "auto"
@@ -86,6 +89,7 @@ class TrainConfig:
             task_names=task_names,
             arch=self.arch,
             modulation=self.modulation,
+            modulation_init=self.modulation_init,
             backbone=self.backbone,
             width=self.width,
             image_size=self.image_size,
@@ -164,6 +168,21 @@ def _mined_loss(
     return batch_all_triplet_loss(grouped, values, cfg.margin), len(items)
 
 
+def lr_factor(total_steps: int, warmup: float) -> Callable[[int], float]:
+    """The lr multiplier at each step: a linear ramp over ``warmup`` of the steps, then cosine to 0.
+
+    Without the ramp, full-size first steps let the tasks with the easiest cues claim the shared
+    features before the others have any signal (see ``model.network._routing``).
+    """
+    ramp = max(1, round(warmup * total_steps))
+
+    def factor(step: int) -> float:
+        cosine = 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        return min(1.0, (step + 1) / ramp) * cosine
+
+    return factor
+
+
 def triplet_batch(triplets: Triplets) -> tuple[np.ndarray, np.ndarray]:
     """Dataset indices and task ids of a triplet batch laid out as [anchors; positives; negatives]."""
     items = np.concatenate([triplets.anchor, triplets.positive, triplets.negative])
@@ -211,7 +230,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
     val_idx = dataset.split_indices("val", cfg.data.seed)
     steps_per_epoch = max(1, math.ceil(len(train_idx) / (len(task_names) * cfg.per_task)))
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(total_steps, cfg.warmup))
     history: list[dict[str, Any]] = []
     step = 0
     checkpoint_path = out / CHECKPOINT
@@ -219,8 +238,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scheduler.T_max = total_steps
+        scheduler.load_state_dict(state["scheduler"])  # the step count; the factor follows the new budget
         step, history = state["step"], state["history"]
         torch.set_rng_state(state["torch_rng"])
 

@@ -77,7 +77,7 @@ _CIRCLE: Final = np.exp(1j * np.linspace(0.0, 2 * math.pi, 24, endpoint=False))
 _RAMP_DIRECTIONS: Final = 24
 _BROW_X: Final = np.array([0.16, 0.27, 0.38, 0.49, 0.6])
 _MOUSTACHE_X: Final = np.linspace(-0.38, 0.38, 7)
-_MOUTH_X: Final = np.linspace(-0.32, 0.32, 9)
+_MOUTH_X: Final = np.linspace(-0.38, 0.38, 9)
 
 
 def sample_labels(seed: int, index: int) -> dict[str, int]:
@@ -146,9 +146,9 @@ def _ramps(size: int) -> tuple[Image.Image, ...]:
 
 
 def _draw_face(pen: _Pen, rng: np.random.Generator, labels: dict[str, int]) -> None:
-    frx, fry = (0.86, 1.28) if labels["Oval_Face"] else (1.0, 1.04)
+    frx, fry = (0.8, 1.3) if labels["Oval_Face"] else (1.0, 1.0)
     skin = _jitter(rng, _PALE_SKIN if labels["Pale_Skin"] else _OTHER_SKINS[rng.integers(5)], 8)
-    shade = tuple(int(c * 0.62) for c in skin)
+    shade = tuple(int(c * 0.45) for c in skin)
     shown = [colour for name, colour in _HAIR.items() if labels[name]]  # empty when bald
     hair = _jitter(rng, shown[0], 12) if shown else None
     dark = _jitter(rng, (35, 25, 25), 15)
@@ -169,15 +169,15 @@ def _draw_face(pen: _Pen, rng: np.random.Generator, labels: dict[str, int]) -> N
         pen.ellipse(side * 0.38, -0.12, 0.12, 0.08, dark)
         x = side * _BROW_X
         arched = labels["Arched_Eyebrows"]
-        lift = 0.13 * (1 - ((x - side * 0.38) / 0.22) ** 2) if arched else np.zeros_like(x)
-        pen.line(x + 1j * (-0.35 - lift), 0.09, dark)
+        lift = 0.25 * (1 - ((x - side * 0.38) / 0.22) ** 2) if arched else np.zeros_like(x)
+        pen.line(x + 1j * (-0.35 - lift), 0.11, dark)
     if labels["Eyeglasses"]:
         frame = _jitter(rng, (20, 20, 30), 20)
         pen.ring(-0.38, -0.12, 0.25, 0.08, frame)
         pen.ring(0.38, -0.12, 0.25, 0.08, frame)
         pen.line(np.array([-0.13 - 0.14j, 0.13 - 0.14j]), 0.08, frame)
 
-    half, low = (0.22, 0.42) if labels["Big_Nose"] else (0.09, 0.26)
+    half, low = (0.34, 0.54) if labels["Big_Nose"] else (0.06, 0.18)
     pen.polygon(np.array([0.0 - 0.04j, half + 1j * low, -half + 1j * low]), shade)
     if labels["Mustache"]:
         x = _MOUSTACHE_X
@@ -188,16 +188,16 @@ def _draw_face(pen: _Pen, rng: np.random.Generator, labels: dict[str, int]) -> N
 
 def _draw_mouth(pen: _Pen, labels: dict[str, int], rng: np.random.Generator) -> None:
     x = _MOUTH_X
-    bend = 0.2 * (1 - (x / 0.32) ** 2)  # corners up (y grows downwards) when smiling
+    bend = 0.5 * (1 - (x / 0.38) ** 2)  # corners up (y grows downwards) when smiling
     lips = _jitter(rng, (150, 45, 55), 20)
     if labels["Mouth_Slightly_Open"]:
         inside = _jitter(rng, (70, 10, 20), 10)
         if labels["Smiling"]:
             pen.polygon(np.concatenate([x + 0.68j, x[::-1] + 1j * (0.68 + bend[::-1])]), inside)
         else:
-            pen.ellipse(0.0, 0.76, 0.2, 0.13, inside)
+            pen.ellipse(0.0, 0.76, 0.24, 0.16, inside)
     else:
-        pen.line(x + 1j * (0.68 + (bend if labels["Smiling"] else np.zeros_like(x))), 0.1, lips)
+        pen.line(x + 1j * (0.68 + (bend if labels["Smiling"] else np.zeros_like(x))), 0.13, lips)
 
 
 def render_face(seed: int, index: int, image_size: int) -> tuple[Image.Image, dict[str, int]]:
@@ -206,9 +206,9 @@ def render_face(seed: int, index: int, image_size: int) -> tuple[Image.Image, di
     labels = _labels(rng)
     big = image_size * _SUPERSAMPLE
     canvas = _background(rng, big)
-    unit = big * rng.uniform(0.21, 0.26)
-    centre = complex(*(big * (0.5 + rng.uniform(-0.06, 0.06, 2))))
-    centre += 0.2j * unit  # the hat and hair reach further above the face centre than the chin below
+    unit = big * rng.uniform(0.28, 0.32)
+    centre = complex(*(big * (0.5 + rng.uniform(-0.04, 0.04, 2))))
+    centre += 0.3j * unit  # the hat and hair reach further above the face centre than the chin below
     pen = _Pen(ImageDraw.Draw(canvas), centre, unit, math.radians(rng.uniform(-12, 12)))
     _draw_face(pen, rng, labels)
     pixels = np.asarray(canvas.reduce(_SUPERSAMPLE), dtype=np.int16)

@@ -8,6 +8,7 @@ import torch
 from model.network import (
     ARCHS,
     BACKBONES,
+    MODULATION_INITS,
     MODULATIONS,
     MatrixModulation,
     ModelConfig,
@@ -102,6 +103,44 @@ def test_matrix_modulation_matches_a_per_sample_projection(shape):
     out.sum().backward()
     assert x.grad is not None and module.weight.grad is not None
     assert module.weight.grad[1].abs().sum() == 0, "a task absent from the batch gets no gradient"
+
+
+@pytest.mark.parametrize("modulation", MODULATIONS)
+def test_routing_init_gives_each_task_a_fixed_random_half_of_the_channels(modulation):
+    torch.manual_seed(3)
+    module = (VectorModulation if modulation == "vector" else MatrixModulation)(12, 256, "routing")
+    factors = module.weight if modulation == "vector" else torch.diagonal(module.weight, dim1=1, dim2=2)
+    if modulation == "matrix":  # off the diagonal: zero
+        assert torch.count_nonzero(module.weight).item() == torch.count_nonzero(factors).item()
+    assert set(factors.unique().tolist()) == {0.0, 1.0}
+    share = factors.mean(dim=1)
+    assert ((share > 0.35) & (share < 0.65)).all(), share
+    overlap = (factors[0] * factors[1]).sum() / factors[0].sum()
+    assert 0.25 < overlap.item() < 0.75, "routes are independent draws, not one shared mask"
+    x = torch.randn(12, 256, requires_grad=True)
+    module(x, torch.arange(12)).sum().backward()
+    assert module.weight.grad is not None
+    if modulation == "vector":  # a closed route gets no gradient through the ReLU: it stays closed
+        assert (module.weight.grad[factors == 0] == 0).all()
+        assert (module.weight.grad[factors == 1] != 0).all()
+
+
+@pytest.mark.parametrize("modulation", MODULATIONS)
+def test_routing_init_embeds_tasks_differently_from_the_first_step(modulation, batch):
+    images, _ = batch
+    model = tiny("modulated", modulation, modulate=["1", "2", "3", "4", "emb"], modulation_init="routing")
+    every = model.embed_all_tasks(images)  # (B, T, D)
+    for a in range(len(TASKS)):
+        for b in range(a + 1, len(TASKS)):
+            assert not torch.allclose(every[:, a], every[:, b], atol=1e-3)
+    again = tiny("modulated", modulation, modulate=["1", "2", "3", "4", "emb"], modulation_init="routing")
+    torch.testing.assert_close(again.embed_all_tasks(images), every, atol=0, rtol=0)  # seeded
+
+
+def test_unknown_modulation_init_is_rejected():
+    with pytest.raises(ValueError, match="routing"):
+        ModelConfig(task_names=TASKS, modulation_init="zeros")  # type: ignore[arg-type]
+    assert MODULATION_INITS == ("identity", "routing")
 
 
 @pytest.mark.parametrize("modulation", MODULATIONS)

@@ -20,6 +20,7 @@ from model.train import (
     DataConfig,
     TrainConfig,
     batch_all_triplet_loss,
+    lr_factor,
     resume_config,
     train,
 )
@@ -135,3 +136,21 @@ def test_batch_all_loss_matches_a_brute_force_enumeration(monkeypatch):
 def test_every_mining_mode_trains(tmp_path, mining):
     metrics = train(tiny_config(mining=mining, steps=3), tmp_path, progress=False)
     assert metrics["steps"] == 3 and metrics["history"][-1]["loss"] >= 0
+
+
+def test_lr_ramps_up_over_the_warmup_then_decays_to_zero():
+    factor = lr_factor(100, 0.2)
+    values = [factor(step) for step in range(101)]
+    assert values[0] == pytest.approx(0.05, abs=1e-9)  # step 1 of a 20-step ramp
+    assert all(a < b for a, b in zip(values[:19], values[1:20], strict=True))
+    assert max(values) == pytest.approx(values[19], abs=1e-9) and values[19] > 0.9
+    assert all(a >= b for a, b in zip(values[19:], values[20:], strict=True))
+    assert values[100] == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(100, 0.0)(0) == pytest.approx(1.0, abs=1e-12)  # no warmup: cosine from the start
+
+
+def test_routing_init_is_saved_with_the_run(tmp_path):
+    train(tiny_config(modulation_init="routing", steps=2), tmp_path, progress=False)
+    run = load_run(tmp_path)
+    assert run.config["train"]["modulation_init"] == "routing"
+    assert run.model.config.modulation_init == "routing"
