@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,7 @@ def test_train_writes_a_loadable_run_with_metrics(tmp_path):
 
 
 def test_training_learns_easy_attributes(tmp_path):
-    cfg = tiny_config(steps=30, per_task=8, lr=3e-3, data=DataConfig(tasks=["Pale_Skin"], num_images=300))
+    cfg = tiny_config(steps=30, per_task=8, lr=1e-2, data=DataConfig(tasks=["Pale_Skin"], num_images=300))
     metrics = train(cfg, tmp_path, progress=False)
     assert metrics["test"]["mean"]["triplet_accuracy"] > 0.8, metrics["test"]
 
@@ -142,9 +143,9 @@ def test_lr_ramps_up_over_the_warmup_then_decays_to_zero():
     factor = lr_factor(100, 0.2)
     values = [factor(step) for step in range(101)]
     assert values[0] == pytest.approx(0.05, abs=1e-9)  # step 1 of a 20-step ramp
-    assert all(a < b for a, b in zip(values[:19], values[1:20], strict=True))
+    assert all(a < b for a, b in pairwise(values[:20]))
     assert max(values) == pytest.approx(values[19], abs=1e-9) and values[19] > 0.9
-    assert all(a >= b for a, b in zip(values[19:], values[20:], strict=True))
+    assert all(a >= b for a, b in pairwise(values[19:]))
     assert values[100] == pytest.approx(0.0, abs=1e-12)
     assert lr_factor(100, 0.0)(0) == pytest.approx(1.0, abs=1e-12)  # no warmup: cosine from the start
 
