@@ -7,7 +7,7 @@ Architectures: ``independent`` (one network per task), ``shared`` (no conditioni
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,10 @@ class Budget:
     mining: Mining = "batch-all"
     modulate: tuple[str, ...] = ("1", "2", "3", "4", "emb")
     modulation_init: ModulationInit = "routing"
+
+    def train_options(self) -> dict[str, Any]:
+        """The budget as ``TrainConfig`` keyword arguments."""
+        return {**asdict(self), "modulate": list(self.modulate)}
 
 
 COMPARE_BUDGET = Budget(steps=800, width=16)

@@ -58,12 +58,11 @@ WarmupOpt = Annotated[float, typer.Option(help="fraction of the steps spent ramp
 def _train_config(
     dataset: str, data_dir: Path | None, tasks: str | None, num_images: int | None, seed: int, **options: Any
 ) -> Any:
-    """A ``TrainConfig`` from the CLI's options (``modulate`` as a comma-separated string)."""
+    """A ``TrainConfig`` from the CLI's options."""
     from model.train import MINING, DataConfig, TrainConfig
 
     if options["mining"] not in MINING:
         raise _fail(f"unknown mining {options['mining']!r}; choose one of {', '.join(MINING)}")
-    options["modulate"] = _split(options["modulate"])
     data = DataConfig(dataset, str(data_dir) if data_dir else None, _tasks(tasks), num_images, seed)
     return TrainConfig(data=data, seed=seed, **options)
 
@@ -107,7 +106,7 @@ def train(
             if resume
             else _train_config(
                 dataset, data_dir, tasks, num_images, seed, arch=arch, modulation=modulation,
-                modulation_init=modulation_init, backbone=backbone, width=width, modulate=modulate,
+                modulation_init=modulation_init, backbone=backbone, width=width, modulate=_split(modulate),
                 image_size=image_size, embedding_dim=embedding_dim, epochs=epochs, steps=steps,
                 per_task=per_task, margin=margin, mining=mining, optimizer=optimizer, lr=lr,
                 warmup=warmup, device=device,
@@ -207,9 +206,8 @@ def compare(
     step, batch-all mining, routing-initialised modules after every stage and on the embedding, and a
     25% lr warmup (about 10 minutes for shared, mask and modulated on synthetic faces on 2 CPU cores).
     """
-    from model.compare import COMPARE_BUDGET as budget
+    from model.compare import COMPARE_BUDGET, markdown_table
     from model.compare import compare as run_compare
-    from model.compare import markdown_table
     from model.data.base import DataFormatError
     from model.network import ARCHS
 
@@ -217,12 +215,19 @@ def compare(
     unknown = [a for a in arch_list if a not in ARCHS]
     if unknown or not arch_list:
         raise _fail(f"unknown architectures {unknown}; choose from {', '.join(ARCHS)}")
+    given = {
+        "modulation_init": modulation_init,
+        "modulate": _split(modulate),
+        "width": width,
+        "steps": steps,
+        "per_task": per_task,
+        "mining": mining,
+        "warmup": warmup,
+    }
+    options = {**COMPARE_BUDGET.train_options(), **{k: v for k, v in given.items() if v is not None}}
     cfg = _train_config(
-        dataset, data_dir, tasks, num_images, seed, modulation=modulation,
-        modulation_init=modulation_init or budget.modulation_init, backbone=backbone,
-        width=width or budget.width, modulate=modulate or ",".join(budget.modulate), image_size=image_size,
-        embedding_dim=embedding_dim, steps=steps or budget.steps, per_task=per_task or budget.per_task,
-        mining=mining or budget.mining, warmup=budget.warmup if warmup is None else warmup, device=device,
+        dataset, data_dir, tasks, num_images, seed, modulation=modulation, backbone=backbone,
+        image_size=image_size, embedding_dim=embedding_dim, device=device, **options,
     )  # fmt: skip
     try:
         results = run_compare(cfg, cast(Any, arch_list), out or Path("runs") / f"compare-{dataset}")

@@ -42,9 +42,8 @@ from service.settings import Settings
 # The demo's training: `modret compare`'s synthetic-face recipe (routes at every stage, batch-all
 # mining), so the demo serves the model docs/results.md measures, trained in about three and a half
 # minutes on two CPU cores (seconds on a GPU). Changing these retrains the cached demo model.
-DEMO_BUDGET = COMPARE_BUDGET
-DEMO_STEPS = DEMO_BUDGET.steps
-DEMO_WIDTH = DEMO_BUDGET.width
+DEMO_STEPS = COMPARE_BUDGET.steps
+DEMO_WIDTH = COMPARE_BUDGET.width
 # Synthetic faces drawn for training and for the gallery (the same family, seed 0).
 DEMO_IMAGES = 4000
 # The family the example query is drawn from: not the gallery's, so the example is a new face.
@@ -74,14 +73,8 @@ def demo_train_config(steps: int, width: int, num_images: int, device: str = "au
     """The demo's training configuration (the README's default model at the demo's budget)."""
     return TrainConfig(
         data=DataConfig("synthfaces", num_images=num_images),
-        width=width,
-        steps=steps,
-        per_task=DEMO_BUDGET.per_task,
-        mining=DEMO_BUDGET.mining,
-        warmup=DEMO_BUDGET.warmup,
-        modulate=list(DEMO_BUDGET.modulate),
-        modulation_init=DEMO_BUDGET.modulation_init,
         device=device,
+        **{**COMPARE_BUDGET.train_options(), "steps": steps, "width": width},
     )
 
 
