@@ -40,7 +40,7 @@ def triplet_accuracy(embeddings: Tensor, tasks: np.ndarray, task_names: list[str
     """Rows [anchors; positives; negatives] embedded under each triplet's task -> share with
     d(a, p) < d(a, n), per task."""
     a, p, n = embeddings.chunk(3)
-    correct = ((a - p).pow(2).sum(1) < (a - n).pow(2).sum(1)).numpy()
+    correct = ((a - p).pow(2).sum(1) < (a - n).pow(2).sum(1)).cpu().numpy()
     return {
         name: round(float(correct[tasks == t].mean()), 4)
         for t, name in enumerate(task_names)
