@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from model.network import Arch, ModulationInit
+from model.network import Arch, ModulationInit, Neck
 from model.train import Mining, TrainConfig, train
 
 
@@ -33,6 +33,7 @@ class Budget:
     mining: Mining = "batch-all"
     modulate: tuple[str, ...] = ("1", "2", "3", "4", "emb")
     modulation_init: ModulationInit = "routing"
+    neck: Neck = "task"
 
     def train_options(self) -> dict[str, Any]:
         """The budget as ``TrainConfig`` keyword arguments."""

@@ -27,9 +27,11 @@ from torch import Tensor, nn
 Arch = Literal["modulated", "shared", "mask", "independent"]
 ModulationKind = Literal["vector", "matrix"]
 ModulationInit = Literal["identity", "routing"]
+Neck = Literal["batch", "task"]
 ARCHS: tuple[Arch, ...] = ("modulated", "shared", "mask", "independent")
 MODULATIONS: tuple[ModulationKind, ...] = ("vector", "matrix")
 MODULATION_INITS: tuple[ModulationInit, ...] = ("identity", "routing")
+NECKS: tuple[Neck, ...] = ("batch", "task")
 EMB = "emb"
 
 
@@ -108,6 +110,66 @@ MODULATION_MODULES: dict[ModulationKind, type[VectorModulation] | type[MatrixMod
     "vector": VectorModulation,
     "matrix": MatrixModulation,
 }
+
+
+# --------------------------------------------------------------------------------------------------
+# Embedding necks: normalise the pooled projection before the embedding's modulation
+
+
+class BatchNeck(nn.BatchNorm1d):
+    """Batch normalisation over the whole mixed-task batch; takes (and ignores) the task ids."""
+
+    def forward(self, z: Tensor, task_ids: Tensor | None = None) -> Tensor:
+        return super().forward(z)
+
+
+class TaskNeck(nn.Module):
+    """Batch normalisation with statistics per task (running ones too), a shared affine.
+
+    A task whose routes carry no information about its attribute lowers its triplet loss by collapsing
+    its embedding to one point (loss = margin, less than any uninformative spread), where it has no
+    gradient left. Whole-batch statistics cannot stop that: the other tasks keep the batch spread.
+    Centring and scaling each task's rows by their own statistics can: its embedding keeps unit
+    variance per dimension, so it stays where the loss has gradient, as in domain-specific batch norm
+    (Bilen & Vedaldi, "Universal representations", 2017). At initial values it computes exactly
+    ``BatchNeck`` in eval mode.
+    """
+
+    running_mean: Tensor  # (T, D)
+    running_var: Tensor  # (T, D)
+
+    def __init__(self, num_tasks: int, dim: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("running_mean", torch.zeros(num_tasks, dim))
+        self.register_buffer("running_var", torch.ones(num_tasks, dim))
+
+    def forward(self, z: Tensor, task_ids: Tensor | None = None) -> Tensor:
+        if task_ids is None:
+            raise ValueError("TaskNeck needs the task id of every row")
+        z = z.float()  # statistics in fp32, as nn.BatchNorm1d does under autocast
+        if self.training:
+            mean, var = self._task_statistics(z, task_ids)  # (T, D) each
+        else:
+            mean, var = self.running_mean, self.running_var
+        out = (z - mean[task_ids]) * torch.rsqrt(var[task_ids] + self.eps)  # (B, D)
+        return out * self.weight + self.bias
+
+    def _task_statistics(self, z: Tensor, task_ids: Tensor) -> tuple[Tensor, Tensor]:
+        # Sums by index_add_ and updates by where: no host sync, no loop over tasks.
+        tasks = self.running_mean.shape[0]
+        counts = z.new_zeros(tasks, 1).index_add_(0, task_ids, z.new_ones(len(task_ids), 1))  # (T, 1)
+        mean = z.new_zeros(tasks, z.shape[1]).index_add_(0, task_ids, z) / counts.clamp(min=1)
+        centred = z - mean[task_ids]
+        var = z.new_zeros(tasks, z.shape[1]).index_add_(0, task_ids, centred.pow(2)) / counts.clamp(min=1)
+        with torch.no_grad():
+            seen = counts > 1  # a task with one row has no variance to learn from
+            unbiased = var * counts / (counts - 1).clamp(min=1)
+            for running, batch in ((self.running_mean, mean), (self.running_var, unbiased)):
+                running.copy_(torch.where(seen, running.lerp(batch, self.momentum), running))
+        return mean, var
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,6 +299,7 @@ class Trunk(nn.Module):
         modulate: Sequence[str],
         modulation: ModulationKind,
         init: ModulationInit = "identity",
+        neck: Neck = "batch",
     ) -> None:
         super().__init__()
         module = MODULATION_MODULES[modulation]
@@ -245,7 +308,9 @@ class Trunk(nn.Module):
         self.fc = nn.Linear(backbone.channels[-1], embedding_dim)
         # Post-ReLU pooled features share a large positive mean, so without centring every image embeds
         # near one direction and triplet distances start near 0, where the loss has almost no gradient.
-        self.neck = nn.BatchNorm1d(embedding_dim)
+        # Per-task statistics only where the embedding is conditioned on the task.
+        per_task = neck == "task" and EMB in modulate
+        self.neck = TaskNeck(num_tasks, embedding_dim) if per_task else BatchNeck(embedding_dim)
         self.modulations = nn.ModuleDict()
         for place in modulate:
             width = embedding_dim if place == EMB else backbone.channels[int(place) - 1]
@@ -264,13 +329,14 @@ class Trunk(nn.Module):
     def forward_features(self, x: Tensor, task_ids: Tensor) -> Tensor:
         return self.forward_stages(self.stem(x), task_ids)  # (B, 3, H, W) -> (B, C, h, w)
 
-    def pool(self, features: Tensor) -> Tensor:
-        return self.neck(self.fc(features.mean(dim=(2, 3))))  # (B, C, h, w) -> (B, D)
+    def project(self, features: Tensor) -> Tensor:
+        return self.fc(features.mean(dim=(2, 3)))  # (B, C, h, w) -> (B, D)
 
     def forward_head(self, features: Tensor, task_ids: Tensor) -> Tensor:
-        return self.finish(self.pool(features), task_ids)
+        return self.finish(self.project(features), task_ids)
 
     def finish(self, z: Tensor, task_ids: Tensor) -> Tensor:
+        z = self.neck(z, task_ids)
         if EMB in self.modulations:
             z = self.modulations[EMB](z, task_ids)
         return F.normalize(z, dim=1)  # L2-normalised: triplet distances and cosine search agree
@@ -287,9 +353,9 @@ class Trunk(nn.Module):
         x = self.forward_stages(self.stem(images), none, 0, self.first_conditioned)
         if self.first_conditioned < len(self.stages):
             x, task_ids = expand(x)
-            z = self.pool(self.forward_stages(x, task_ids, self.first_conditioned))
+            z = self.project(self.forward_stages(x, task_ids, self.first_conditioned))
         else:
-            z, task_ids = expand(self.pool(self.forward_stages(x, none, self.first_conditioned)))
+            z, task_ids = expand(self.project(self.forward_stages(x, none, self.first_conditioned)))
         return self.finish(z, task_ids).reshape(batch, num_tasks, -1)
 
 
@@ -309,6 +375,7 @@ class MultiTaskEmbedder(nn.Module):
                 config.resolved_modulate,
                 config.modulation,
                 config.modulation_init,
+                config.neck,
             )
             for _ in range(copies)
         )
@@ -382,6 +449,7 @@ class ModelConfig:
     arch: Arch = "modulated"
     modulation: ModulationKind = "vector"
     modulation_init: ModulationInit = "identity"  # "routing": random 0/1 per-task routes
+    neck: Neck = "batch"  # "task": per-task batch statistics where the embedding is modulated
     backbone: str = "resnet18"
     width: int | None = None  # None: the backbone's usual width
     image_size: int = 64
@@ -403,6 +471,8 @@ class ModelConfig:
                 f"unknown modulation init {self.modulation_init!r}; "
                 f"choose one of {', '.join(MODULATION_INITS)}"
             )
+        if self.neck not in NECKS:
+            raise ValueError(f"unknown neck {self.neck!r}; choose one of {', '.join(NECKS)}")
         if self.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
         stages = 4

@@ -25,7 +25,15 @@ from model.data import load_dataset
 from model.data.base import UNKNOWN, AttributeDataset
 from model.data.triplets import Triplets, TripletSampler, fixed_triplets
 from model.evaluate import evaluate, triplet_accuracy
-from model.network import Arch, ModelConfig, ModulationInit, ModulationKind, MultiTaskEmbedder, create_model
+from model.network import (
+    Arch,
+    ModelConfig,
+    ModulationInit,
+    ModulationKind,
+    MultiTaskEmbedder,
+    Neck,
+    create_model,
+)
 from model.preprocess import Preprocess, materialize
 from model.run import METRICS, RunError, atomic_write, resolve_device, save_run, write_json
 
@@ -63,6 +71,7 @@ class TrainConfig:
     arch: Arch = "modulated"
     modulation: ModulationKind = "vector"
     modulation_init: ModulationInit = "identity"
+    neck: Neck = "batch"
     backbone: str = "resnet18"
     width: int | None = None
     image_size: int = 64
@@ -90,6 +99,7 @@ class TrainConfig:
             arch=self.arch,
             modulation=self.modulation,
             modulation_init=self.modulation_init,
+            neck=self.neck,
             backbone=self.backbone,
             width=self.width,
             image_size=self.image_size,

@@ -53,6 +53,9 @@ ModulationInitOpt = Annotated[
     str, typer.Option(help="identity (ones; the official code) | routing (random 0/1 routes per task)")
 ]
 WarmupOpt = Annotated[float, typer.Option(help="fraction of the steps spent ramping the lr up")]
+NeckOpt = Annotated[
+    str, typer.Option(help="batch (one batch norm) | task (statistics per task, where emb is modulated)")
+]
 
 
 def _train_config(
@@ -77,6 +80,7 @@ def train(
     arch: ArchOpt = "modulated",
     modulation: ModulationOpt = "vector",
     modulation_init: ModulationInitOpt = "identity",
+    neck: NeckOpt = "batch",
     backbone: Annotated[str, typer.Option(help="resnet18 | resnet34 | resnet50 | zhao2018")] = "resnet18",
     width: Annotated[int | None, typer.Option(help="base channel width (default: the backbone's)")] = None,
     modulate: Annotated[str | None, typer.Option(help="places, e.g. 3,4,emb (default)")] = None,
@@ -106,7 +110,8 @@ def train(
             if resume
             else _train_config(
                 dataset, data_dir, tasks, num_images, seed, arch=arch, modulation=modulation,
-                modulation_init=modulation_init, backbone=backbone, width=width, modulate=_split(modulate),
+                modulation_init=modulation_init, neck=neck, backbone=backbone, width=width,
+                modulate=_split(modulate),
                 image_size=image_size, embedding_dim=embedding_dim, epochs=epochs, steps=steps,
                 per_task=per_task, margin=margin, mining=mining, optimizer=optimizer, lr=lr,
                 warmup=warmup, device=device,
@@ -186,6 +191,7 @@ def compare(
     ] = "shared,mask,modulated,independent",
     modulation: ModulationOpt = "vector",
     modulation_init: Annotated[str | None, typer.Option(help="identity | routing (default: budget)")] = None,
+    neck: Annotated[str | None, typer.Option(help="batch | task (default: budget)")] = None,
     modulate: Annotated[str | None, typer.Option(help="places, e.g. 3,4,emb (default: budget)")] = None,
     backbone: str = "resnet18",
     width: Annotated[int | None, typer.Option(help="default: budget")] = None,
@@ -203,8 +209,9 @@ def compare(
     """Train each architecture under the same budget and print the comparison table.
 
     Options left out take ``model.compare.COMPARE_BUDGET``: 800 steps at width 16, 4 triplets per task per
-    step, batch-all mining, routing-initialised modules after every stage and on the embedding, and a
-    25% lr warmup (about 10 minutes for shared, mask and modulated on synthetic faces on 2 CPU cores).
+    step, batch-all mining, routing-initialised modules after every stage and on the embedding, per-task
+    statistics in the embedding's batch norm, and a 25% lr warmup (about 10 minutes for shared, mask and
+    modulated on synthetic faces on 2 CPU cores).
     """
     from model.compare import COMPARE_BUDGET, markdown_table
     from model.compare import compare as run_compare
@@ -217,6 +224,7 @@ def compare(
         raise _fail(f"unknown architectures {unknown}; choose from {', '.join(ARCHS)}")
     given = {
         "modulation_init": modulation_init,
+        "neck": neck,
         "modulate": _split(modulate),
         "width": width,
         "steps": steps,

@@ -10,8 +10,11 @@ from model.network import (
     BACKBONES,
     MODULATION_INITS,
     MODULATIONS,
+    NECKS,
+    BatchNeck,
     MatrixModulation,
     ModelConfig,
+    TaskNeck,
     VectorModulation,
     create_model,
 )
@@ -49,12 +52,16 @@ def test_initial_modules_compute_the_unmodulated_network(backbone, modulation, p
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("modulation", MODULATIONS)
 @pytest.mark.parametrize("backbone", list(BACKBONES))
-def test_mixed_task_batch_equals_per_task_batches(arch, modulation, backbone, batch):
+@pytest.mark.parametrize("neck", NECKS)
+def test_mixed_task_batch_equals_per_task_batches(arch, modulation, backbone, neck, batch):
     images, tasks = batch
-    model = tiny(arch, modulation, backbone)
-    with torch.no_grad():  # move modules off their initial value so tasks really differ
+    model = tiny(arch, modulation, backbone, neck=neck)
+    with torch.no_grad():  # move modules (and per-task statistics) off their initial value
         for p in model.modulation_parameters():
             p.add_(0.3 * torch.randn_like(p))
+        for buffer in model.buffers():
+            if buffer.dim() == 2:  # TaskNeck's (T, D) running statistics
+                buffer.add_(0.3 * torch.rand_like(buffer))
         mixed = model.embed(images, tasks)
         for t in tasks.unique():
             rows = tasks == t
@@ -137,6 +144,58 @@ def test_routing_init_embeds_tasks_differently_from_the_first_step(modulation, b
     torch.testing.assert_close(again.embed_all_tasks(images), every, atol=0, rtol=0)  # seeded
 
 
+def test_task_neck_normalises_each_task_by_its_own_statistics():
+    torch.manual_seed(4)
+    tasks = torch.arange(3).repeat_interleave(10)  # (30,)
+    z = torch.randn(30, 5) * torch.tensor([1.0, 5.0, 0.2]).repeat_interleave(10).unsqueeze(1)
+    z = z + torch.tensor([3.0, -2.0, 0.0]).repeat_interleave(10).unsqueeze(1)  # per-task offset and scale
+    out = TaskNeck(4, 5).train()(z, tasks)
+    for t in range(3):
+        rows = out[tasks == t]
+        torch.testing.assert_close(rows.mean(0), torch.zeros(5), atol=1e-5, rtol=0)
+        torch.testing.assert_close(rows.var(0, unbiased=False), torch.ones(5), atol=1e-3, rtol=0)
+    whole = BatchNeck(5).train()(z)
+    assert whole[tasks == 0].mean(0).gt(0.5).all(), "whole-batch statistics leave the task offsets in"
+
+
+def test_task_neck_keeps_a_collapsing_task_spread():
+    # Task 1's inputs are almost identical (a collapsing embedding); the others spread them out.
+    torch.manual_seed(5)
+    tasks = torch.arange(3).repeat_interleave(12)
+    z = torch.randn(36, 6)
+    z[tasks == 1] = 1.0 + 0.01 * torch.randn(12, 6)
+    by_task = TaskNeck(3, 6).train()(z, tasks)[tasks == 1]
+    by_batch = BatchNeck(6).train()(z)[tasks == 1]
+    assert by_task.std(0).min() > 0.9, "per-task statistics rescale the task to unit variance"
+    assert by_batch.std(0).max() < 0.05, "whole-batch statistics let it collapse"
+
+
+def test_task_neck_running_statistics_follow_only_the_tasks_in_the_batch():
+    torch.manual_seed(6)
+    neck = TaskNeck(4, 3, momentum=0.1).train()
+    tasks = torch.tensor([0, 0, 0, 2, 2, 3])  # task 1 absent, task 3 a single row
+    z = torch.randn(6, 3)
+    neck(z, tasks)
+    torch.testing.assert_close(neck.running_mean[0], 0.1 * z[:3].mean(0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(neck.running_var[2], 0.9 + 0.1 * z[3:5].var(0), atol=1e-6, rtol=0)
+    for t in (1, 3):
+        assert (neck.running_mean[t] == 0).all() and (neck.running_var[t] == 1).all()
+    neck.eval()
+    expected = (z - neck.running_mean[tasks]) / torch.sqrt(neck.running_var[tasks] + neck.eps)
+    torch.testing.assert_close(neck(z, tasks), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("modulation", MODULATIONS)
+def test_task_neck_at_initial_values_computes_the_batch_neck(modulation, batch):
+    images, tasks = batch
+    by_task, by_batch = tiny(modulation=modulation, neck="task"), tiny(modulation=modulation, neck="batch")
+    assert isinstance(by_task.trunk(0).neck, TaskNeck) and isinstance(by_batch.trunk(0).neck, BatchNeck)
+    torch.testing.assert_close(by_task.embed(images, tasks), by_batch.embed(images, tasks), atol=1e-6, rtol=0)
+    # Nothing conditions the embedding of shared networks on the task: their neck stays a batch norm.
+    assert isinstance(tiny("shared", neck="task").trunk(0).neck, BatchNeck)
+    assert isinstance(tiny("mask", neck="task").trunk(0).neck, TaskNeck)
+
+
 def test_unknown_modulation_init_is_rejected():
     with pytest.raises(ValueError, match="routing"):
         ModelConfig(task_names=TASKS, modulation_init="zeros")  # type: ignore[arg-type]
@@ -167,6 +226,7 @@ def test_parameter_accounting(modulation):
         ({"task_names": ["a"], "backbone": "vgg"}, "unknown backbone"),
         ({"task_names": ["a"], "modulation": "scalar"}, "unknown modulation"),
         ({"task_names": ["a"], "modulate": ["5"]}, "bad modulation place"),
+        ({"task_names": ["a"], "neck": "layer"}, "unknown neck"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, message):

@@ -150,8 +150,10 @@ def test_lr_ramps_up_over_the_warmup_then_decays_to_zero():
     assert lr_factor(100, 0.0)(0) == pytest.approx(1.0, abs=1e-12)  # no warmup: cosine from the start
 
 
-def test_routing_init_is_saved_with_the_run(tmp_path):
-    train(tiny_config(modulation_init="routing", steps=2), tmp_path, progress=False)
+def test_routing_init_and_task_neck_are_saved_with_the_run(tmp_path):
+    train(tiny_config(modulation_init="routing", neck="task", steps=2), tmp_path, progress=False)
     run = load_run(tmp_path)
-    assert run.config["train"]["modulation_init"] == "routing"
-    assert run.model.config.modulation_init == "routing"
+    assert run.config["train"]["modulation_init"] == "routing" and run.config["train"]["neck"] == "task"
+    assert run.model.config.modulation_init == "routing" and run.model.config.neck == "task"
+    running = run.model.trunk(0).neck.running_var  # per-task statistics learned in training, restored
+    assert running.shape[0] == len(run.task_names) and not (running == 1).all()

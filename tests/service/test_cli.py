@@ -67,6 +67,7 @@ def test_compare_prints_one_row_per_architecture(tmp_path):
     budget = COMPARE_BUDGET  # options left out come from the documented budget
     assert trained["modulation_init"] == budget.modulation_init and trained["mining"] == budget.mining
     assert trained["modulate"] == list(budget.modulate) and trained["warmup"] == budget.warmup
+    assert trained["neck"] == budget.neck == "task"
     assert trained["steps"] == 2 and trained["per_task"] == 2  # ... and given ones win
     table = runner.invoke(app, args)
     assert table.exit_code == 0 and "| shared |" in table.stdout and "| modulated |" in table.stdout
