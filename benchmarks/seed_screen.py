@@ -1,0 +1,88 @@
+"""Seed robustness of the compare recipe (not a test): trains ``model.compare.COMPARE_BUDGET`` at several
+seeds for each variant, in parallel processes, and prints one row per (variant, seed) with the tasks that
+did not learn. The seed draws the initial weights and routes, the face family and the split.
+
+    PYTHONPATH=. python benchmarks/seed_screen.py --seeds 0 1 2 3 4 5 --variants neck=batch neck=task \
+        --device cuda --jobs 14 --json screen.json
+
+A variant is a comma-separated list of ``TrainConfig`` fields (``neck=task,arch=mask``) put over the
+budget. Needs only torch, numpy, pillow, safetensors, tqdm and ``model`` (runs on the GPU machine's image).
+Each worker takes an equal share of the cores; on a 2-core CPU use ``--jobs 1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+UNLEARNED = 0.7  # a task under this triplet accuracy is counted as not learned
+
+
+def parse_variant(text: str) -> dict[str, Any]:
+    """``"neck=task,width=24"`` -> ``{"neck": "task", "width": 24}`` (numbers parsed as JSON)."""
+    fields: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            fields[key] = json.loads(value)
+        except json.JSONDecodeError:
+            fields[key] = value
+    return fields
+
+
+def run_one(variant: str, seed: int, device: str, threads: int) -> dict[str, Any]:
+    import torch  # imported in the worker, after the fork, so that each sets its own thread count
+
+    from model.compare import COMPARE_BUDGET
+    from model.train import DataConfig, TrainConfig, train
+
+    torch.set_num_threads(threads)
+    options = {**COMPARE_BUDGET.train_options(), **parse_variant(variant)}
+    cfg = TrainConfig(data=DataConfig(seed=seed), seed=seed, device=device, **options)
+    with tempfile.TemporaryDirectory() as out:
+        metrics = train(cfg, Path(out), progress=False)
+    tasks = {name: r["triplet_accuracy"] for name, r in metrics["test"]["tasks"].items()}
+    return {
+        "variant": variant,
+        "seed": seed,
+        "mean": metrics["test"]["mean"]["triplet_accuracy"],
+        "unlearned": {name: round(acc, 3) for name, acc in tasks.items() if acc < UNLEARNED},
+        "train_seconds": metrics["train_seconds"],
+        "tasks": tasks,
+    }
+
+
+def main() -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=[""], help='e.g. neck=batch neck=task ("" = budget)')
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--json", type=Path, help="write all rows here")
+    args = parser.parse_args()
+    jobs = [(variant, seed) for variant in args.variants for seed in args.seeds]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        variants, seeds = zip(*jobs, strict=True)
+        rows = list(pool.map(run_one, variants, seeds, [args.device] * len(jobs), [threads] * len(jobs)))
+    print("| variant | seed | mean acc | tasks under 0.7 | train s |")
+    print("|---|---:|---:|---|---:|")
+    for r in rows:
+        low = ", ".join(f"{name} {acc:.2f}" for name, acc in r["unlearned"].items()) or "none"
+        name = r["variant"] or "budget"
+        print(f"| {name} | {r['seed']} | {r['mean']:.3f} | {low} | {r['train_seconds']:.0f} |")
+    for variant in args.variants:
+        means = [r["mean"] for r in rows if r["variant"] == variant]
+        print(f"{variant or 'budget'}: mean over seeds {sum(means) / len(means):.3f}, worst {min(means):.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
