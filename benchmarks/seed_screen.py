@@ -1,4 +1,4 @@
-"""Seed robustness of the compare recipe (not a test): trains ``model.compare.COMPARE_BUDGET`` at several
+"""Seed robustness of the compare recipe (not a test): trains ``model.compare.compare_budget`` at several
 seeds for each variant, in parallel processes, and prints one row per (variant, seed) with the tasks that
 did not learn. The seed draws the initial weights and routes and the split (and synthfaces' faces).
 
@@ -42,11 +42,11 @@ def parse_variant(text: str) -> dict[str, Any]:
 def run_one(variant: str, seed: int, data: dict[str, Any], device: str, threads: int) -> dict[str, Any]:
     import torch  # imported in the worker, after the fork, so that each sets its own thread count
 
-    from model.compare import COMPARE_BUDGET
+    from model.compare import compare_budget
     from model.train import DataConfig, TrainConfig, train
 
     torch.set_num_threads(threads)
-    options = {**COMPARE_BUDGET.train_options(), **parse_variant(variant)}
+    options = {**compare_budget(data["dataset"]).train_options(), **parse_variant(variant)}
     cfg = TrainConfig(data=DataConfig(**data, seed=seed), seed=seed, device=device, **options)
     with tempfile.TemporaryDirectory() as out:
         metrics = train(cfg, Path(out), progress=False)

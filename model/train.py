@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -41,6 +42,7 @@ CHECKPOINT = "checkpoint.pt"
 Mining = Literal["all-tasks", "batch-all", "none"]
 MINING: tuple[Mining, ...] = ("all-tasks", "batch-all", "none")
 _CUBE_LIMIT = 1 << 24  # elements of one (anchors, positives, negatives) block of the batch-all loss
+TASK_NECK_MIN_ROWS = 12  # rows per task below which per-task batch statistics were measured too noisy
 
 
 @dataclass
@@ -230,6 +232,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
     """Train into ``out`` (model.safetensors, config.json, metrics.json); returns the metrics."""
     out = Path(out)
     device = resolve_device(cfg.device)
+    _warn_if_task_statistics_are_thin(cfg)
     torch.manual_seed(cfg.seed)
     dataset = cfg.data.load(cfg.image_size)
     task_names = dataset.task_names
@@ -291,6 +294,19 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
     metrics["test"] = evaluate(model, dataset, preprocess, seed=cfg.seed, split_seed=cfg.data.seed)
     write_json(out / METRICS, metrics)
     return metrics
+
+
+def _warn_if_task_statistics_are_thin(cfg: TrainConfig) -> None:
+    """``--neck task`` normalises each task by the statistics of its own rows in the batch: 3 per triplet
+    unless all-tasks mining embeds every image under every task. Six rows (CelebA, 39 tasks at
+    ``--per-task 2``) cost 3.5 points of mean accuracy against the batch neck (docs/results.md)."""
+    rows = 3 * cfg.per_task
+    if cfg.neck == "task" and cfg.mining != "all-tasks" and rows < TASK_NECK_MIN_ROWS:
+        warnings.warn(
+            f"--neck task estimates each task's statistics from {rows} rows per batch, too few to be "
+            f"reliable; use --per-task {TASK_NECK_MIN_ROWS // 3} or more, or --neck batch",
+            stacklevel=3,
+        )
 
 
 def _epoch_sampler(

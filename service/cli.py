@@ -191,7 +191,9 @@ def compare(
     ] = "shared,mask,modulated,independent",
     modulation: ModulationOpt = "vector",
     modulation_init: Annotated[str | None, typer.Option(help="identity | routing (default: budget)")] = None,
-    neck: Annotated[str | None, typer.Option(help="batch | task (default: budget)")] = None,
+    neck: Annotated[
+        str | None, typer.Option(help="batch | task (default: task on synthfaces, else batch)")
+    ] = None,
     modulate: Annotated[str | None, typer.Option(help="places, e.g. 3,4,emb (default: budget)")] = None,
     backbone: str = "resnet18",
     width: Annotated[int | None, typer.Option(help="default: budget")] = None,
@@ -208,13 +210,13 @@ def compare(
 ) -> None:
     """Train each architecture under the same budget and print the comparison table.
 
-    Options left out take ``model.compare.COMPARE_BUDGET``: 800 steps at width 16, 4 triplets per task per
-    step, batch-all mining, routing-initialised modules after every stage and on the embedding, per-task
-    statistics in the embedding's batch norm, and a 25% lr warmup (about 10 minutes for shared, mask and
-    modulated on synthetic faces on 2 CPU cores).
+    Options left out take ``model.compare.compare_budget(dataset)``: 800 steps at width 16, 4 triplets per
+    task per step, batch-all mining, routing-initialised modules after every stage and on the embedding,
+    and a 25% lr warmup (about 10 minutes for shared, mask and modulated on synthetic faces on 2 CPU
+    cores); per-task statistics in the embedding's batch norm on synthfaces, one batch norm on real data.
     """
-    from model.compare import COMPARE_BUDGET, markdown_table
     from model.compare import compare as run_compare
+    from model.compare import compare_budget, markdown_table
     from model.data.base import DataFormatError
     from model.network import ARCHS
 
@@ -232,7 +234,7 @@ def compare(
         "mining": mining,
         "warmup": warmup,
     }
-    options = {**COMPARE_BUDGET.train_options(), **{k: v for k, v in given.items() if v is not None}}
+    options = {**compare_budget(dataset).train_options(), **{k: v for k, v in given.items() if v is not None}}
     cfg = _train_config(
         dataset, data_dir, tasks, num_images, seed, modulation=modulation, backbone=backbone,
         image_size=image_size, embedding_dim=embedding_dim, device=device, **options,

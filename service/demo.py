@@ -34,16 +34,16 @@ import typer
 
 from index.build import build_gallery, dataset_source
 from index.gallery import Gallery, GalleryError
-from model.compare import COMPARE_BUDGET
+from model.compare import SYNTHFACES_BUDGET
 from model.run import METRICS, WEIGHTS, LoadedRun, RunError, load_run, read_config
 from model.train import DataConfig, TrainConfig
 from service.settings import Settings
 
-# The demo's training: `modret compare`'s synthetic-face recipe (routes at every stage, batch-all
-# mining), so the demo serves the model docs/results.md measures, trained in about three and a half
-# minutes on two CPU cores (seconds on a GPU). Changing these retrains the cached demo model.
-DEMO_STEPS = COMPARE_BUDGET.steps
-DEMO_WIDTH = COMPARE_BUDGET.width
+# The demo's training: `modret compare`'s synthetic-face recipe (routes at every stage, per-task neck,
+# batch-all mining), so the demo serves the model docs/results.md measures, trained in about three and a
+# half minutes on two CPU cores (seconds on a GPU). Changing these retrains the cached demo model.
+DEMO_STEPS = SYNTHFACES_BUDGET.steps
+DEMO_WIDTH = SYNTHFACES_BUDGET.width
 # Synthetic faces drawn for training and for the gallery (the same family, seed 0).
 DEMO_IMAGES = 4000
 # The family the example query is drawn from: not the gallery's, so the example is a new face.
@@ -74,7 +74,7 @@ def demo_train_config(steps: int, width: int, num_images: int, device: str = "au
     return TrainConfig(
         data=DataConfig("synthfaces", num_images=num_images),
         device=device,
-        **{**COMPARE_BUDGET.train_options(), "steps": steps, "width": width},
+        **{**SYNTHFACES_BUDGET.train_options(), "steps": steps, "width": width},
     )
 
 

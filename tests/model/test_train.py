@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from itertools import pairwise
 from pathlib import Path
 
@@ -148,6 +149,25 @@ def test_lr_ramps_up_over_the_warmup_then_decays_to_zero():
     assert all(a >= b for a, b in pairwise(values[19:]))
     assert values[100] == pytest.approx(0.0, abs=1e-12)
     assert lr_factor(100, 0.0)(0) == pytest.approx(1.0, abs=1e-12)  # no warmup: cosine from the start
+
+
+@pytest.mark.parametrize(
+    "options, warns",
+    [
+        ({"neck": "task", "mining": "batch-all", "per_task": 2}, True),  # 6 rows per task
+        ({"neck": "task", "mining": "batch-all", "per_task": 4}, False),  # 12 rows
+        ({"neck": "task", "mining": "all-tasks", "per_task": 2}, False),  # every image under every task
+        ({"neck": "batch", "mining": "batch-all", "per_task": 2}, False),
+    ],
+)
+def test_thin_per_task_statistics_are_warned_about(tmp_path, options, warns):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(tiny_config(steps=1, **options), tmp_path, progress=False)
+    messages = [str(w.message) for w in caught if "--neck task" in str(w.message)]
+    assert bool(messages) == warns, messages
+    if warns:
+        assert "6 rows" in messages[0] and "--per-task 4" in messages[0]
 
 
 def test_routing_init_and_task_neck_are_saved_with_the_run(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from model.compare import COMPARE_BUDGET
+from model.compare import SYNTHFACES_BUDGET
 from model.data.celeba import OFFICIAL_7
 from service.cli import app
 
@@ -64,7 +64,7 @@ def test_compare_prints_one_row_per_architecture(tmp_path):
     assert set(report) == {"shared", "modulated"}
     assert report["shared"]["params"]["per_task_extra"] == 0
     trained = json.loads((tmp_path / "modulated" / "config.json").read_text())["train"]
-    budget = COMPARE_BUDGET  # options left out come from the documented budget
+    budget = SYNTHFACES_BUDGET  # options left out come from the documented budget
     assert trained["modulation_init"] == budget.modulation_init and trained["mining"] == budget.mining
     assert trained["modulate"] == list(budget.modulate) and trained["warmup"] == budget.warmup
     assert trained["neck"] == budget.neck == "task"
