@@ -146,9 +146,7 @@ class TaskNeck(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_tasks, dim))
         self.register_buffer("running_var", torch.ones(num_tasks, dim))
 
-    def forward(self, z: Tensor, task_ids: Tensor | None = None) -> Tensor:
-        if task_ids is None:
-            raise ValueError("TaskNeck needs the task id of every row")
+    def forward(self, z: Tensor, task_ids: Tensor) -> Tensor:
         z = z.float()  # statistics in fp32, as nn.BatchNorm1d does under autocast
         if self.training:
             mean, var = self._task_statistics(z, task_ids)  # (T, D) each
