@@ -10,9 +10,9 @@ Layout of a store root::
 Saving generation N: the backend writes its files into a fresh ``.tmp-gen-N-*`` directory beside the live
 ones; every file and the directory are fsynced; the directory is renamed to ``gen-N`` (atomic) and the
 root fsynced; then ``manifest-N.json`` is written to a temporary name, fsynced and atomically renamed into
-place, and the root fsynced again. The manifest's appearance under its final name is the commit point: a
-crash before it leaves a directory without manifest (ignored and pruned), a crash after it leaves a
-complete generation.
+place, and the root fsynced again (``model.durable.atomic_write_bytes``). The manifest's appearance under
+its final name is the commit point: a crash before it leaves a directory without manifest (ignored and
+pruned), a crash after it leaves a complete generation.
 
 A manifest holds the model hash, embedding size, metric, backend and its options, the ordered task list,
 the count per task, size and sha256 of every data file, and a sha256 of its own canonical body, so that a
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import hashlib
 import json
 import logging
@@ -44,11 +43,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from model.durable import FileLock, atomic_write_bytes, file_sha256, fsync_path
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 KEEP = 2
-_HASH_CHUNK = 1 << 20
 T = TypeVar("T")
 
 
@@ -107,39 +107,6 @@ def _body_hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a directory's fsync makes renames and creations inside it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and an atomic rename, all fsynced."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_path(path.parent)
-
-
 def _gen_name(generation: int) -> str:
     return f"gen-{generation:08d}"
 
@@ -170,14 +137,10 @@ class Generations:
         return sorted(numbers, reverse=True)
 
     @contextlib.contextmanager
-    def _locked(self, mode: int) -> Iterator[None]:
+    def _locked(self, *, shared: bool) -> Iterator[None]:
         self.root.mkdir(parents=True, exist_ok=True)
-        with (self.root / ".lock").open("a+b") as f:
-            fcntl.flock(f, mode)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        with FileLock(self.root / ".lock", shared=shared):
+            yield
 
     def commit(
         self,
@@ -192,7 +155,7 @@ class Generations:
         metric: str = "ip",
     ) -> Manifest:
         """Commit a new generation whose data files ``write(directory)`` creates."""
-        with self._locked(fcntl.LOCK_EX):
+        with self._locked(shared=False):
             existing = [
                 int(p.name.removeprefix("gen-")) for p in self.root.glob("gen-*") if p.name[4:].isdigit()
             ]
@@ -223,7 +186,7 @@ class Generations:
                 options=dict(options or {}),
                 created_at=dt.datetime.now(dt.UTC).isoformat(),
             )
-            write_durably(self.root / _manifest_name(generation), manifest.to_json().encode())
+            atomic_write_bytes(self.root / _manifest_name(generation), manifest.to_json().encode())
             previous, self.known_good = self.known_good, generation
             self._prune(keep_also=previous)
             return manifest
@@ -293,7 +256,7 @@ class Generations:
         generations exist but none verifies (or ``read`` fails on every one that does)."""
         outcome = LoadOutcome()
         self.rejected = outcome.rejected
-        with self._locked(fcntl.LOCK_SH):
+        with self._locked(shared=True):
             committed = self.committed()
             for generation in committed:
                 try:

@@ -26,11 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import json
-import os
 import sqlite3
-import tempfile
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from index.generations import fsync_path
+from model.durable import atomic_write_bytes, bytes_sha256, fsync_path
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -66,7 +63,7 @@ _BLOB_WRITERS = 8  # blobs written (and fsynced) at once by one add
 
 
 def content_hash(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    return bytes_sha256(data)
 
 
 @dataclass(frozen=True)
@@ -137,13 +134,7 @@ class Metadata:
         path = self.blob_path(digest)
         if path.exists():
             return None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".blob-", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_bytes(path, data, sync_dir=False)  # the folder is fsynced once per add, by the caller
         return path.parent
 
     def add(self, items: Sequence[NewItem]) -> tuple[list[int], list[bool]]:

@@ -2,15 +2,12 @@
 
 ``RUN_DIR/model.safetensors`` (weights), ``RUN_DIR/config.json`` (everything needed to rebuild the
 network and its preprocessing, task names included) and ``RUN_DIR/metrics.json``. Files are written
-atomically (temp file, fsync, rename) so a crash never leaves a half-written run.
+atomically (temp file, fsync, rename: ``model.durable``) so a crash never leaves a half-written run.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from model.durable import atomic_write, atomic_write_text, file_sha256
 from model.network import ModelConfig, MultiTaskEmbedder, create_model
 from model.preprocess import Preprocess
 
@@ -32,36 +30,8 @@ class RunError(ValueError):
     """A run directory that is missing or cannot be loaded; the message says which file and why."""
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Write through ``write(tmp_path)`` to a temp file beside ``path``, fsync, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def write_json(path: Path, data: Any) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def save_run(run_dir: Path, model: MultiTaskEmbedder, extra: dict[str, Any] | None = None) -> None:

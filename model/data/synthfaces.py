@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
@@ -31,6 +29,7 @@ from PIL import Image, ImageDraw
 
 from model.data.base import AttributeDataset, TaskSpec
 from model.data.reading import select_tasks
+from model.durable import atomic_write
 
 DEFAULT_TASKS: Final = (
     "Smiling",
@@ -266,14 +265,12 @@ class SynthFaces(AttributeDataset):
                 return array
         array = np.stack([self.pixels(i) for i in range(len(self))])
         self._cache.clear()
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        # Written to a temporary file then renamed, so a concurrent or interrupted run never sees half a file.
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npy.tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, array)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # Written to a temporary file, fsynced and renamed (creating cache_dir if needed), so a concurrent or
+        # interrupted run never sees half a file.
+        atomic_write(path, lambda tmp: _save_npy(tmp, array))
         return array
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with path.open("wb") as f:  # a file object: given a name, np.save would append ".npy" to it
+        np.save(f, array)
