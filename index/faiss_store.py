@@ -61,7 +61,6 @@ from index.store import (
     check_add,
     check_task,
     padded,
-    register_backend,
 )
 
 if TYPE_CHECKING:
@@ -80,7 +79,6 @@ def _task_file(position: int) -> str:
     return f"task-{position:03d}.faiss"
 
 
-@register_backend("faiss")
 class FaissStore:
     backend = "faiss"
 
@@ -410,3 +408,6 @@ class FaissStore:
 
     def close(self) -> None:
         self._mirrors.clear()
+
+
+Store = FaissStore  # what index.store.store_class("faiss") returns

@@ -23,20 +23,20 @@ interleaved with another writer's; ``save`` needs no gallery lock (the store sna
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
-from index.generations import GenerationError, Manifest, write_durably
+from index.generations import GenerationError, Manifest
 from index.metadata import ItemRecord, Metadata, NewItem
-from index.store import SearchResult, VectorStore, as_ids, open_store
+from index.store import SearchResult, VectorStore, as_ids, open_store, store_class
+from model.durable import FileLock, LockHeld, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class Gallery:
         config: dict[str, Any],
         store: VectorStore,
         metadata: Metadata,
-        lock_file: IO[bytes] | None,
+        lock_file: FileLock | None,
     ) -> None:
         self.root = root
         self.config = config
@@ -125,6 +125,7 @@ class Gallery:
         """Create an empty gallery in ``root`` (which must not hold one yet) and open it for writing."""
         if (root / CONFIG).exists():
             raise GalleryError(f"{root} already holds a gallery; open it or choose another directory")
+        store_class(backend)  # an unknown name fails here, before gallery.json records it
         root.mkdir(parents=True, exist_ok=True)
         config = {
             "format_version": 1,
@@ -134,7 +135,7 @@ class Gallery:
             "embedding_dim": dim,
             "model_hash": model_hash,
         }
-        write_durably(root / CONFIG, json.dumps(config, indent=2).encode())
+        atomic_write_bytes(root / CONFIG, json.dumps(config, indent=2).encode())
         return cls.open(root, model_hash=model_hash)
 
     @classmethod
@@ -151,12 +152,11 @@ class Gallery:
             )
         lock_file = None
         if not read_only:
-            lock_file = (root / "writer.lock").open("a+b")
             try:
-                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                lock_file.close()
+                lock_file = FileLock(root / "writer.lock", blocking=False).acquire()
+            except LockHeld:
                 raise GalleryError(f"{root} is open for writing in another process") from None
+        metadata: Metadata | None = None
         try:
             metadata = Metadata(root, read_only=read_only)
             store = open_store(
@@ -167,10 +167,14 @@ class Gallery:
                 model_hash=config["model_hash"],
                 options=config["store_options"],
             )
-        except GenerationError as e:
+        except BaseException as e:  # whatever failed, the writer lock and the database are let go
+            if metadata is not None:
+                metadata.close()
             if lock_file is not None:
-                lock_file.close()
-            raise GalleryError(str(e)) from e
+                lock_file.release()
+            if isinstance(e, GenerationError):
+                raise GalleryError(str(e)) from e
+            raise
         gallery = cls(root, config, store, metadata, lock_file)
         if not read_only:
             gallery._repair()
@@ -329,4 +333,4 @@ class Gallery:
         self.store.close()
         self.metadata.close()
         if self._lock_file is not None:
-            self._lock_file.close()
+            self._lock_file.release()

@@ -6,7 +6,9 @@ collection has an ``INT64`` primary key ``id`` and a ``FLOAT_VECTOR`` field ``ve
 product (``index_type`` ``FLAT`` by default: exact, so it passes the same exactness contract as faiss
 flat). Collections are created with ``Strong`` consistency so that a search sees every acknowledged add
 and remove. Collection names are ``<collection_prefix>_<position>_<task, sanitised>``, so several galleries
-can share one cluster under different prefixes.
+can share one cluster under different prefixes. The backend needs the ``milvus`` extra (pymilvus, and
+milvus-lite for a ``.db`` uri); without it, opening a store raises ``BackendUnavailableError`` naming it.
+This module imports neither faiss nor, until a store is opened, pymilvus.
 
 Filters become a primary-key expression ``id in [...]`` evaluated inside Milvus. (For very large allowed
 sets on a cluster, the labels would better be scalar fields of the collection; the metadata layer keeps
@@ -31,6 +33,7 @@ repairs on open (see ``index.gallery``).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -41,6 +44,7 @@ import numpy as np
 from index.generations import GenerationError, Generations, Manifest
 from index.rwlock import RWLock
 from index.store import (
+    BackendUnavailableError,
     DuplicateIdError,
     SearchResult,
     UnknownIdError,
@@ -49,9 +53,9 @@ from index.store import (
     check_add,
     check_task,
     padded,
-    register_backend,
 )
 
+INSTALL_HINT = "pip install modret[milvus]"
 MAX_LIMIT = 16384  # Milvus' cap on topk
 _CHUNK = 10_000  # rows per insert / ids per expression, well under Milvus' message size limit
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -61,7 +65,6 @@ def _id_expr(ids: np.ndarray) -> str:
     return f"id in [{','.join(str(int(i)) for i in ids)}]"
 
 
-@register_backend("milvus")
 class MilvusStore:
     backend = "milvus"
 
@@ -76,8 +79,12 @@ class MilvusStore:
         collection_prefix: str = "modret",
         index_type: str = "FLAT",
     ) -> None:
-        from pymilvus import MilvusClient  # optional dependency: imported only when this backend is used
-
+        try:  # optional dependency (the ``milvus`` extra): imported only when this backend is used
+            from pymilvus import MilvusClient
+        except ImportError as e:
+            raise BackendUnavailableError(
+                f"the milvus backend needs pymilvus, which is not installed ({e}): {INSTALL_HINT}"
+            ) from e
         if not _NAME.fullmatch(collection_prefix):
             raise ValueError(f"collection_prefix {collection_prefix!r} must match {_NAME.pattern}")
         self.root = root
@@ -87,6 +94,10 @@ class MilvusStore:
         root.mkdir(parents=True, exist_ok=True)
         self.uri = uri or str(root / "gallery.db")
         self.lite = self.uri.endswith(".db")  # pymilvus' own rule: a .db uri is a Milvus Lite file
+        if self.lite and importlib.util.find_spec("milvus_lite") is None:
+            raise BackendUnavailableError(
+                f"the Milvus Lite file {self.uri} needs milvus-lite, which is not installed: {INSTALL_HINT}"
+            )
         self.options: dict[str, Any] = {"collection_prefix": collection_prefix, "index_type": index_type}
         self.collections = {
             task: f"{collection_prefix}_{i:03d}_{re.sub(r'[^A-Za-z0-9_]', '_', task)}"[:255]
@@ -271,3 +282,6 @@ class MilvusStore:
 
     def close(self) -> None:
         self._client.close()
+
+
+Store = MilvusStore  # what index.store.store_class("milvus") returns

@@ -1,4 +1,4 @@
-"""The vector-store contract every backend fulfils, and the registry that opens one by name.
+"""The vector-store contract every backend fulfils, and the table that opens one by name.
 
 A store holds, for every task the model knows, one set of L2-normalised float32 vectors keyed by int64
 ids (assigned by the gallery metadata: stable, never reused). The score of a match is the inner product,
@@ -15,14 +15,23 @@ their decoded approximation); an id not stored is an ``UnknownIdError`` naming i
 
 Durability is the backend's: ``save()`` commits a generation (see ``index.generations``) and ``load()``
 replaces the in-memory state with the newest generation that verifies, falling back to older ones.
-Backends register themselves in ``BACKENDS`` under the name the CLI's ``--backend`` accepts.
+Backends: ``BACKENDS`` maps each name the CLI's ``--backend`` accepts to the module that implements it
+(``"faiss"`` -> ``index.faiss_store``, ``"milvus"`` -> ``index.milvus_store``); it is the only place that
+lists them. Each backend module names its store class ``Store`` (constructed as
+``Store(root, *, tasks, dim, model_hash, **options)``). ``store_class(name)`` imports the module of
+``name`` on first use (``importlib``), so this module imports no backend: the implementations import the
+contract, never the other way round, and opening a Milvus store imports no faiss (Milvus Lite 3, which
+serves a ``.db`` file inside the process, brings its own; a Milvus server does not). A name not in the
+table is an ``UnknownBackendError`` listing the known ones; a backend whose optional dependencies are
+missing raises ``BackendUnavailableError`` naming the extra to install.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, cast, runtime_checkable
 
 import numpy as np
 
@@ -105,16 +114,35 @@ class VectorStore(Protocol):
     def close(self) -> None: ...
 
 
-StoreFactory = Callable[..., VectorStore]
-BACKENDS: dict[str, StoreFactory] = {}
+StoreFactory = Callable[..., VectorStore]  # Store(root, *, tasks, dim, model_hash, **options)
+
+# name (as ``--backend`` and gallery.json spell it) -> module defining ``Store``; imported on first use.
+BACKENDS: dict[str, str] = {"faiss": "index.faiss_store", "milvus": "index.milvus_store"}
 
 
-def register_backend(name: str) -> Callable[[StoreFactory], StoreFactory]:
-    def decorate(factory: StoreFactory) -> StoreFactory:
-        BACKENDS[name] = factory
-        return factory
+class UnknownBackendError(ValueError):
+    """A backend name that is not in ``BACKENDS``; the message lists the known ones."""
 
-    return decorate
+    def __init__(self, name: str) -> None:
+        super().__init__(f"unknown backend {name!r}; choose one of: {', '.join(sorted(BACKENDS))}")
+        self.name = name
+
+
+class BackendUnavailableError(ImportError):
+    """A known backend whose optional dependencies are not installed; the message names the extra."""
+
+
+def store_class(name: str) -> StoreFactory:
+    """The ``Store`` class of backend ``name``, importing its module (``BACKENDS[name]``) on first use."""
+    try:
+        module_path = BACKENDS[name]
+    except KeyError:
+        raise UnknownBackendError(name) from None
+    module = importlib.import_module(module_path)
+    try:
+        return cast(StoreFactory, module.Store)
+    except AttributeError:
+        raise TypeError(f"backend module {module_path} defines no Store class") from None
 
 
 def open_store(
@@ -127,17 +155,7 @@ def open_store(
     options: dict[str, Any] | None = None,
 ) -> VectorStore:
     """Open (and load, when a generation exists) the ``backend`` store rooted at ``root``."""
-    # Importing the backend modules fills BACKENDS; done here so that importing ``index.store`` alone
-    # stays cheap and never pulls pymilvus in.
-    import index.faiss_store
-    import index.milvus_store  # noqa: F401
-
-    try:
-        factory = BACKENDS[backend]
-    except KeyError:
-        raise ValueError(
-            f"unknown backend {backend!r}; choose one of: {', '.join(sorted(BACKENDS))}"
-        ) from None
+    factory = store_class(backend)
     store = factory(root, tasks=list(tasks), dim=dim, model_hash=model_hash, **(options or {}))
     store.load()
     return store

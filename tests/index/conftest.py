@@ -1,13 +1,18 @@
 """Shared fixtures for the index tests: every backend through one factory, random unit vectors, an oracle.
 
-Backends under contract (``BACKEND_CASES``): faiss flat (faiss search and the torch matmul path on CPU),
-faiss HNSW (exact in practice on these tiny galleries: ``ef_search`` exceeds the gallery size, so the
-graph walk visits every vector), faiss IVF-PQ (approximate: only the checks that do not need exactness)
-and Milvus Lite (one database file per test module; each store gets its own collection prefix).
+Backends under contract (``BACKEND_CASES``): one or more variants of every name in ``index.store.BACKENDS``
+(a backend added there runs under its defaults until ``VARIANTS`` lists cases for it): faiss flat (faiss
+search and the torch matmul path on CPU), faiss HNSW (exact in practice on these tiny galleries:
+``ef_search`` exceeds the gallery size, so the graph walk visits every vector), faiss IVF-PQ (approximate:
+only the checks that do not need exactness) and Milvus Lite (one database file per test module; each store
+gets its own collection prefix). A test parametrised with a case whose backend's optional dependencies are
+missing (Milvus without pymilvus and milvus-lite) is skipped with the reason; ``needs_milvus_lite`` marks
+the Milvus tests that are not parametrised.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 import pytest
 
-from index.store import VectorStore, open_store
+from index.store import BACKENDS, VectorStore, open_store
 
 DIM = 8
 TASKS = ["Smiling", "Eyeglasses"]
@@ -33,15 +38,38 @@ class BackendCase:
     exact: bool = True
     persists_unsaved: bool = False  # Milvus keeps acknowledged writes without save()
 
+    @property
+    def skip_reason(self) -> str | None:
+        """Why this case cannot run here (its backend's optional dependencies are missing), else None."""
+        return MISSING_MODULES.get(self.backend)
 
-BACKEND_CASES = [
-    BackendCase("faiss-flat", "faiss", {"kind": "flat", "search_device": "faiss"}),
-    BackendCase("faiss-flat-torch", "faiss", {"kind": "flat", "search_device": "cpu"}),
-    BackendCase("faiss-hnsw", "faiss", {"kind": "hnsw", "ef_search": 256}),
-    BackendCase("faiss-ivfpq", "faiss", {"kind": "ivfpq"}, exact=False),
-    BackendCase("milvus-lite", "milvus", persists_unsaved=True),
-]
+
+MILVUS_LITE = all(importlib.util.find_spec(name) is not None for name in ("pymilvus", "milvus_lite"))
+MISSING_MODULES = {} if MILVUS_LITE else {"milvus": "pymilvus / milvus-lite not installed (modret[milvus])"}
+needs_milvus_lite = pytest.mark.skipif(not MILVUS_LITE, reason=MISSING_MODULES.get("milvus", ""))
+
+# Cases per backend name; a name of BACKENDS without an entry runs as one case under its defaults.
+VARIANTS: dict[str, list[BackendCase]] = {
+    "faiss": [
+        BackendCase("faiss-flat", "faiss", {"kind": "flat", "search_device": "faiss"}),
+        BackendCase("faiss-flat-torch", "faiss", {"kind": "flat", "search_device": "cpu"}),
+        BackendCase("faiss-hnsw", "faiss", {"kind": "hnsw", "ef_search": 256}),
+        BackendCase("faiss-ivfpq", "faiss", {"kind": "ivfpq"}, exact=False),
+    ],
+    "milvus": [BackendCase("milvus-lite", "milvus", persists_unsaved=True)],
+}
+BACKEND_CASES = [case for name in BACKENDS for case in VARIANTS.get(name, [BackendCase(name, name)])]
 EXACT_CASES = [case for case in BACKEND_CASES if case.exact]
+
+
+@pytest.fixture(autouse=True)
+def _skip_unavailable_backend(request: pytest.FixtureRequest) -> None:
+    """Skip a test parametrised with a ``case`` whose backend cannot run here (see ``skip_reason``)."""
+    callspec = getattr(request.node, "callspec", None)
+    case = callspec.params.get("case") if callspec is not None else None
+    if isinstance(case, BackendCase) and case.skip_reason:
+        pytest.skip(case.skip_reason)
+
 
 _prefixes = itertools.count()
 StoreFactory = Callable[[], VectorStore]
@@ -63,6 +91,8 @@ def end_process_state(milvus_uri: str) -> None:
     For faiss nothing survives but the files already. Milvus Lite runs its server inside the process that
     first opened a ``.db`` file, one per file, kept until exit; stopping it makes the next client start a
     fresh server over the same file, whose collections come up released, as they do in a new process."""
+    if not MILVUS_LITE:
+        return  # no Milvus Lite server can be running
     from milvus_lite.server_manager import server_manager_instance
 
     server_manager_instance.release_server(milvus_uri)

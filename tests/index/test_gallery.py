@@ -18,6 +18,7 @@ from tests.index.conftest import (
     TASKS,
     BackendCase,
     end_process_state,
+    needs_milvus_lite,
     unit_vectors,
 )
 
@@ -140,6 +141,7 @@ def test_verify_reports_problems(tmp_path: Path) -> None:
     reader.close()
 
 
+@needs_milvus_lite
 def test_milvus_gallery(tmp_path: Path) -> None:
     gallery = create(tmp_path, backend="milvus")
     ids = gallery.add([item(i, male=i % 2) for i in range(6)], vectors(6))

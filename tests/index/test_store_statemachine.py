@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -132,5 +133,7 @@ for _case in EXACT_CASES:
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow],
     )
+    if _case.skip_reason:
+        _test = pytest.mark.skip(reason=_case.skip_reason)(_test)
     globals()[f"TestStoreMachine_{_case.name.replace('-', '_')}"] = _test
 del _case, _cheap, _test  # or pytest would collect the last machine twice
