@@ -5,8 +5,9 @@
   generates, see ``image_bytes``), hashes them (the content hash that deduplicates the gallery), decodes the
   image to RGB and groups images into batches. Unreadable files are skipped and listed in the report.
 - **embed**: each decoded batch is preprocessed once and embedded under all tasks with
-  ``model.embed_all_tasks``: the batch is expanded over tasks inside the model, which computes the
-  task-independent prefix once and the modulated stages as one mixed-task batch, giving (B, T, D).
+  ``model.embed_tasks`` (which moves it to the model's device): the batch is expanded over tasks inside
+  the model, which computes the task-independent prefix once and the modulated stages as one mixed-task
+  batch, giving (B, T, D).
 - **write**: ``Gallery.add`` (metadata rows + one vector per task); duplicates keep their first id.
   Unless ``store_images=False`` (``modret index build --no-store-images``, for galleries too large to keep
   a copy of), the bytes go into the gallery's content-addressed blob folder, so that the service can serve
@@ -41,8 +42,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 _PREFETCH = 2  # decoded batches waiting for the model: enough to hide decoding, little memory
-# Magic numbers of the formats the service serves (and accepts as uploads: ``service.images``); a file in
-# any other format (TIFF) is kept as its PNG encoding so that a browser can show every gallery image.
+# Magic numbers of the formats the service serves (and accepts as uploads: ``service.runtime.images``); a
+# file in any other format (TIFF) is kept as its PNG encoding so that a browser can show every gallery image.
 _SERVABLE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
 
 
@@ -155,8 +156,8 @@ def dataset_source(
 @torch.inference_mode()
 def embed_images(run: LoadedRun, images: list[Image.Image]) -> np.ndarray:
     """(B, T, D) float32 L2-normalised embeddings of ``images`` under every task of ``run``."""
-    batch = run.preprocess.stack(images).to(run.device)
-    return run.model.embed_all_tasks(batch).float().cpu().numpy()
+    batch = run.preprocess.stack(images)  # (B, 3, S, S) float32 on the CPU
+    return run.model.embed_tasks(batch).float().cpu().numpy()  # (B, T, D)
 
 
 def _batches(

@@ -1,7 +1,7 @@
 """Evaluation: per-task triplet accuracy on fixed seeded test triplets (the official metric), and
 retrieval mAP and precision@10 over the test split (relevant = same value of the task's attribute).
 
-Every test image is embedded under every task once (``embed_all_tasks``); all metrics read that
+Every test image is embedded under every task once (``MultiTaskEmbedder.embed_tasks``); all metrics read that
 (N, T, D) tensor.
 """
 
@@ -26,11 +26,11 @@ MAX_QUERIES = 2000
 def embed_all(
     model: MultiTaskEmbedder, pixels: Tensor, preprocess: Preprocess, batch_size: int = 128
 ) -> Tensor:
-    """uint8 (N, 3, S, S) -> (N, T, D) float32 on the CPU."""
-    device = next(model.parameters()).device
+    """uint8 (N, 3, S, S) -> (N, T, D) float32 on the CPU (``embed_tasks`` moves each chunk to the
+    model's device)."""
     model.eval()
     chunks = [
-        model.embed_all_tasks(preprocess.normalize(pixels[i : i + batch_size]).to(device)).float().cpu()
+        model.embed_tasks(preprocess.normalize(pixels[i : i + batch_size])).float().cpu()
         for i in range(0, len(pixels), batch_size)
     ]
     return torch.cat(chunks)

@@ -16,6 +16,7 @@ config dataclass and factory functions. Architectures (the paper's comparisons):
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, cast
@@ -314,7 +315,7 @@ class Trunk(nn.Module):
             width = embedding_dim if place == EMB else backbone.channels[int(place) - 1]
             self.modulations[place] = module(num_tasks, width, init)
         stage_places = [int(p) - 1 for p in modulate if p != EMB]
-        # Stages before the first modulated one are task-independent: embed_all_tasks runs them once.
+        # Stages before the first modulated one are task-independent: embed_tasks runs them once.
         self.first_conditioned = min(stage_places, default=len(self.stages))
 
     def forward_stages(self, x: Tensor, task_ids: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
@@ -339,26 +340,31 @@ class Trunk(nn.Module):
             z = self.modulations[EMB](z, task_ids)
         return F.normalize(z, dim=1)  # L2-normalised: triplet distances and cosine search agree
 
-    def embed_all_tasks(self, images: Tensor, num_tasks: int) -> Tensor:
-        batch = images.shape[0]
+    def embed_tasks(self, images: Tensor, task_ids: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, K, D): every image under each of the K ``task_ids`` (a (K,) long tensor on
+        the trunk's device, already validated), the task-independent prefix once per image."""
+        batch, k = images.shape[0], task_ids.shape[0]
 
         def expand(t: Tensor) -> tuple[Tensor, Tensor]:
-            # (B, ...) -> (B*T, ...) with rows ordered image-major, so the result reshapes to (B, T, D)
-            rows = t.unsqueeze(1).expand(batch, num_tasks, *t.shape[1:]).reshape(-1, *t.shape[1:])
-            return rows, torch.arange(num_tasks, device=t.device).repeat(batch)
+            # (B, ...) -> (B*K, ...) with rows ordered image-major, so the result reshapes to (B, K, D)
+            rows = t.unsqueeze(1).expand(batch, k, *t.shape[1:]).reshape(batch * k, *t.shape[1:])
+            return rows, task_ids.repeat(batch)  # (K,) -> (B*K,): image b, task slot j at row b*K + j
 
+        # No modulation sits in the prefix, so the ids it is given are never read.
         none = torch.zeros(batch, dtype=torch.long, device=images.device)
-        x = self.forward_stages(self.stem(images), none, 0, self.first_conditioned)
+        x = self.forward_stages(self.stem(images), none, 0, self.first_conditioned)  # (B, C, h, w)
         if self.first_conditioned < len(self.stages):
-            x, task_ids = expand(x)
-            z = self.project(self.forward_stages(x, task_ids, self.first_conditioned))
-        else:
-            z, task_ids = expand(self.project(self.forward_stages(x, none, self.first_conditioned)))
-        return self.finish(z, task_ids).reshape(batch, num_tasks, -1)
+            x, rows_ids = expand(x)  # (B, C, h, w) -> (B*K, C, h, w)
+            z = self.project(self.forward_stages(x, rows_ids, self.first_conditioned))  # (B*K, D)
+        else:  # only the embedding (or nothing) is modulated: the whole backbone runs once per image
+            z, rows_ids = expand(self.project(self.forward_stages(x, none, self.first_conditioned)))
+        return self.finish(z, rows_ids).reshape(batch, k, -1)  # (B*K, D) -> (B, K, D)
 
 
 class MultiTaskEmbedder(nn.Module):
-    """Embeds images under tasks. Seams: ``forward_features``, ``forward_head``, ``embed``."""
+    """Embeds images under tasks. Seams: ``forward_features``, ``forward_head``, ``embed`` (one row per
+    (image, task id), mixed tasks: training) and ``embed_tasks`` (every image under each of K tasks:
+    evaluation, gallery builds and serving)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -406,15 +412,67 @@ class MultiTaskEmbedder(nn.Module):
 
     forward = embed
 
-    def embed_all_tasks(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, T, D): every image under every task, the task-independent prefix once."""
+    @property
+    def device(self) -> torch.device:
+        """The device of the parameters (all of them live on one)."""
+        return next(self.parameters()).device
+
+    def resolve_task_ids(self, tasks: Sequence[int] | Tensor | None = None) -> Tensor:
+        """Task ids as a (K,) long tensor on the CPU, checked against ``0..T-1``; None: all T in order.
+
+        Raises TypeError for non-integer ids, ValueError for an empty or multi-dimensional list, and
+        IndexError, naming the valid range, for an id outside it (negative ids never wrap around).
+        """
+        if tasks is None:
+            return torch.arange(self.num_tasks)
+        if isinstance(tasks, Tensor):
+            if tasks.is_floating_point() or tasks.is_complex() or tasks.dtype == torch.bool:
+                raise TypeError(f"task ids must be integers, got a {tasks.dtype} tensor")
+            if tasks.dim() > 1:
+                raise ValueError(f"task ids must be a 1-D list, got shape {tuple(tasks.shape)}")
+            ids = tasks.detach().to("cpu", torch.long).reshape(-1)
+        else:
+            try:
+                ids = torch.tensor([operator.index(t) for t in tasks], dtype=torch.long)
+            except TypeError as e:
+                raise TypeError(f"task ids must be integers, got {list(tasks)!r}") from e
+        if ids.numel() == 0:
+            raise ValueError("no task ids given: pass at least one, or None for all tasks")
+        bad = ids[(ids < 0) | (ids >= self.num_tasks)]
+        if bad.numel():
+            raise IndexError(
+                f"task id {int(bad[0])} out of range: valid ids are 0..{self.num_tasks - 1} "
+                f"({self.num_tasks} tasks)"
+            )
+        return ids
+
+    def embed_tasks(self, images: Tensor, tasks: Sequence[int] | Tensor | None = None) -> Tensor:
+        """(B, 3, H, W) -> (B, K, D): L2-normalised embeddings of every image under each of the K task
+        ids in ``tasks`` (None: all T tasks, in order); ``out[b, j]`` equals ``embed`` of image b under
+        ``tasks[j]``. Ids may repeat and come in any order (see ``resolve_task_ids`` for the errors).
+
+        The unmodulated prefix (stem and the stages before the first modulated place) runs once per
+        image; only its output is expanded over the K tasks, which then go through the modulated rest
+        as one mixed-task batch. Independent networks run the trunk of each requested task on the B
+        images. ``images`` (normalised floats, see ``Preprocess.normalize``) are moved to the model's
+        device and cast to its parameters' dtype here, so callers need not; the result stays there.
+        """
+        if images.dim() != 4:
+            raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(
+                f"images must be normalised floats, got {images.dtype} (use Preprocess.normalize)"
+            )
+        ids = self.resolve_task_ids(tasks)  # (K,) on the CPU
+        parameter = next(self.parameters())
+        images = images.to(device=parameter.device, dtype=parameter.dtype)
         if len(self.trunks) == 1:
-            return self.trunk(0).embed_all_tasks(images, self.num_tasks)
-        per_task = []
-        for t in range(self.num_tasks):
-            ids = torch.full((images.shape[0],), t, dtype=torch.long, device=images.device)
-            per_task.append(self.trunk(t).forward_head(self.trunk(t).forward_features(images, ids), ids))
-        return torch.stack(per_task, dim=1)
+            return self.trunk(0).embed_tasks(images, ids.to(parameter.device))
+        per_task = {}  # independent networks: nothing is shared, one trunk per distinct requested task
+        for t in dict.fromkeys(ids.tolist()):
+            rows = torch.full((images.shape[0],), t, dtype=torch.long, device=parameter.device)  # (B,)
+            per_task[t] = self.trunk(t).forward_head(self.trunk(t).forward_features(images, rows), rows)
+        return torch.stack([per_task[t] for t in ids.tolist()], dim=1)  # K x (B, D) -> (B, K, D)
 
     def trunk(self, index: int) -> Trunk:
         return cast(Trunk, self.trunks[index])

@@ -166,7 +166,7 @@ def _mined_loss(
     if cfg.mining == "all-tasks":
         unique = np.unique(items)
         with amp:
-            table = model.embed_all_tasks(preprocess.normalize(pixels[unique]).to(device))  # (U, T, D)
+            table = model.embed_tasks(preprocess.normalize(pixels[unique]))  # (U, 3, S, S) -> (U, T, D)
         values = torch.from_numpy(labels[unique].T.copy()).to(device)  # (T, U)
         return batch_all_triplet_loss(table.float().transpose(0, 1), values, cfg.margin), len(unique)
     task_ids = torch.from_numpy(tasks).to(device)

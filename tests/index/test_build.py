@@ -45,6 +45,22 @@ def test_all_task_embedding_matches_per_task_embed(tiny_run: LoadedRun) -> None:
     assert not np.allclose(together[:, 0], together[:, 1], atol=1e-3)
 
 
+def test_embed_images_columns_match_a_task_subset_call(tiny_run: LoadedRun) -> None:
+    """``embed_images`` is ``embed_tasks`` over all tasks: a subset of its columns is the subset call."""
+    images = [item.image for item in dataset_source("synthfaces", image_size=32, num_images=3).items]
+    every = embed_images(tiny_run, images)
+    with torch.inference_mode():
+        subset = tiny_run.model.embed_tasks(tiny_run.preprocess.stack(images), [2, 0]).numpy()
+    np.testing.assert_allclose(subset, every[:, [2, 0]], atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_embed_images_on_a_cuda_run_matches_the_cpu_run(tiny_run: LoadedRun) -> None:
+    images = [item.image for item in dataset_source("synthfaces", image_size=32, num_images=4).items]
+    on_gpu = load_run(tiny_run.run_dir, "cuda")  # the batch is decoded on the CPU, moved by the model
+    np.testing.assert_allclose(embed_images(on_gpu, images), embed_images(tiny_run, images), atol=1e-4)
+
+
 def test_build_from_folder_dedupes_and_skips_unreadable(tiny_run: LoadedRun, tmp_path: Path) -> None:
     folder = tmp_path / "images"
     (folder / "sub").mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""The network: modulation semantics, seams, mixed-task batches, parameter accounting."""
+"""The network: modulation semantics, seams, mixed-task batches, ``embed_tasks``, parameter accounting."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def test_mixed_task_batch_equals_per_task_batches(arch, modulation, backbone, ne
         for t in tasks.unique():
             rows = tasks == t
             torch.testing.assert_close(mixed[rows], model.embed(images[rows], tasks[rows]), atol=ATOL, rtol=0)
-        every = model.embed_all_tasks(images)
+        every = model.embed_tasks(images)
     assert every.shape == (7, len(TASKS), 8)
     torch.testing.assert_close(every[torch.arange(7), tasks], mixed, atol=ATOL, rtol=0)
     torch.testing.assert_close(mixed.norm(dim=1), torch.ones(7), atol=ATOL, rtol=0)
@@ -83,6 +83,126 @@ def test_seams_compose_to_embed(arch, batch):
     torch.testing.assert_close(
         model.forward_head(features, tasks), model.embed(images, tasks), atol=ATOL, rtol=0
     )
+
+
+def _perturbed(arch: str, modulation: str = "vector", **kw: object):
+    """A tiny model whose modules (and per-task statistics) are off their initial values."""
+    model = tiny(arch, modulation, **kw)
+    with torch.no_grad():
+        for p in model.modulation_parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        for buffer in model.buffers():
+            if buffer.dim() == 2:  # TaskNeck's (T, D) running statistics
+                buffer.add_(0.3 * torch.rand_like(buffer))
+    return model
+
+
+# Cheap placements: the default (stages 3, 4 + emb), all places (prefix = the stem alone), emb only
+# (the whole backbone is task-independent).
+PLACES = [None, ["1", "2", "3", "4", "emb"], ["emb"]]
+SUBSETS = [None, [2], [1, 3], [3, 0, 2], [1, 1]]  # all, one, a subset, reordered, a repeat
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("modulation", MODULATIONS)
+@pytest.mark.parametrize("places", PLACES)
+@pytest.mark.parametrize("neck", NECKS)
+@pytest.mark.parametrize("subset", SUBSETS)
+def test_embed_tasks_equals_embed_of_repeated_images(arch, modulation, places, neck, subset, batch):
+    images, _ = batch
+    model = _perturbed(arch, modulation, modulate=places, neck=neck)
+    ids = list(range(len(TASKS))) if subset is None else subset
+    with torch.no_grad():
+        every = model.embed_tasks(images, subset)
+        # Reference: one row per (image, task) pair, image-major, through the mixed-task ``embed``.
+        rows = model.embed(images.repeat_interleave(len(ids), 0), torch.tensor(ids).repeat(len(images)))
+    assert every.shape == (len(images), len(ids), 8)
+    torch.testing.assert_close(every, rows.reshape(len(images), len(ids), 8), atol=ATOL, rtol=0)
+    torch.testing.assert_close(every.norm(dim=2), torch.ones(len(images), len(ids)), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_embed_tasks_takes_lists_tensors_and_none_alike(arch, batch):
+    images, _ = batch
+    model = _perturbed(arch)
+    with torch.no_grad():
+        every = model.embed_tasks(images)
+        torch.testing.assert_close(model.embed_tasks(images, range(len(TASKS))), every, atol=0, rtol=0)
+        torch.testing.assert_close(model.embed_tasks(images, torch.tensor([3, 1])), every[:, [3, 1]])
+        torch.testing.assert_close(model.embed_tasks(images, torch.tensor(2)), every[:, [2]])
+        assert model.embed_tasks(images.double()).dtype == torch.float32  # cast to the parameters'
+
+
+def _count_rows(module: torch.nn.Module) -> list[int]:
+    """Batch sizes of every call of ``module`` from now on."""
+    calls: list[int] = []
+    module.register_forward_hook(lambda _m, args, _out: calls.append(args[0].shape[0]))
+    return calls
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("places", PLACES)
+def test_embed_tasks_runs_the_unmodulated_prefix_once_per_image(arch, places, batch):
+    images, _ = batch
+    b, subset = len(images), [3, 0, 2]
+    model = tiny(arch, modulate=places)
+    trunks = [model.trunk(i) for i in range(len(model.trunks))]
+    stems = [_count_rows(trunk.stem) for trunk in trunks]
+    stages = [[_count_rows(stage) for stage in trunk.stages] for trunk in trunks]
+    with torch.no_grad():
+        model.embed_tasks(images, subset)
+    if arch == "independent":  # one trunk per task, nothing shared: each requested one sees B rows
+        for t, (stem, per_stage) in enumerate(zip(stems, stages, strict=True)):
+            expected = [b] if t in subset else []
+            assert stem == expected and all(calls == expected for calls in per_stage)
+        return
+    first = trunks[0].first_conditioned  # stages before it are the unmodulated prefix
+    stage_places = (
+        [] if arch != "modulated" else ["3"] if places is None else [p for p in places if p != "emb"]
+    )
+    assert first == min((int(p) - 1 for p in stage_places), default=len(trunks[0].stages))
+    assert stems[0] == [b], "the stem runs once, on B rows, not B*K"
+    for i, calls in enumerate(stages[0]):
+        assert calls == ([b] if i < first else [b * len(subset)]), (i, first, calls)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(
+    "tasks, error, message",
+    [
+        ([4], IndexError, r"task id 4 out of range: valid ids are 0\.\.3"),
+        ([0, -1], IndexError, r"task id -1 out of range: valid ids are 0\.\.3"),
+        (torch.tensor([1, 9]), IndexError, r"valid ids are 0\.\.3 \(4 tasks\)"),
+        ([], ValueError, "no task ids"),
+        (torch.zeros(2, 2, dtype=torch.long), ValueError, "1-D"),
+        ([0.5], TypeError, "integers"),
+        (torch.tensor([1.0]), TypeError, "integers"),
+    ],
+)
+def test_embed_tasks_rejects_bad_task_ids(arch, tasks, error, message, batch):
+    with pytest.raises(error, match=message):
+        tiny(arch).embed_tasks(batch[0], tasks)
+
+
+def test_embed_tasks_rejects_images_that_are_not_normalised_float_batches(batch):
+    model = tiny()
+    with pytest.raises(TypeError, match=r"Preprocess\.normalize"):
+        model.embed_tasks(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        model.embed_tasks(batch[0][0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_embed_tasks_moves_cpu_input_to_a_cuda_model(arch, batch):
+    images, _ = batch
+    model = _perturbed(arch)
+    with torch.no_grad():
+        expected = model.embed_tasks(images, [2, 0])
+        model.cuda()
+        out = model.embed_tasks(images, torch.tensor([2, 0]))  # CPU images and ids, CUDA model
+    assert out.device.type == "cuda" and model.device.type == "cuda"
+    torch.testing.assert_close(out.cpu(), expected, atol=1e-4, rtol=0)
 
 
 def test_vector_modulation_is_relu_gated_channel_scaling():
@@ -136,12 +256,12 @@ def test_routing_init_gives_each_task_a_fixed_random_half_of_the_channels(modula
 def test_routing_init_embeds_tasks_differently_from_the_first_step(modulation, batch):
     images, _ = batch
     model = tiny("modulated", modulation, modulate=["1", "2", "3", "4", "emb"], modulation_init="routing")
-    every = model.embed_all_tasks(images)  # (B, T, D)
+    every = model.embed_tasks(images)  # (B, T, D)
     for a in range(len(TASKS)):
         for b in range(a + 1, len(TASKS)):
             assert not torch.allclose(every[:, a], every[:, b], atol=1e-3)
     again = tiny("modulated", modulation, modulate=["1", "2", "3", "4", "emb"], modulation_init="routing")
-    torch.testing.assert_close(again.embed_all_tasks(images), every, atol=0, rtol=0)  # seeded
+    torch.testing.assert_close(again.embed_tasks(images), every, atol=0, rtol=0)  # seeded
 
 
 def test_task_neck_normalises_each_task_by_its_own_statistics():
