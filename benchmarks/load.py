@@ -72,7 +72,7 @@ def build_fixture(root: Path, gallery_size: int) -> tuple[Path, Path]:
 def serve(run: str, index: str, port: int, batch: int, wait_ms: float, queue: int) -> None:
     import uvicorn
 
-    from service.app import create_app
+    from service.api.app import create_app
     from service.settings import Settings
 
     settings = Settings(

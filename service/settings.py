@@ -26,7 +26,10 @@ class Settings(BaseSettings):
     data_dir: Path = Field(
         default=Path("data"), description="where `modret demo` keeps its model, index and example image"
     )
-    device: str = Field(default="cpu", description="torch device for the model: cpu, cuda, auto")
+    device: str = Field(
+        default="auto",
+        description="torch device for the model: auto (CUDA when available, else CPU), cpu, cuda",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from model.network import ModelConfig, create_model
 from model.run import save_run
-from service.cli_index import index_app
+from service.cli.index import index_app
 
 runner = CliRunner()
 
@@ -65,8 +65,11 @@ def test_build_info_verify(run_dir: Path, tmp_path: Path, kind: str, store_image
 
 
 def test_usage_errors(run_dir: Path, tmp_path: Path) -> None:
+    # Exit 2: the command could not do what was asked (service.cli.common's convention).
     result = runner.invoke(index_app, ["build", "--run", str(run_dir), "--out", str(tmp_path / "x")])
-    assert result.exit_code == 1 and "exactly one of --images DIR or --dataset NAME" in result.output
+    assert result.exit_code == 2 and "exactly one of --images DIR or --dataset NAME" in result.output
     result = runner.invoke(index_app, ["info", str(tmp_path / "missing")])
     # rich wraps the message at the console width, so where the break falls depends on the path's length
-    assert result.exit_code == 1 and "holds no gallery" in " ".join(result.output.split())
+    assert result.exit_code == 2 and "holds no gallery" in " ".join(result.output.split())
+    result = runner.invoke(index_app, ["verify", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "does not exist" in " ".join(result.output.split())

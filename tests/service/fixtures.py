@@ -27,8 +27,8 @@ from index.metadata import NewItem, content_hash
 from model.data.synthfaces import render_face
 from model.network import ModelConfig, create_model
 from model.run import METRICS, load_run, save_run, write_json
-from service.app import create_app
-from service.cli_serve import DrainingServer
+from service.api.app import create_app
+from service.api.server import DrainingServer
 from service.settings import Settings
 
 TASKS = ["Smiling", "Eyeglasses", "Black_Hair", "Wearing_Hat"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from index.gallery import Gallery
-from service.state import ServiceState
+from service.api.deps import ServiceState
 from tests.service.fixtures import error_of, face, running_server, settings_for
 
 

@@ -21,14 +21,14 @@ import pytest
 
 from model.run import WEIGHTS, load_run
 from model.train import TrainConfig
-from service import demo
+from service.cli import demo
 
 pytestmark = pytest.mark.timeout(900)
 
 # The demo command with a training configuration shrunk to seconds (image size, validation triplets).
 RUNNER = """
 import sys
-import service.demo as demo
+import service.cli.demo as demo
 
 full = demo.demo_train_config
 

@@ -1,4 +1,4 @@
-"""service.images: the type comes from the bytes, bombs and caps are 413, junk is 400/415, modes and
+"""service.runtime.images: the type comes from the bytes, bombs and caps are 413, junk is 400/415, modes and
 orientation are normalised."""
 
 from __future__ import annotations
@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from service.errors import ApiError
-from service.images import decode_image, sniff_format, to_rgb
+from service.api.errors import status_of as http_status
+from service.runtime.errors import ImageRejected
+from service.runtime.images import decode_image, sniff_format, to_rgb
 from service.settings import Settings
 from tests.service import payloads
 from tests.service.fixtures import encode
@@ -16,9 +17,9 @@ CAP = 1_000_000
 
 
 def status_of(data: bytes, cap: int = CAP) -> int:
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(ImageRejected) as info:
         decode_image(data, cap)
-    return info.value.status
+    return http_status(info.value)
 
 
 @pytest.mark.parametrize(

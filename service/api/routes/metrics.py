@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
-from service.auth import require_reader
-from service.errors import responses
-from service.state import ServiceState, get_state
+from service.api.auth import ReaderKey
+from service.api.deps import ServiceState, StateDep
+from service.api.errors import responses
 
-router = APIRouter(tags=["metrics"], dependencies=[Depends(require_reader)])
+router = APIRouter(tags=["metrics"], dependencies=[ReaderKey])
 
 
 def render(state: ServiceState) -> bytes:
@@ -28,6 +28,6 @@ def render(state: ServiceState) -> bytes:
     response_class=Response,
     responses={200: {"content": {"text/plain": {}}}, **responses(401, 504)},
 )
-async def metrics(state: ServiceState = Depends(get_state)) -> Response:
+async def metrics(state: StateDep) -> Response:
     body = await run_in_threadpool(render, state)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

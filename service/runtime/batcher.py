@@ -2,10 +2,11 @@
 
 Requests ``submit`` jobs (a few preprocessed images and the tasks to embed them under, or all tasks) to a
 bounded queue and await the job's future. The worker takes the first waiting job, gathers more until the
-batch holds ``max_batch_size`` images or ``max_wait_ms`` has passed, runs the model once per kind of job
-(``embed`` for chosen tasks, ``embed_all_tasks`` for gallery additions) and resolves every future with its
-rows. A full queue refuses at once (``QueueFull``: the route answers 503 with Retry-After) rather than
-letting requests time out in line. The model only ever runs on this thread, never on the event loop.
+batch holds ``max_batch_size`` images or ``max_wait_ms`` has passed, runs the model's one seam
+(``embed_tasks``: the task-independent prefix once per image, then each requested task) once per distinct
+task list in the batch, and resolves every future with its rows. A full queue refuses at once
+(``QueueFull``: the request is answered 503 with Retry-After) rather than letting requests time out in
+line. The model only ever runs on this thread, never on the event loop.
 ``max_batch_size=1`` turns batching off (one job per model call, still off the loop).
 """
 
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 
 from model.network import MultiTaskEmbedder
-from service.metrics import ServiceMetrics
+from service.telemetry import ServiceMetrics
 
 log = logging.getLogger("service.batcher")
 
@@ -206,31 +207,16 @@ class Batcher:
 
     @torch.inference_mode()
     def _compute(self, jobs: list[_Job]) -> list[np.ndarray]:
+        # One model call per distinct task list; under load nearly every job asks for the same one.
+        groups: dict[tuple[int, ...] | None, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(job.task_ids, []).append(i)
         outputs: dict[int, np.ndarray] = {}
-        every = [i for i, job in enumerate(jobs) if job.task_ids is None]
-        chosen = [i for i, job in enumerate(jobs) if job.task_ids is not None]
-        if every:
-            pixels = torch.cat([jobs[i].pixels for i in every])
-            vectors = self.model.embed_all_tasks(pixels).float().cpu().numpy()  # (N, T, D)
+        for tasks, members in groups.items():
+            pixels = torch.cat([jobs[i].pixels for i in members])
+            vectors = self.model.embed_tasks(pixels, tasks).float().cpu().numpy()  # (N, K, D)
             offset = 0
-            for i in every:
+            for i in members:
                 outputs[i] = vectors[offset : offset + jobs[i].size]
                 offset += jobs[i].size
-        if chosen:
-            rows, tids = [], []
-            for i in chosen:
-                job = jobs[i]
-                assert job.task_ids is not None
-                per = len(job.task_ids)
-                rows.append(job.pixels.repeat_interleave(per, dim=0))
-                tids.extend(list(job.task_ids) * job.size)
-            task_tensor = torch.tensor(tids, dtype=torch.long)
-            vectors = self.model.embed(torch.cat(rows), task_tensor).float().cpu().numpy()
-            offset = 0
-            for i in chosen:
-                job = jobs[i]
-                assert job.task_ids is not None
-                count = job.size * len(job.task_ids)
-                outputs[i] = vectors[offset : offset + count].reshape(job.size, len(job.task_ids), -1)
-                offset += count
         return [outputs[i] for i in range(len(jobs))]

@@ -1,8 +1,9 @@
 """Parsing the ``task`` and ``filter`` query parameters.
 
 ``task`` repeats: ``Smiling``, ``Smiling:1``, ``Black_Hair:0.5``, ``Eyeglasses:-1``. Names match
-case-insensitively; an unknown name is 404 with the valid ones listed; a name given twice, a missing or
-non-finite or zero weight is 422. ``filter`` repeats as ``Label:value`` with an integer value.
+case-insensitively; an unknown name is ``UnknownTask`` with the valid ones listed; a name given twice, a
+missing or non-finite or zero weight is ``InvalidQuery``. ``filter`` repeats as ``Label:value`` with an
+integer value.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from service.errors import ApiError
+from service.runtime.errors import InvalidQuery, UnknownTask
 
 _LABEL = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_WEIGHT = 1000.0
@@ -25,26 +26,17 @@ class WeightedTask:
     weight: float
 
 
-def unknown_task(name: str, known: Sequence[str]) -> ApiError:
-    return ApiError(
-        404,
-        "unknown_task",
-        f"unknown task {name!r}; valid tasks: {', '.join(known)}",
-        {"task": name, "valid_tasks": list(known)},
-    )
-
-
 def resolve_task(name: str, known: Sequence[str]) -> str:
-    """The canonical spelling of ``name`` (case-insensitive), or 404 listing the valid tasks."""
+    """The canonical spelling of ``name`` (case-insensitive), or ``UnknownTask`` listing the valid ones."""
     lookup = {task.lower(): task for task in known}
     canonical = lookup.get(name.strip().lower())
     if canonical is None:
-        raise unknown_task(name, known)
+        raise UnknownTask(name, known)
     return canonical
 
 
-def _invalid(message: str) -> ApiError:
-    return ApiError(422, "invalid_parameters", message)
+def _invalid(message: str) -> InvalidQuery:
+    return InvalidQuery(message)
 
 
 def parse_tasks(specs: Sequence[str], known: Sequence[str]) -> list[WeightedTask]:

@@ -2,7 +2,7 @@
 
 Multipart parsing is capped in parts (``max_form_parts`` for files and for fields) so a body of 10,000
 empty parts is refused after the cap instead of being parsed; the body size itself is capped by
-``service.body_limit`` while it streams in.
+``service.api.middleware`` while it streams in.
 """
 
 from __future__ import annotations
@@ -11,24 +11,17 @@ import base64
 import binascii
 import json
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 from starlette.datastructures import FormData, UploadFile
 
-from service.errors import ApiError
+from service.api.errors import ApiError
+from service.runtime.uploads import Upload
 from service.settings import Settings
 
 _LABEL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_LABELS = 256
-
-
-@dataclass
-class Upload:
-    filename: str
-    data: bytes
-    labels: dict[str, int] = field(default_factory=dict)
 
 
 def _media_type(request: Request) -> str:

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from service.auth import require_reader
-from service.errors import responses
-from service.request_log import note_task
+from service.api.auth import ReaderKey
+from service.api.deps import LoadedDep
+from service.api.errors import responses
+from service.api.middleware import note_task
+from service.runtime.loaded import Loaded
+from service.runtime.queries import resolve_task
 from service.schemas import ModelInfo, TaskInfo, TaskList
-from service.state import Loaded, get_loaded
-from service.task_specs import resolve_task
 
-router = APIRouter(tags=["tasks"], dependencies=[Depends(require_reader)])
+router = APIRouter(tags=["tasks"], dependencies=[ReaderKey])
 
 
 def describe_task(name: str) -> str:
@@ -40,12 +41,12 @@ def list_tasks(loaded: Loaded) -> TaskList:
 
 
 @router.get("/tasks", response_model=TaskList, responses=responses(401, 503, 504))
-async def get_tasks(loaded: Loaded = Depends(get_loaded)) -> TaskList:
+async def get_tasks(loaded: LoadedDep) -> TaskList:
     return await run_in_threadpool(list_tasks, loaded)
 
 
 @router.get("/tasks/{task}", response_model=TaskInfo, responses=responses(401, 404, 503, 504))
-async def get_task(task: str, request: Request, loaded: Loaded = Depends(get_loaded)) -> TaskInfo:
+async def get_task(task: str, request: Request, loaded: LoadedDep) -> TaskInfo:
     name = resolve_task(task, loaded.tasks)
     note_task(request, name)
     return await run_in_threadpool(task_info, loaded, name)

@@ -19,8 +19,8 @@ import numpy as np
 from index.gallery import Gallery
 from index.metadata import ItemRecord, UnknownLabelError
 from index.store import PAD_ID
-from service.errors import ApiError
-from service.task_specs import WeightedTask
+from service.runtime.errors import InvalidQuery
+from service.runtime.queries import WeightedTask
 
 MAX_CANDIDATES = 5000
 
@@ -42,7 +42,7 @@ def allowed_ids(gallery: Gallery, conditions: Mapping[str, int]) -> np.ndarray |
     try:
         return gallery.metadata.matching(resolved)
     except UnknownLabelError as exc:
-        raise ApiError(422, "unknown_label", str(exc), {"known_labels": sorted(names.values())}) from None
+        raise InvalidQuery(str(exc), {"known_labels": sorted(names.values())}, code="unknown_label") from None
 
 
 def similarities_for(gallery: Gallery, task: str, query: np.ndarray, ids: np.ndarray) -> dict[int, float]:

@@ -1,7 +1,11 @@
-"""The one error shape every failure is answered with, the exceptions that carry it, and their handlers.
+"""The one error shape every failure is answered with, and the one place errors become HTTP.
 
 Every error response is JSON ``{"status", "error", "message", "details", "request_id"}``: ``error`` is a
 stable machine code (``unknown_task``, ``payload_too_large``…), ``message`` says in words what was wrong.
+
+The runtime raises domain errors (``service.runtime.errors``); ``STATUS`` maps each class to its HTTP
+status here and nowhere else. ``ApiError`` is for failures of HTTP itself, raised only by the API layer
+(request bodies, keys, middleware).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.runtime import errors as domain
 
 log = logging.getLogger("service.errors")
 
@@ -30,7 +36,7 @@ class ErrorBody(BaseModel):
 
 
 class ApiError(Exception):
-    """Raised anywhere below a route; becomes an ``ErrorBody`` response with ``status``."""
+    """A failure of the HTTP request itself (body, headers, key), raised by the API layer only."""
 
     def __init__(
         self,
@@ -43,6 +49,27 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.error, self.message = status, error, message
         self.details, self.headers = details, headers
+
+
+# Most specific class first is not needed: ``status_of`` walks each error's MRO.
+STATUS: dict[type[domain.ServiceError], int] = {
+    domain.ServiceError: 400,
+    domain.ImageRejected: 400,
+    domain.ImageTooLarge: 413,
+    domain.UnsupportedImage: 415,
+    domain.NotFound: 404,
+    domain.UnknownTask: 404,
+    domain.VectorUnavailable: 409,
+    domain.InvalidQuery: 422,
+    domain.Unavailable: 503,
+}
+
+
+def status_of(exc: domain.ServiceError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    raise AssertionError(f"no HTTP status for {type(exc).__name__}")  # ServiceError is always in STATUS
 
 
 HTTP_CODES = {
@@ -106,6 +133,11 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, ApiError)
         return error_response(request, exc.status, exc.error, exc.message, exc.details, exc.headers)
 
+    async def on_domain_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, domain.ServiceError)
+        retry = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
+        return error_response(request, status_of(exc), exc.code, exc.message, exc.details, retry)
+
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         code = HTTP_CODES.get(exc.status_code, "error")
@@ -122,6 +154,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(request, 500, "internal_error", "internal error; see the server log")
 
     app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(domain.ServiceError, on_domain_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(Exception, on_unexpected)

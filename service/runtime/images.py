@@ -1,10 +1,10 @@
-"""Hardened image decoding: untrusted bytes in, an RGB ``PIL.Image`` out, or an ``ApiError`` saying why not.
+"""Hardened image decoding: untrusted bytes in, an RGB ``PIL.Image`` out, or ``ImageRejected`` saying why.
 
 - The type is decided from the bytes (magic numbers), never from a file name or a client's Content-Type,
-  against an allowlist: JPEG, PNG, WebP, GIF (first frame), BMP. Anything else is 415.
+  against an allowlist: JPEG, PNG, WebP, GIF (first frame), BMP. Anything else is ``UnsupportedImage``.
 - Pillow's decompression-bomb warning is an error here, and the service's own pixel cap (well below
-  Pillow's) is checked from the header before any pixel is decoded: 413.
-- Truncated or corrupt data is 400 (Pillow's ``LOAD_TRUNCATED_IMAGES`` stays off).
+  Pillow's) is checked from the header before any pixel is decoded: ``ImageTooLarge``.
+- Truncated or corrupt data is ``ImageRejected`` (Pillow's ``LOAD_TRUNCATED_IMAGES`` stays off).
 - EXIF orientation is applied; every mode becomes 8-bit RGB the same way each time: alpha (and palette
   transparency) is composited over white, CMYK/YCbCr/LAB converted, 16-bit and float scaled to 8 bits.
 """
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from service.errors import ApiError
+from service.runtime.errors import ImageRejected, ImageTooLarge, UnsupportedImage
 
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 MEDIA_TYPES = {
@@ -94,29 +94,23 @@ def describe_unknown(data: bytes) -> str:
     return "unrecognised data"
 
 
-def _unsupported(data: bytes) -> ApiError:
+def _unsupported(data: bytes) -> UnsupportedImage:
     kind = describe_unknown(data)
-    return ApiError(
-        415,
-        "unsupported_media_type",
+    return UnsupportedImage(
         f"not an allowed image type (looks like {kind}); send JPEG, PNG, WebP, GIF or BMP",
         {"detected": kind, "allowed": list(ALLOWED_FORMATS)},
     )
 
 
-def _too_many_pixels(width: int, height: int, max_pixels: int) -> ApiError:
-    return ApiError(
-        413,
-        "image_too_large",
+def _too_many_pixels(width: int, height: int, max_pixels: int) -> ImageTooLarge:
+    return ImageTooLarge(
         f"image of {width}x{height} = {width * height} pixels exceeds the cap of {max_pixels} pixels",
         {"width": width, "height": height, "max_pixels": max_pixels},
     )
 
 
-def _corrupt(fmt: str, exc: BaseException) -> ApiError:
-    return ApiError(
-        400, "corrupt_image", f"cannot decode the {fmt} image: it is truncated or corrupt ({exc})"
-    )
+def _corrupt(fmt: str, exc: BaseException) -> ImageRejected:
+    return ImageRejected(f"cannot decode the {fmt} image: it is truncated or corrupt ({exc})")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -144,22 +138,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
-    """Decode untrusted ``data`` into an RGB image or raise ``ApiError`` (400/413/415)."""
+    """Decode untrusted ``data`` into an RGB image or raise ``ImageRejected`` (or a subclass)."""
     if not data:
-        raise ApiError(400, "empty_image", "the image is empty (0 bytes)")
+        raise ImageRejected("the image is empty (0 bytes)", code="empty_image")
     fmt = sniff_format(data)
     if fmt is None:
         raise _unsupported(data)
     try:
         image = Image.open(io.BytesIO(data), formats=[fmt])
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ApiError(413, "image_too_large", f"decompression bomb refused: {exc}") from exc
+        raise ImageTooLarge(f"decompression bomb refused: {exc}") from exc
     except (UnidentifiedImageError, *_LOAD_ERRORS) as exc:
         raise _corrupt(fmt, exc) from exc
     with image:
         width, height = image.size
         if width < 1 or height < 1:
-            raise ApiError(400, "corrupt_image", f"image has no pixels ({width}x{height})")
+            raise ImageRejected(f"image has no pixels ({width}x{height})")
         if width * height > max_pixels:
             raise _too_many_pixels(width, height, max_pixels)
         try:
@@ -169,11 +163,11 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
             rgb = to_rgb(ImageOps.exif_transpose(image) or image)
             rgb.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ApiError(413, "image_too_large", f"decompression bomb refused: {exc}") from exc
+            raise ImageTooLarge(f"decompression bomb refused: {exc}") from exc
         except _LOAD_ERRORS as exc:
             raise _corrupt(fmt, exc) from exc
         except MemoryError as exc:
-            raise ApiError(413, "image_too_large", "image needs too much memory to decode") from exc
+            raise ImageTooLarge("image needs too much memory to decode") from exc
         if rgb is image:
             rgb = rgb.copy()  # detach from the file object closed below
     return DecodedImage(image=rgb, format=fmt, width=rgb.width, height=rgb.height)

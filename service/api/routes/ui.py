@@ -7,11 +7,11 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from service.errors import ApiError
+from service.api.errors import ApiError
 
 router = APIRouter(include_in_schema=False)
 
-STATIC = Path(__file__).resolve().parent.parent / "static"
+STATIC = Path(__file__).resolve().parents[2] / "static"
 FILES = {"app.js": "text/javascript", "style.css": "text/css"}
 _HEADERS = {
     "X-Content-Type-Options": "nosniff",

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 
-from service import search_query
-from service.auth import require_reader
-from service.errors import responses
-from service.request_log import note_task
+from service.api.auth import ReaderKey
+from service.api.bodies import read_query_image
+from service.api.deps import LoadedDep, StateDep
+from service.api.errors import responses
+from service.api.middleware import note_task
+from service.runtime import search as searching
+from service.runtime.queries import parse_filters, parse_tasks
+from service.runtime.search import SearchParams
 from service.schemas import SearchResponse
-from service.search_query import SearchParams
-from service.state import Loaded, ServiceState, get_loaded, get_state
-from service.task_specs import parse_filters, parse_tasks
-from service.uploads import read_query_image
 
-router = APIRouter(tags=["search"], dependencies=[Depends(require_reader)])
+router = APIRouter(tags=["search"], dependencies=[ReaderKey])
 
 _IMAGE_BODY: dict[str, Any] = {
     "requestBody": {
@@ -51,20 +51,22 @@ _IMAGE_BODY: dict[str, Any] = {
 )
 async def search(
     request: Request,
-    task: list[str] = Query(
-        ..., description="Task, or Task:weight; repeat to combine (negative: unlike the query)"
-    ),
-    k: int = Query(10, ge=1, le=1000, description="results per page"),
-    offset: int = Query(0, ge=0, le=10_000),
-    min_score: float | None = Query(None, ge=-1e6, le=1e6, allow_inf_nan=False),
-    filters: list[str] = Query([], alias="filter", description="Label:value, repeatable"),
-    explain: bool = Query(False, description="each result's similarity under every task"),
-    by_id: int | None = Query(None, ge=0, le=2**63 - 1, description="query with this gallery image"),
-    loaded: Loaded = Depends(get_loaded),
-    state: ServiceState = Depends(get_state),
+    loaded: LoadedDep,
+    state: StateDep,
+    task: Annotated[
+        list[str], Query(description="Task, or Task:weight; repeat to combine (negative: unlike the query)")
+    ],
+    k: Annotated[int, Query(ge=1, le=1000, description="results per page")] = 10,
+    offset: Annotated[int, Query(ge=0, le=10_000)] = 0,
+    min_score: Annotated[float | None, Query(ge=-1e6, le=1e6, allow_inf_nan=False)] = None,
+    filters: Annotated[list[str], Query(alias="filter", description="Label:value, repeatable")] = [],  # noqa: B006
+    explain: Annotated[bool, Query(description="each result's similarity under every task")] = False,
+    by_id: Annotated[
+        int | None, Query(ge=0, le=2**63 - 1, description="query with this gallery image")
+    ] = None,
 ) -> SearchResponse:
     tasks = parse_tasks(task, loaded.tasks)
     note_task(request, tasks[0].name if len(tasks) == 1 else "combined")
     params = SearchParams(tasks, k, offset, min_score, parse_filters(filters), explain, by_id)
     image = None if by_id is not None else await read_query_image(request, state.settings)
-    return await search_query.search(loaded, params, image, state.settings)
+    return await searching.search(loaded, params, image, state.settings)

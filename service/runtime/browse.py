@@ -6,13 +6,9 @@ from pathlib import Path
 
 from index.gallery import Gallery
 from index.metadata import ItemRecord
-from service.errors import ApiError
-from service.images import MEDIA_TYPES, sniff_format
+from service.runtime.errors import ImageNotFound, NotFound
+from service.runtime.images import MEDIA_TYPES, sniff_format
 from service.schemas import ImageInfo, ImagePage
-
-
-def not_found(item_id: int) -> ApiError:
-    return ApiError(404, "image_not_found", f"no gallery image with id {item_id}", {"id": item_id})
 
 
 def image_info(record: ItemRecord) -> ImageInfo:
@@ -30,7 +26,7 @@ def image_info(record: ItemRecord) -> ImageInfo:
 def get_record(gallery: Gallery, item_id: int) -> ItemRecord:
     record = gallery.items([item_id]).get(item_id)
     if record is None:
-        raise not_found(item_id)
+        raise ImageNotFound(item_id)
     return record
 
 
@@ -47,11 +43,10 @@ def content(gallery: Gallery, item_id: int) -> tuple[Path, str]:
     record = get_record(gallery, item_id)
     path = gallery.blob_path(record)
     if path is None or not path.is_file():
-        raise ApiError(
-            404,
-            "no_image_content",
+        raise NotFound(
             f"image {item_id} was indexed from {record.source!r} without keeping its bytes",
             {"id": item_id},
+            code="no_image_content",
         )
     with path.open("rb") as f:
         fmt = sniff_format(f.read(16))

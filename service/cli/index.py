@@ -7,7 +7,7 @@
   them: ``GET /images/{id}/content``, the web UI's thumbnails; it never serves a file by its path).
 - ``info INDEX_DIR``: tasks, counts, model hash, sizes, the served generation.
 - ``verify INDEX_DIR [--run RUN_DIR]``: checksums, model match, every id present in every task; exits 1 on
-  any problem.
+  any problem (exit codes: ``service.cli.common``).
 
 ``info`` and ``verify`` open the gallery read-only, so they can run beside a service that serves it.
 """
@@ -24,15 +24,12 @@ from tqdm import tqdm
 
 from index.build import build_gallery, dataset_source, folder_source
 from index.gallery import Gallery, GalleryError
+from index.store import BACKENDS
 from model.run import load_run
+from service.cli.common import DeviceOpt, fail, problems_found
 
 index_app = typer.Typer(help="Build, inspect and verify gallery indexes.", no_args_is_help=True)
 console = Console()
-
-
-def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
-    return typer.Exit(code=1)
 
 
 @index_app.command()
@@ -43,7 +40,7 @@ def build(
     dataset: str | None = typer.Option(None, "--dataset", help="Dataset name, e.g. synthfaces or celeba."),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="The dataset's files."),
     num_images: int | None = typer.Option(None, "--num-images", help="Dataset size or subsample."),
-    backend: str = typer.Option("faiss", "--backend", help="faiss or milvus."),
+    backend: str = typer.Option("faiss", "--backend", help=f"Vector store: {' or '.join(BACKENDS)}."),
     kind: str = typer.Option("flat", "--kind", help="faiss index kind: flat (exact), hnsw or ivfpq."),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     store_images: bool = typer.Option(
@@ -51,15 +48,15 @@ def build(
         "--store-images/--no-store-images",
         help="Keep each image's bytes in the gallery so the service can show them (off for huge galleries).",
     ),
-    device: str = typer.Option("auto", "--device", help="Torch device for embedding: auto, cpu, cuda."),
+    device: DeviceOpt = "auto",
 ) -> None:
     """Embed a gallery under every task and write one index per task plus metadata."""
     if (images is None) == (dataset is None):
-        raise _fail("give exactly one of --images DIR or --dataset NAME")
+        raise fail("give exactly one of --images DIR or --dataset NAME")
     try:
         loaded = load_run(run, device=device)
     except ValueError as e:
-        raise _fail(str(e)) from e
+        raise fail(str(e)) from e
     image_size = loaded.preprocess.image_size
     if images is not None:
         source = folder_source(images)
@@ -80,7 +77,7 @@ def build(
                 progress=bar.update,
             )
     except (FileExistsError, GalleryError, ValueError) as e:
-        raise _fail(str(e)) from e
+        raise fail(str(e)) from e
     t = report.timings
     console.print(
         f"{report.added} images ({report.duplicates} duplicates, {len(report.skipped)} unreadable) × "
@@ -96,7 +93,7 @@ def _open(index_dir: Path) -> Gallery:
     try:
         return Gallery.open(index_dir, read_only=True)
     except GalleryError as e:
-        raise _fail(str(e)) from e
+        raise fail(str(e)) from e
 
 
 @index_app.command()
@@ -135,8 +132,14 @@ def verify(
         try:
             model_hash = load_run(run).model_hash
         except ValueError as e:
-            raise _fail(str(e)) from e
-    gallery = _open(index_dir)
+            raise fail(str(e)) from e
+    if not index_dir.is_dir():
+        raise fail(f"{index_dir} does not exist")
+    try:
+        gallery = Gallery.open(index_dir, read_only=True)
+    except GalleryError as e:  # an index that cannot be opened is what verify reports, not a usage error
+        console.print(f"[red]problem[/red] {e}")
+        raise problems_found() from e
     try:
         report = gallery.verify(model_hash)
     finally:
@@ -146,4 +149,4 @@ def verify(
     for problem in report.problems:
         console.print(f"[red]problem[/red] {problem}")
     if not report.ok:
-        raise typer.Exit(code=1)
+        raise problems_found()

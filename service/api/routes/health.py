@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
-from service.errors import responses
+from service.api.deps import ServiceState, StateDep
+from service.api.errors import responses
 from service.schemas import Liveness, ModelInfo, Readiness
-from service.state import ServiceState, get_state
 
 router = APIRouter(tags=["health"])
 
@@ -29,6 +29,6 @@ def readiness(state: ServiceState) -> Readiness:
 
 
 @router.get("/v2/health/ready", response_model=Readiness, responses=responses(503, 504))
-async def ready(state: ServiceState = Depends(get_state)) -> Readiness:
+async def ready(state: StateDep) -> Readiness:
     state.require_ready()  # 503 at once while loading or draining, without a thread hop
     return await run_in_threadpool(readiness, state)

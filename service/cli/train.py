@@ -1,5 +1,4 @@
-"""The ``modret`` console entry point: one typer app, subcommands as plain typed functions whose
-defaults are the documented options."""
+"""``modret train``, ``eval``, ``compare`` and ``diagnose``: the model's commands (``model/``)."""
 
 from __future__ import annotations
 
@@ -11,19 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from service.cli_index import index_app
-from service.cli_serve import serve
-from service.demo import demo
-
-app = typer.Typer(help="Attribute-conditioned image retrieval with modulation modules.", no_args_is_help=True)
-app.add_typer(index_app, name="index")
-app.command("serve")(serve)
-app.command("demo")(demo)
-console = Console(stderr=True)
-
-
-def _split(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+from service.cli.common import DeviceOpt, console, fail, split
 
 
 def _tasks(value: str | None) -> list[str] | None:
@@ -31,12 +18,7 @@ def _tasks(value: str | None) -> list[str] | None:
     from model.data import TASK_PRESETS
 
     preset = TASK_PRESETS.get((value or "").strip().lower())
-    return list(preset) if preset else _split(value)
-
-
-def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
-    return typer.Exit(code=2)
+    return list(preset) if preset else split(value)
 
 
 DatasetOpt = Annotated[str, typer.Option(help="synthfaces | celeba | utzappos | folder")]
@@ -65,12 +47,11 @@ def _train_config(
     from model.train import MINING, DataConfig, TrainConfig
 
     if options["mining"] not in MINING:
-        raise _fail(f"unknown mining {options['mining']!r}; choose one of {', '.join(MINING)}")
+        raise fail(f"unknown mining {options['mining']!r}; choose one of {', '.join(MINING)}")
     data = DataConfig(dataset, str(data_dir) if data_dir else None, _tasks(tasks), num_images, seed)
     return TrainConfig(data=data, seed=seed, **options)
 
 
-@app.command()
 def train(
     out: Annotated[Path, typer.Option(help="run directory to write")],
     dataset: DatasetOpt = "synthfaces",
@@ -95,7 +76,7 @@ def train(
     lr: Annotated[float | None, typer.Option(help="default 1e-3 (AdamW) / 0.01 (Adagrad)")] = None,
     warmup: WarmupOpt = 0.25,
     seed: int = 0,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    device: DeviceOpt = "auto",
     resume: Annotated[bool, typer.Option(help="continue the interrupted run in --out")] = False,
 ) -> None:
     """Train a network; writes OUT/model.safetensors, config.json and metrics.json."""
@@ -111,7 +92,7 @@ def train(
             else _train_config(
                 dataset, data_dir, tasks, num_images, seed, arch=arch, modulation=modulation,
                 modulation_init=modulation_init, neck=neck, backbone=backbone, width=width,
-                modulate=_split(modulate),
+                modulate=split(modulate),
                 image_size=image_size, embedding_dim=embedding_dim, epochs=epochs, steps=steps,
                 per_task=per_task, margin=margin, mining=mining, optimizer=optimizer, lr=lr,
                 warmup=warmup, device=device,
@@ -119,7 +100,7 @@ def train(
         )  # fmt: skip
         metrics = run_training(cfg, out, resume=resume)
     except (DataFormatError, RunError, ValueError) as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     _print_eval(metrics["test"])
     console.print(f"wrote {out}/model.safetensors, config.json, metrics.json")
 
@@ -140,14 +121,13 @@ def _load_for_eval(
     return loaded, data.load(loaded.preprocess.image_size), data
 
 
-@app.command("eval")
 def eval_(
     run: Annotated[Path, typer.Option(help="run directory written by `modret train`")],
     dataset: Annotated[str | None, typer.Option(help="default: the run's own dataset")] = None,
     data_dir: DataDirOpt = None,
     split: Annotated[str, typer.Option(help="train | val | test")] = "test",
     as_json: Annotated[bool, typer.Option("--json", help="print the eval JSON")] = False,
-    device: str = "auto",
+    device: DeviceOpt = "auto",
 ) -> None:
     """Triplet accuracy, mAP and precision@10 per task on the test split."""
     from model.data.base import DataFormatError
@@ -159,7 +139,7 @@ def eval_(
         seed = int(loaded.config.get("train", {}).get("seed", 0))
         result = evaluate(loaded.model, ds, loaded.preprocess, seed=seed, split_seed=data.seed, split=split)
     except (DataFormatError, RunError, ValueError) as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:
@@ -180,7 +160,6 @@ def _print_eval(result: dict[str, Any]) -> None:
     )
 
 
-@app.command()
 def compare(
     dataset: DatasetOpt = "synthfaces",
     data_dir: DataDirOpt = None,
@@ -204,7 +183,7 @@ def compare(
     mining: Annotated[str | None, typer.Option(help="all-tasks | batch-all | none (default: budget)")] = None,
     warmup: Annotated[float | None, typer.Option(help="lr ramp fraction (default: budget)")] = None,
     seed: int = 0,
-    device: str = "auto",
+    device: DeviceOpt = "auto",
     out: Annotated[Path | None, typer.Option(help="default: runs/compare-<dataset>")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print {arch: eval JSON}")] = False,
 ) -> None:
@@ -220,14 +199,14 @@ def compare(
     from model.data.base import DataFormatError
     from model.network import ARCHS
 
-    arch_list = _split(archs) or []
+    arch_list = split(archs) or []
     unknown = [a for a in arch_list if a not in ARCHS]
     if unknown or not arch_list:
-        raise _fail(f"unknown architectures {unknown}; choose from {', '.join(ARCHS)}")
+        raise fail(f"unknown architectures {unknown}; choose from {', '.join(ARCHS)}")
     given = {
         "modulation_init": modulation_init,
         "neck": neck,
-        "modulate": _split(modulate),
+        "modulate": split(modulate),
         "width": width,
         "steps": steps,
         "per_task": per_task,
@@ -242,11 +221,10 @@ def compare(
     try:
         results = run_compare(cfg, cast(Any, arch_list), out or Path("runs") / f"compare-{dataset}")
     except (DataFormatError, ValueError) as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     typer.echo(json.dumps(results, indent=2) if as_json else markdown_table(results))
 
 
-@app.command()
 def diagnose(
     run: Annotated[Path, typer.Option(help="run directory written by `modret train`")],
     dataset: Annotated[str | None, typer.Option(help="default: the run's own dataset")] = None,
@@ -254,7 +232,7 @@ def diagnose(
     batches: int = 4,
     per_task: int = 16,
     as_json: Annotated[bool, typer.Option("--json", help="print the JSON report")] = False,
-    device: str = "auto",
+    device: DeviceOpt = "auto",
 ) -> None:
     """Gradient-direction consistency between tasks on the shared parameters (the paper's analysis)."""
     from model.data.base import DataFormatError
@@ -267,7 +245,7 @@ def diagnose(
             loaded.model, ds, loaded.preprocess, split_seed=data.seed, batches=batches, per_task=per_task
         )
     except (DataFormatError, RunError, ValueError) as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return

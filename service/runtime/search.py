@@ -1,20 +1,29 @@
-"""One search request from parameters to response: decode, embed (batched), rank, explain."""
+"""One search request from parameters to response: decode, embed (batched), rank, explain.
+
+A ``?by_id=`` query takes the item's stored embeddings straight from the store (``Gallery.vectors``): exact
+copies for exact indexes, the decoded approximation for an IVF-PQ index (re-normalised here, as queries
+always are). An item that has metadata but no vector under a task (removed meanwhile, or a store that a
+crash left behind) is ``VectorUnavailable``.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from starlette.concurrency import run_in_threadpool
+from anyio.to_thread import run_sync
 
-from service import retrieval
-from service.embedding import decode, embed, split_by_task
+from index.gallery import Gallery
+from index.store import UnknownIdError
+from service.runtime import ranking
+from service.runtime.embedding import decode, embed, split_by_task
+from service.runtime.errors import ImageNotFound, VectorUnavailable
+from service.runtime.loaded import Loaded
+from service.runtime.queries import WeightedTask, describe
 from service.schemas import ModelInfo, SearchHit, SearchResponse, TaskWeightOut, Timing
 from service.settings import Settings
-from service.state import Loaded
-from service.stored_vectors import stored_vectors
-from service.task_specs import WeightedTask, describe
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,24 @@ def image_url(item_id: int, has_blob: bool) -> str | None:
     return f"/images/{item_id}/content" if has_blob else None
 
 
+def stored_vectors(gallery: Gallery, item_id: int, tasks: Sequence[str]) -> dict[str, np.ndarray]:
+    """The stored, re-normalised vector of ``item_id`` under each of ``tasks``."""
+    if not gallery.items([item_id]):
+        raise ImageNotFound(item_id)
+    out: dict[str, np.ndarray] = {}
+    for task in tasks:
+        try:
+            vector = gallery.vectors([item_id], task)[0]
+        except UnknownIdError:
+            raise VectorUnavailable(
+                f"the index holds no stored vector of image {item_id} under {task!r}",
+                {"id": item_id, "task": task},
+            ) from None
+        norm = float(np.linalg.norm(vector))
+        out[task] = vector / norm if norm > 0 else vector
+    return out
+
+
 async def query_vectors(
     loaded: Loaded, params: SearchParams, image: bytes | None, settings: Settings, timing: dict[str, float]
 ) -> dict[str, np.ndarray]:
@@ -39,7 +66,7 @@ async def query_vectors(
     wanted = loaded.tasks if params.explain else [t.name for t in params.tasks]
     if params.by_id is not None:
         start = time.perf_counter()
-        vectors = await run_in_threadpool(stored_vectors, loaded.gallery, params.by_id, wanted)
+        vectors = await run_sync(stored_vectors, loaded.gallery, params.by_id, wanted)
         timing["search"] += (time.perf_counter() - start) * 1000
         return vectors
     assert image is not None
@@ -55,9 +82,9 @@ async def query_vectors(
 
 def _rank_and_explain(
     loaded: Loaded, params: SearchParams, vectors: dict[str, np.ndarray], candidate_factor: int
-) -> list[retrieval.Hit]:
-    allowed = retrieval.allowed_ids(loaded.gallery, params.filters)
-    ranked = retrieval.rank(
+) -> list[ranking.Hit]:
+    allowed = ranking.allowed_ids(loaded.gallery, params.filters)
+    ranked = ranking.rank(
         loaded.gallery,
         params.tasks,
         vectors,
@@ -68,8 +95,8 @@ def _rank_and_explain(
         exclude=[params.by_id] if params.by_id is not None else [],
         candidate_factor=candidate_factor,
     )
-    explained = retrieval.explain(loaded.gallery, vectors, [i for i, _ in ranked]) if params.explain else None
-    return retrieval.hits(loaded.gallery, ranked, explained)
+    explained = ranking.explain(loaded.gallery, vectors, [i for i, _ in ranked]) if params.explain else None
+    return ranking.hits(loaded.gallery, ranked, explained)
 
 
 async def search(
@@ -78,7 +105,7 @@ async def search(
     timing = {"decode": 0.0, "queue": 0.0, "embed": 0.0, "search": 0.0}
     vectors = await query_vectors(loaded, params, image, settings, timing)
     start = time.perf_counter()
-    found = await run_in_threadpool(_rank_and_explain, loaded, params, vectors, settings.candidate_factor)
+    found = await run_sync(_rank_and_explain, loaded, params, vectors, settings.candidate_factor)
     timing["search"] += (time.perf_counter() - start) * 1000
     results = [
         SearchHit(

@@ -1,4 +1,4 @@
-"""``modret serve``: run the API with uvicorn (registered by ``service/cli.py``).
+"""Running the app under uvicorn: ``build_server(settings)`` and the draining server it returns.
 
 SIGTERM/SIGINT: readiness turns 503 at once; after ``drain_delay_s`` (time for a load balancer to notice)
 uvicorn stops accepting, lets in-flight requests finish, and the app's lifespan saves the gallery.
@@ -10,16 +10,14 @@ import asyncio
 import logging
 import signal
 import socket
-from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
 
-import typer
 import uvicorn
 
-from service.app import configure, create_app
+from service.api.app import create_app
+from service.api.deps import ServiceState
+from service.logs import configure_logging
 from service.settings import Settings
-from service.state import ServiceState
 
 log = logging.getLogger("service.serve")
 
@@ -58,7 +56,7 @@ class DrainingServer(uvicorn.Server):
 
 def build_server(settings: Settings) -> DrainingServer:
     """The app for ``settings`` under a draining uvicorn server (logging configured first)."""
-    configure(settings)
+    configure_logging(settings.log_level)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -70,27 +68,3 @@ def build_server(settings: Settings) -> DrainingServer:
         server_header=False,
     )
     return DrainingServer(config, app.state.modret, settings.drain_delay_s)
-
-
-def serve(
-    run: Annotated[Path, typer.Option(help="run directory written by `modret train`")],
-    index: Annotated[Path, typer.Option(help="gallery directory written by `modret index build`")],
-    host: Annotated[str, typer.Option(help="bind address (loopback by default)")] = "127.0.0.1",
-    port: int = 8000,
-    max_batch_size: Annotated[int | None, typer.Option(help="images per model call; 1: no batching")] = None,
-    max_wait_ms: Annotated[float | None, typer.Option(help="wait to fill a batch")] = None,
-    create_index: Annotated[bool | None, typer.Option(help="create an empty gallery if none")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu | cuda | auto")] = None,
-) -> None:
-    """Serve RUN's model over the gallery in INDEX on HOST:PORT. Every other setting comes from
-    ``MODRET_*`` environment variables or ``.env`` (see ``service.settings.Settings``)."""
-    overrides: dict[str, Any] = {"run_dir": run, "index_dir": index, "host": host, "port": port}
-    for name, value in (
-        ("max_batch_size", max_batch_size),
-        ("max_wait_ms", max_wait_ms),
-        ("create_index", create_index),
-        ("device", device),
-    ):
-        if value is not None:
-            overrides[name] = value
-    build_server(Settings(**overrides)).run()

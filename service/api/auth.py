@@ -4,13 +4,14 @@ files; gallery writes need ``admin_key`` (when set) in the same header. Compared
 from __future__ import annotations
 
 import hmac
+from typing import Annotated
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Security
 from fastapi.security import APIKeyHeader
 from pydantic import SecretStr
 
-from service.errors import ApiError
-from service.state import ServiceState, get_state
+from service.api.deps import StateDep
+from service.api.errors import ApiError
 
 api_key_header = APIKeyHeader(
     name="X-API-Key", auto_error=False, description="API key (admin key for gallery writes), when configured"
@@ -27,9 +28,10 @@ def _unauthorized(message: str) -> ApiError:
     return ApiError(401, "unauthorized", message, headers={"WWW-Authenticate": "ApiKey"})
 
 
-def require_reader(
-    request: Request, key: str | None = Security(api_key_header), state: ServiceState = Depends(get_state)
-) -> None:
+KeyHeader = Annotated[str | None, Security(api_key_header)]
+
+
+def require_reader(key: KeyHeader, state: StateDep) -> None:
     settings = state.settings
     if settings.api_key is None:
         return
@@ -39,12 +41,10 @@ def require_reader(
         raise _unauthorized("wrong API key")
 
 
-def require_admin(
-    request: Request, key: str | None = Security(api_key_header), state: ServiceState = Depends(get_state)
-) -> None:
+def require_admin(key: KeyHeader, state: StateDep) -> None:
     settings = state.settings
     if settings.admin_key is None:
-        require_reader(request, key, state)
+        require_reader(key, state)
         return
     if key is None:
         raise _unauthorized("missing X-API-Key header (gallery writes need the admin key)")
@@ -53,3 +53,7 @@ def require_admin(
     if _matches(key, settings.api_key):
         raise ApiError(403, "forbidden", "this key may search but not change the gallery; use the admin key")
     raise _unauthorized("wrong API key")
+
+
+ReaderKey = Depends(require_reader)  # for ``dependencies=[...]``: any configured key may read
+AdminKey = Depends(require_admin)  # gallery writes: the admin key when one is set

@@ -7,7 +7,7 @@
    recorded in the gallery matches the run's), uses the requested backend and verifies (checksums, every
    id in every task); otherwise the synthetic-faces gallery is embedded under every task with
    ``index.build`` (again into a temporary directory first).
-3. **serve**: the API and web UI with ``service.cli_serve``'s server; once ready it prints the URL, the
+3. **serve**: the API and web UI with ``service.api.server``'s server; once ready it prints the URL, the
    tasks and a ready-to-paste ``curl`` that searches with ``DATA_DIR/example.png`` (a face drawn from a
    family that is not in the gallery).
 
@@ -18,7 +18,6 @@ setting (API keys, batching, limits) comes from ``MODRET_*`` variables as for ``
 
 from __future__ import annotations
 
-import fcntl
 import shutil
 import tempfile
 import threading
@@ -34,9 +33,12 @@ import typer
 
 from index.build import build_gallery, dataset_source
 from index.gallery import Gallery, GalleryError
+from index.store import BACKENDS
 from model.compare import SYNTHFACES_BUDGET
+from model.durable import FileLock, atomic_write
 from model.run import METRICS, WEIGHTS, LoadedRun, RunError, load_run, read_config
 from model.train import DataConfig, TrainConfig
+from service.cli.common import DeviceOpt
 from service.settings import Settings
 
 # The demo's training: `modret compare`'s synthetic-face recipe (routes at every stage, per-task neck,
@@ -226,12 +228,8 @@ def _in_place(final: Path) -> Iterator[Path]:
 def _data_dir_lock(data_dir: Path) -> Iterator[None]:
     """One ``modret demo`` prepares a data directory at a time (a second one waits)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    with (data_dir / ".demo.lock").open("a+b") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with FileLock(data_dir / ".demo.lock"):  # blocking, exclusive
+        yield
 
 
 # --- the example query and the banner ----------------------------------------------------------------
@@ -247,9 +245,7 @@ def write_example(path: Path, task: str = CURL_TASK) -> Path:
         image, labels = render_face(EXAMPLE_SEED, index, EXAMPLE_SIZE)
         if labels.get(task, 1) == 1:
             break
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, "PNG")
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: image.save(tmp, "PNG"))
     return path
 
 
@@ -302,8 +298,10 @@ def demo(
     num_images: Annotated[
         int | None, typer.Option(help=f"synthetic faces to train on and index (default {DEMO_IMAGES})")
     ] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda (training, indexing and serving)")] = "auto",
-    backend: Annotated[str, typer.Option(help="faiss | milvus (vector store of the demo gallery)")] = "faiss",
+    device: DeviceOpt = "auto",
+    backend: Annotated[
+        str, typer.Option(help=f"{' | '.join(BACKENDS)} (vector store of the demo gallery)")
+    ] = "faiss",
     milvus_uri: Annotated[
         str | None, typer.Option(help="Milvus address, e.g. http://milvus:19530 (default: Milvus Lite file)")
     ] = None,
@@ -312,9 +310,9 @@ def demo(
 ) -> None:
     """Train (or reuse) the default model on synthetic faces, index them, and serve the API and web UI."""
     started = time.perf_counter()
-    if backend not in ("faiss", "milvus"):
+    if backend not in BACKENDS:
         raise typer.BadParameter(
-            f"unknown backend {backend!r}; choose faiss or milvus", param_hint="--backend"
+            f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}", param_hint="--backend"
         )
     settings = Settings()
     paths = DemoPaths(data_dir if data_dir is not None else settings.data_dir)
@@ -349,7 +347,7 @@ def serve_demo(
     started: float,
 ) -> None:
     """Serve the demo's run and gallery with ``modret serve``'s server; print the banner once ready."""
-    from service.cli_serve import build_server
+    from service.api.server import build_server
 
     settings = base.model_copy(
         update={

@@ -1,0 +1,75 @@
+"""The FastAPI application: ``create_app(settings)``.
+
+The lifespan loads the run and opens the gallery (in a worker thread), starts the batcher, runs a
+warm-up pass (one batch through the model and one search per task) and only then reports ready. On
+shutdown readiness goes to 503 first, the batcher finishes its queued jobs, and the gallery is saved.
+
+Middleware, outermost first: request log (request id, latency metric) → body limit → request timeout →
+CORS (only when origins are configured) → routes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import ServiceState
+from service.api.errors import install_error_handlers
+from service.api.middleware import BodyLimitMiddleware, RequestLogMiddleware, RequestTimeoutMiddleware
+from service.api.routes import health, images, metrics, search, tasks, ui
+from service.runtime.loaded import load, shut_down, warm_up
+from service.settings import Settings
+from service.telemetry import ServiceMetrics
+
+log = logging.getLogger("service.app")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    state = ServiceState(settings=settings, metrics=ServiceMetrics())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        log.info("starting", extra={"fields": {"settings": settings.redacted()}})
+        loaded = await run_in_threadpool(load, settings, state.metrics)
+        state.loaded = loaded
+        try:
+            if settings.warmup:
+                await run_in_threadpool(warm_up, loaded)
+            state.ready = True
+            size = loaded.gallery.metadata.count()
+            log.info("ready", extra={"fields": {"tasks": len(loaded.tasks), "gallery_size": size}})
+            yield
+        finally:
+            state.draining = True
+            state.stopped = True
+            await run_in_threadpool(shut_down, loaded, settings)
+            log.info("stopped")
+
+    app = FastAPI(
+        title="modret",
+        version="0.1.0",
+        summary="Attribute-conditioned image retrieval: search a gallery by similarity under a task",
+        lifespan=lifespan,
+    )
+    app.state.modret = state
+    install_error_handlers(app)
+    for router in (search.router, tasks.router, images.router, health.router, metrics.router, ui.router):
+        app.include_router(router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["X-API-Key", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    app.add_middleware(RequestTimeoutMiddleware, timeout_s=settings.request_timeout_s)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestLogMiddleware, metrics=state.metrics)
+    return app

@@ -1,0 +1,41 @@
+"""What every ``modret`` subcommand shares: the exit-code convention, error reporting, common options.
+
+Exit codes, one convention for every subcommand:
+
+- ``0`` — done;
+- ``1`` (``EXIT_PROBLEMS``) — a check ran to the end and found problems (``modret index verify``), as
+  ``diff`` and ``grep`` use 1 for a negative answer;
+- ``2`` (``EXIT_ERROR``) — the command could not do what was asked: a wrong option or option value, a run,
+  dataset or gallery that is missing or unreadable. click answers its own usage errors (a missing or
+  malformed option) with 2 as well, so every error a user can make ends the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+EXIT_PROBLEMS = 1
+EXIT_ERROR = 2
+
+console = Console(stderr=True)
+
+DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when available, else CPU) | cpu | cuda")]
+
+
+def fail(message: str) -> typer.Exit:
+    """Report ``message`` on stderr; the ``typer.Exit`` to raise when the command cannot go on (exit 2)."""
+    console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code=EXIT_ERROR)
+
+
+def problems_found() -> typer.Exit:
+    """The ``typer.Exit`` to raise when a check finished and reported problems (exit 1)."""
+    return typer.Exit(code=EXIT_PROBLEMS)
+
+
+def split(value: str | None) -> list[str] | None:
+    """A comma-separated option as a list (None when empty)."""
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None

@@ -1,0 +1,102 @@
+"""The runtime's domain errors: what went wrong with a request, in words, without any HTTP.
+
+Each error carries a stable machine ``code`` (``unknown_task``, ``image_too_large``…), a message that says
+what was wrong and how to fix it, and optional ``details``. The API edge (``service.api.errors``) maps each
+class to one HTTP status; nothing below it knows about status codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+class ServiceError(Exception):
+    """Base of every domain error the service answers with a JSON error body."""
+
+    code = "error"
+
+    def __init__(
+        self,
+        message: str,
+        details: dict[str, Any] | None = None,
+        *,
+        code: str | None = None,
+        retry_after_s: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        self.retry_after_s = retry_after_s
+        if code is not None:
+            self.code = code
+
+
+class InvalidQuery(ServiceError):
+    """Well-formed request, invalid parameters (a zero weight, a bad filter, an unknown label)."""
+
+    code = "invalid_parameters"
+
+
+class UnknownTask(ServiceError):
+    """A task name the model does not serve; the details list the valid ones."""
+
+    code = "unknown_task"
+
+    def __init__(self, name: str, known: Sequence[str]) -> None:
+        super().__init__(
+            f"unknown task {name!r}; valid tasks: {', '.join(known)}",
+            {"task": name, "valid_tasks": list(known)},
+        )
+
+
+class NotFound(ServiceError):
+    """A gallery image (or its stored bytes) that does not exist."""
+
+    code = "not_found"
+
+
+class ImageNotFound(NotFound):
+    code = "image_not_found"
+
+    def __init__(self, item_id: int) -> None:
+        super().__init__(f"no gallery image with id {item_id}", {"id": item_id})
+
+
+class VectorUnavailable(ServiceError):
+    """The item exists but the index holds no vector of it under a task (removed meanwhile)."""
+
+    code = "vector_unavailable"
+
+
+class ImageRejected(ServiceError):
+    """Image bytes that cannot be decoded: empty, truncated or corrupt."""
+
+    code = "corrupt_image"
+
+
+class ImageTooLarge(ImageRejected):
+    """Too many pixels, a decompression bomb, or more memory than a decode may take."""
+
+    code = "image_too_large"
+
+
+class UnsupportedImage(ImageRejected):
+    """Bytes of a type outside the allowlist (JPEG, PNG, WebP, GIF, BMP)."""
+
+    code = "unsupported_media_type"
+
+
+class Unavailable(ServiceError):
+    """The service cannot take this request now (loading, shutting down); retry after ``retry_after_s``."""
+
+    code = "unavailable"
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after_s: int = 1) -> None:
+        super().__init__(message, code=code, retry_after_s=retry_after_s)
+
+
+class Overloaded(Unavailable):
+    """The model's queue is full or its worker is stopping."""
+
+    code = "overloaded"
