@@ -12,23 +12,15 @@ from PIL import Image
 from index.build import build_gallery, dataset_source, embed_images, folder_source
 from index.gallery import Gallery
 from index.metadata import content_hash
-from model.network import ModelConfig, create_model
-from model.run import LoadedRun, load_run, save_run
+from model.run import LoadedRun, load_run
+from tests.factories import make_run
 
 TASKS = ["Smiling", "Eyeglasses", "Male"]
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> LoadedRun:
-    torch.manual_seed(0)
-    config = ModelConfig(task_names=TASKS, backbone="resnet18", width=8, image_size=32, embedding_dim=16)
-    run_dir = tmp_path_factory.mktemp("run")
-    model = create_model(config)
-    with torch.no_grad():  # move the modulations off their all-ones start so that tasks differ
-        for parameter in model.modulation_parameters():
-            parameter.add_(torch.rand_like(parameter))
-    save_run(run_dir, model)
-    return load_run(run_dir)
+    return load_run(make_run(tmp_path_factory.mktemp("run"), task_names=TASKS, embedding_dim=16))
 
 
 def test_all_task_embedding_matches_per_task_embed(tiny_run: LoadedRun) -> None:

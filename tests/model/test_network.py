@@ -9,6 +9,7 @@ from model.network import (
     ARCHS,
     BACKBONES,
     MODULATION_INITS,
+    MODULATION_MODULES,
     MODULATIONS,
     NECKS,
     BatchNeck,
@@ -16,19 +17,24 @@ from model.network import (
     ModelConfig,
     TaskNeck,
     VectorModulation,
-    create_model,
 )
+from tests.factories import tiny_model
 
 TASKS = ["Smiling", "Eyeglasses", "Bald", "Big_Nose"]
 ATOL = 1e-5
 
 
 def tiny(arch: str = "modulated", modulation: str = "vector", backbone: str = "resnet18", **kw: object):
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        task_names=TASKS, arch=arch, modulation=modulation, backbone=backbone, width=4, embedding_dim=8, **kw
-    )  # type: ignore[arg-type]
-    return create_model(cfg).eval()
+    """The factory's tiny model at width 4 with 8-dimensional embeddings over ``TASKS``."""
+    return tiny_model(
+        task_names=TASKS,
+        arch=arch,
+        modulation=modulation,
+        backbone=backbone,
+        width=4,
+        embedding_dim=8,
+        **kw,
+    )
 
 
 @pytest.fixture
@@ -55,13 +61,8 @@ def test_initial_modules_compute_the_unmodulated_network(backbone, modulation, p
 @pytest.mark.parametrize("neck", NECKS)
 def test_mixed_task_batch_equals_per_task_batches(arch, modulation, backbone, neck, batch):
     images, tasks = batch
-    model = tiny(arch, modulation, backbone, neck=neck)
-    with torch.no_grad():  # move modules (and per-task statistics) off their initial value
-        for p in model.modulation_parameters():
-            p.add_(0.3 * torch.randn_like(p))
-        for buffer in model.buffers():
-            if buffer.dim() == 2:  # TaskNeck's (T, D) running statistics
-                buffer.add_(0.3 * torch.rand_like(buffer))
+    model = _perturbed(arch, modulation, backbone=backbone, neck=neck)
+    with torch.no_grad():
         mixed = model.embed(images, tasks)
         for t in tasks.unique():
             rows = tasks == t
@@ -87,10 +88,8 @@ def test_seams_compose_to_embed(arch, batch):
 
 def _perturbed(arch: str, modulation: str = "vector", **kw: object):
     """A tiny model whose modules (and per-task statistics) are off their initial values."""
-    model = tiny(arch, modulation, **kw)
+    model = tiny(arch, modulation, perturb=0.3, **kw)
     with torch.no_grad():
-        for p in model.modulation_parameters():
-            p.add_(0.3 * torch.randn_like(p))
         for buffer in model.buffers():
             if buffer.dim() == 2:  # TaskNeck's (T, D) running statistics
                 buffer.add_(0.3 * torch.rand_like(buffer))
@@ -235,7 +234,7 @@ def test_matrix_modulation_matches_a_per_sample_projection(shape):
 @pytest.mark.parametrize("modulation", MODULATIONS)
 def test_routing_init_gives_each_task_a_fixed_random_half_of_the_channels(modulation):
     torch.manual_seed(3)
-    module = (VectorModulation if modulation == "vector" else MatrixModulation)(12, 256, "routing")
+    module = MODULATION_MODULES[modulation](12, 256, "routing")
     factors = module.weight if modulation == "vector" else torch.diagonal(module.weight, dim1=1, dim2=2)
     if modulation == "matrix":  # off the diagonal: zero
         assert torch.count_nonzero(module.weight).item() == torch.count_nonzero(factors).item()

@@ -7,20 +7,15 @@ import json
 import pytest
 import torch
 
-from model.network import ModelConfig, create_model
 from model.run import CONFIG, WEIGHTS, RunError, load_run, save_run
+from tests.factories import tiny_model
 
 
 @pytest.fixture
 def model():
-    torch.manual_seed(0)
-    m = create_model(
-        ModelConfig(task_names=["A", "B"], modulation="matrix", width=4, image_size=32, embedding_dim=8)
+    return tiny_model(
+        perturb=1.0, task_names=["A", "B"], modulation="matrix", width=4, image_size=32, embedding_dim=8
     )
-    with torch.no_grad():
-        for p in m.modulation_parameters():
-            p.add_(torch.randn_like(p))
-    return m.eval()
 
 
 def test_round_trip_gives_identical_embeddings(tmp_path, model):

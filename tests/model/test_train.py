@@ -27,22 +27,14 @@ from model.train import (
     resume_config,
     train,
 )
+from tests.factories import tiny_train_config
 
 TASKS = ["Pale_Skin", "Wearing_Hat", "Eyeglasses"]
 
 
 def tiny_config(**kw: object) -> TrainConfig:
-    base: dict[str, object] = {
-        "data": DataConfig(tasks=TASKS, num_images=150),
-        "width": 4,
-        "image_size": 32,
-        "embedding_dim": 8,
-        "steps": 6,
-        "per_task": 2,
-        "val_triplets_per_task": 20,
-        "device": "cpu",
-    }
-    return TrainConfig(**{**base, **kw})  # type: ignore[arg-type]
+    """The factory's tiny training over ``TASKS`` on 150 synthetic faces (the resume test counts on it)."""
+    return tiny_train_config(**{"data": DataConfig(tasks=TASKS, num_images=150), **kw})
 
 
 def test_train_writes_a_loadable_run_with_metrics(tmp_path):

@@ -7,7 +7,7 @@ import zlib
 
 from PIL import Image
 
-from tests.service.fixtures import encode
+from tests.factories import encode
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

@@ -12,7 +12,8 @@ from PIL import Image
 from index.build import build_gallery, dataset_source
 from index.gallery import Gallery
 from model.run import load_run
-from tests.service.fixtures import IMAGE_SIZE, encode, error_of, face, running_server, settings_for
+from tests.factories import IMAGE_SIZE, encode, face
+from tests.service.api.server import error_of, running_server, settings_for
 
 
 def test_add_read_list_delete_and_persist(run_dir: Path, index_dir: Path) -> None:

@@ -12,8 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.factories import face
 from tests.service import payloads
-from tests.service.fixtures import Server, error_of, face
+from tests.service.api.server import Server, error_of
 
 BODY_CAP = 256 * 1024  # shared_server's max_body_bytes
 PIXEL_CAP = 1_000_000  # shared_server's max_image_pixels

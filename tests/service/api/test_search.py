@@ -9,7 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.service.fixtures import TASKS, Server, error_of, face
+from tests.factories import TASKS, face
+from tests.service.api.server import Server, error_of
 
 
 def post(server: Server, params: Any, image: bytes | None = None, **kwargs: Any) -> httpx.Response:

@@ -10,8 +10,8 @@ from service.api.errors import status_of as http_status
 from service.runtime.errors import ImageRejected
 from service.runtime.images import decode_image, sniff_format, to_rgb
 from service.settings import Settings
+from tests.factories import encode
 from tests.service import payloads
-from tests.service.fixtures import encode
 
 CAP = 1_000_000
 

@@ -10,7 +10,8 @@ import torch
 
 from index.gallery import Gallery
 from service.api.deps import ServiceState
-from tests.service.fixtures import error_of, face, running_server, settings_for
+from tests.factories import face
+from tests.service.api.server import error_of, running_server, settings_for
 
 
 def test_api_keys(run_dir: Path, index_dir: Path) -> None:
@@ -148,7 +149,7 @@ def test_graceful_shutdown_drains_and_saves(run_dir: Path, index_dir: Path) -> N
 
 
 def test_health_routes(shared_server: object) -> None:
-    from tests.service.fixtures import Server
+    from tests.service.api.server import Server
 
     assert isinstance(shared_server, Server)
     with shared_server.client() as client:

@@ -16,11 +16,12 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.service.fixtures import Server, face, free_socket, running_server, settings_for
+from tests.factories import face
+from tests.service.api.server import Server, free_socket, running_server, settings_for
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[3] / "test-artifacts"
 ELEMENT = "element-6066-11e4-a52e-4f735466cecf"  # the W3C web element key
 
 pytestmark = pytest.mark.skipif(

@@ -45,7 +45,8 @@ BUDGET = ["--steps", "2", "--width", "8", "--num-images", "120", "--device", "cp
 READY = "modret demo ready"
 
 
-def tiny_config(steps: int = 2) -> TrainConfig:
+def shrunk_demo_config(steps: int = 2) -> TrainConfig:
+    """The demo's own training configuration, shrunk as ``RUNNER`` shrinks it (its cache keys on it)."""
     cfg = demo.demo_train_config(steps, 8, 120, "cpu")
     cfg.image_size, cfg.per_task, cfg.val_triplets_per_task = 32, 2, 8
     return cfg
@@ -141,9 +142,9 @@ def test_demo_trains_serves_then_reuses_its_cache(tmp_path: Path) -> None:
 
     # What invalidates the cache.
     paths = demo.DemoPaths(data)
-    cfg = tiny_config()
+    cfg = shrunk_demo_config()
     assert demo.stale_run_reason(paths.run_dir, cfg) is None
-    assert "other settings" in (demo.stale_run_reason(paths.run_dir, tiny_config(steps=3)) or "")
+    assert "other settings" in (demo.stale_run_reason(paths.run_dir, shrunk_demo_config(steps=3)) or "")
     run = load_run(paths.run_dir)
     assert demo.stale_index_reason(paths.index_dir, run, "faiss") is None
     assert "milvus" in (demo.stale_index_reason(paths.index_dir, run, "milvus") or "")
@@ -165,7 +166,7 @@ def test_demo_trains_serves_then_reuses_its_cache(tmp_path: Path) -> None:
 
 def test_incomplete_run_is_not_reused(tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / "demo"
-    cfg = tiny_config()
+    cfg = shrunk_demo_config()
     assert "not found" in (demo.stale_run_reason(run_dir, cfg) or "")
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text("{not json")

@@ -20,21 +20,22 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def trained_run_dir(tmp_path_factory):
+    """A run written by ``modret train`` itself (what these tests check), not by ``tests.factories``."""
     out = tmp_path_factory.mktemp("run")
     result = runner.invoke(app, ["train", "--out", str(out), "--steps", "4", *TINY])
     assert result.exit_code == 0, result.output
     return out
 
 
-def test_train_prints_the_evaluation_and_writes_the_run(run_dir):
-    assert (run_dir / "model.safetensors").is_file()
-    config = json.loads((run_dir / "config.json").read_text())
+def test_train_prints_the_evaluation_and_writes_the_run(trained_run_dir):
+    assert (trained_run_dir / "model.safetensors").is_file()
+    config = json.loads((trained_run_dir / "config.json").read_text())
     assert config["model"]["task_names"] == ["Pale_Skin", "Wearing_Hat"]  # canonical case
 
 
-def test_eval_json_has_the_documented_shape(run_dir):
-    result = runner.invoke(app, ["eval", "--run", str(run_dir), "--json", "--device", "cpu"])
+def test_eval_json_has_the_documented_shape(trained_run_dir):
+    result = runner.invoke(app, ["eval", "--run", str(trained_run_dir), "--json", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert set(report["tasks"]) == {"Pale_Skin", "Wearing_Hat"}
@@ -44,9 +45,9 @@ def test_eval_json_has_the_documented_shape(run_dir):
     assert report["params"]["per_task_extra"] > 0
 
 
-def test_diagnose_reports_cosines_overall_and_per_layer(run_dir):
+def test_diagnose_reports_cosines_overall_and_per_layer(trained_run_dir):
     result = runner.invoke(
-        app, ["diagnose", "--run", str(run_dir), "--json", "--batches", "1", "--device", "cpu"]
+        app, ["diagnose", "--run", str(trained_run_dir), "--json", "--batches", "1", "--device", "cpu"]
     )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -89,7 +90,7 @@ def test_bad_input_exits_with_a_clear_message(args, message):
     assert message in result.output
 
 
-CELEBA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "celeba-10k"
+CELEBA = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "celeba-10k"
 
 
 @pytest.mark.celeba

@@ -10,7 +10,8 @@ from pathlib import Path
 import httpx
 
 from index.gallery import Gallery
-from tests.service.fixtures import GALLERY_SIZE, TASKS, face, running_server, settings_for
+from tests.factories import GALLERY_SIZE, TASKS, face
+from tests.service.api.server import running_server, settings_for
 
 
 def check_search(response: httpx.Response, k: int) -> None:

@@ -5,27 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
-from model.network import ModelConfig, create_model
-from model.run import save_run
 from service.cli.index import index_app
+from tests.factories import make_run
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("run")
-    save_run(
-        path,
-        create_model(
-            ModelConfig(task_names=["Smiling", "Eyeglasses"], width=8, image_size=32, embedding_dim=16)
-        ),
-    )
-    return path
+    """A two-task run (the messages below count 2 tasks); overrides the session-wide ``run_dir``."""
+    return make_run(tmp_path_factory.mktemp("run"), task_names=["Smiling", "Eyeglasses"])
 
 
 @pytest.mark.parametrize(("kind", "store_images"), [("flat", True), ("hnsw", False)])
