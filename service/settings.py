@@ -53,10 +53,22 @@ class Settings(BaseSettings):
         ge=1,
         description="decoded pixel cap (Pillow's own bomb limit is 89M/179M)",
     )
+    max_decode_bytes: int = Field(
+        default=512 * 1024 * 1024,
+        ge=16 * 1024 * 1024,
+        description="decode memory shared by requests in flight; 503 when in use, 413 if one needs more",
+    )
     max_form_parts: int = Field(
         default=64, ge=1, description="multipart files and fields accepted per request"
     )
     max_upload_files: int = Field(default=32, ge=1, description="images per POST /images")
+    max_url_bytes: int = Field(
+        default=8 * 1024, ge=256, le=1024 * 1024, description="request target (path + query) cap: 414 past it"
+    )
+    max_headers: int = Field(default=100, ge=8, le=10_000, description="request header lines cap: 431")
+    max_header_bytes: int = Field(
+        default=32 * 1024, ge=1024, le=1024 * 1024, description="request header bytes cap: 431 past it"
+    )
     request_timeout_s: float = Field(default=30.0, gt=0, description="per-request time limit (504 past it)")
 
     # Search
@@ -67,6 +79,10 @@ class Settings(BaseSettings):
         default=None, description="required in X-API-Key on every non-health route"
     )
     admin_key: SecretStr | None = Field(default=None, description="required in X-API-Key for gallery writes")
+    public_docs: bool = Field(
+        default=False,
+        description="serve /docs, /redoc and /openapi.json without the API key (when one is set)",
+    )
     cors_origins: list[str] = Field(default_factory=list, description="CORS allowed origins; empty: off")
 
     # Lifecycle and logs

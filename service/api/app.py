@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -21,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from service.api.deps import ServiceState
 from service.api.errors import install_error_handlers
 from service.api.middleware import BodyLimitMiddleware, RequestLogMiddleware, RequestTimeoutMiddleware
-from service.api.routes import health, images, metrics, search, tasks, ui
+from service.api.routes import docs, health, images, metrics, search, tasks, ui
 from service.runtime.loaded import load, shut_down, warm_up
 from service.settings import Settings
 from service.telemetry import ServiceMetrics
@@ -51,16 +52,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await run_in_threadpool(shut_down, loaded, settings)
             log.info("stopped")
 
+    keyed_docs = settings.api_key is not None and not settings.public_docs
+    closed: dict[str, Any] = {"docs_url": None, "redoc_url": None, "openapi_url": None} if keyed_docs else {}
     app = FastAPI(
         title="modret",
         version="0.1.0",
         summary="Attribute-conditioned image retrieval: search a gallery by similarity under a task",
         lifespan=lifespan,
+        **closed,
     )
     app.state.modret = state
     install_error_handlers(app)
     for router in (search.router, tasks.router, images.router, health.router, metrics.router, ui.router):
         app.include_router(router)
+    if keyed_docs:
+        app.include_router(docs.router)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

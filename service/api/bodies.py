@@ -57,6 +57,8 @@ async def _json_body(request: Request) -> Any:
         raise ApiError(400, "empty_body", "the request body is empty")
     try:
         return json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, "bad_json", "the request body's JSON is nested too deeply") from None
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "bad_json", "the request body is not valid JSON") from None
 
@@ -96,7 +98,7 @@ async def _empty_or_error(request: Request, hint: str) -> Any:
 def parse_labels(text: str) -> dict[str, int]:
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the decoder can go
         raise ApiError(400, "bad_labels", 'labels must be a JSON object such as {"Smiling": 1}') from None
     if not isinstance(value, dict) or len(value) > MAX_LABELS:
         raise ApiError(400, "bad_labels", f"labels must be a JSON object of at most {MAX_LABELS} entries")

@@ -11,11 +11,13 @@ import logging
 import signal
 import socket
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
 from service.api.app import create_app
 from service.api.deps import ServiceState
+from service.api.protocol import limited_protocol
 from service.logs import configure_logging
 from service.settings import Settings
 
@@ -54,17 +56,24 @@ class DrainingServer(uvicorn.Server):
         self._loop.call_soon_threadsafe(self.handle_exit, signal.SIGTERM, None)
 
 
+def server_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """uvicorn's configuration for ``app``: our access log instead of uvicorn's, bounded request heads
+    with JSON refusals (``service.api.protocol``), a graceful-shutdown window past the request timeout."""
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,
+        "access_log": False,
+        "http": limited_protocol(settings),
+        "timeout_graceful_shutdown": max(5, int(settings.request_timeout_s) + 5),
+        "server_header": False,
+        **overrides,
+    }
+    return uvicorn.Config(app, **options)
+
+
 def build_server(settings: Settings) -> DrainingServer:
     """The app for ``settings`` under a draining uvicorn server (logging configured first)."""
     configure_logging(settings.log_level)
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=max(5, int(settings.request_timeout_s) + 5),
-        server_header=False,
-    )
-    return DrainingServer(config, app.state.modret, settings.drain_delay_s)
+    return DrainingServer(server_config(app, settings), app.state.modret, settings.drain_delay_s)

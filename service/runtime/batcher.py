@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -69,11 +70,13 @@ class Batcher:
         max_wait_ms: float = 5.0,
         max_queue: int = 256,
         metrics: ServiceMetrics | None = None,
+        normalize: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("need max_batch_size >= 1, max_queue >= 1 and max_wait_ms >= 0")
         self.model = model
         self.num_tasks = model.num_tasks
+        self.normalize = normalize  # uint8 pixels -> the model's input, applied on the model's device
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.metrics = metrics
@@ -115,9 +118,12 @@ class Batcher:
     # ---------------------------------------------------------------------------------- requests
 
     def submit(self, pixels: Tensor, task_ids: tuple[int, ...] | None) -> Future[EmbedResult]:
-        """Queue ``pixels`` (n, 3, S, S) for embedding under ``task_ids`` (None: all tasks)."""
+        """Queue ``pixels`` (n, 3, S, S) for embedding under ``task_ids`` (None: all tasks): uint8 (then
+        normalised on the model's device by ``normalize``) or already-normalised floats."""
         if pixels.ndim != 4 or pixels.shape[0] < 1:
             raise ValueError(f"pixels must be (n, 3, S, S) with n >= 1, got {tuple(pixels.shape)}")
+        if not pixels.is_floating_point() and self.normalize is None:
+            raise ValueError("uint8 pixels need a batcher made with normalize=Preprocess.normalize")
         if task_ids is not None and (not task_ids or not all(0 <= t < self.num_tasks for t in task_ids)):
             raise ValueError(f"task ids must be in [0, {self.num_tasks}), got {task_ids}")
         if not self._accepting:
@@ -212,9 +218,14 @@ class Batcher:
         for i, job in enumerate(jobs):
             groups.setdefault(job.task_ids, []).append(i)
         outputs: dict[int, np.ndarray] = {}
+        device = self.model.device
         for tasks, members in groups.items():
-            pixels = torch.cat([jobs[i].pixels for i in members])
-            vectors = self.model.embed_tasks(pixels, tasks).float().cpu().numpy()  # (N, K, D)
+            # uint8 crosses to the device (4x fewer bytes than float) and is normalised there.
+            pixels = torch.cat([jobs[i].pixels for i in members]).to(device, non_blocking=True)
+            if not pixels.is_floating_point():
+                assert self.normalize is not None
+                pixels = self.normalize(pixels)
+            vectors = self.model.embed_tasks(pixels, tasks).float().cpu().numpy()  # (N, K, D), one copy
             offset = 0
             for i in members:
                 outputs[i] = vectors[offset : offset + jobs[i].size]

@@ -1,26 +1,52 @@
-"""Turning decoded images into query vectors or gallery vectors through the batcher (never on the loop)."""
+"""Untrusted image bytes to vectors: one worker-thread hop to uint8 pixels, then the batcher.
+
+``prepare`` decodes (hardened, within the shared decode budget), orients, converts and resizes each image to
+the model's input size in one hop off the event loop; only the small uint8 pixels leave it, and each image's
+decode memory is given back as soon as its pixels exist. ``embed`` hands the pixels to the batcher, whose
+worker normalises them on the model's device.
+"""
 
 from __future__ import annotations
 
-import numpy as np
-from anyio.to_thread import run_sync
-from PIL import Image
+from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
+import torch
+from torch import Tensor
+
+from model.preprocess import Preprocess
 from service.runtime.batcher import BatcherStopped, EmbedResult, QueueFull
 from service.runtime.errors import Overloaded
-from service.runtime.images import DecodedImage, decode_image
+from service.runtime.images import DecodeBudget, decode_image
 from service.runtime.loaded import Loaded
 
 
-async def decode(data: bytes, max_pixels: int) -> DecodedImage:
-    return await run_sync(decode_image, data, max_pixels)
+@dataclass(frozen=True)
+class Prepared:
+    pixels: Tensor  # (N, 3, S, S) uint8, the model's input size
+    sizes: list[tuple[int, int]]  # each decoded image's (width, height), EXIF orientation applied
+
+
+def prepare(
+    images: Sequence[bytes], max_pixels: int, budget: DecodeBudget | None, preprocess: Preprocess
+) -> Prepared:
+    """Blocking: decode each of ``images`` and resize it to ``preprocess``' input size."""
+    arrays, sizes = [], []
+    for data in images:
+        decoded = decode_image(data, max_pixels, budget)
+        try:
+            arrays.append(preprocess.to_uint8(decoded.image))  # (3, S, S)
+            sizes.append((decoded.width, decoded.height))
+        finally:
+            decoded.release()
+    return Prepared(torch.from_numpy(np.stack(arrays)), sizes)  # -> (N, 3, S, S)
 
 
 async def embed(
-    loaded: Loaded, images: list[Image.Image], task_ids: tuple[int, ...] | None, retry_after_s: int
+    loaded: Loaded, pixels: Tensor, task_ids: tuple[int, ...] | None, retry_after_s: int
 ) -> EmbedResult:
-    """Embeddings of ``images`` under ``task_ids`` (None: every task); ``Overloaded`` if the queue is full."""
-    pixels = await run_sync(loaded.run.preprocess.stack, images)
+    """Embeddings of ``pixels`` under ``task_ids`` (None: every task); ``Overloaded`` if the queue is full."""
     try:
         return await loaded.batcher.embed(pixels, task_ids)
     except QueueFull as exc:

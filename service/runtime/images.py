@@ -6,19 +6,25 @@
   Pillow's) is checked from the header before any pixel is decoded: ``ImageTooLarge``.
 - Truncated or corrupt data is ``ImageRejected`` (Pillow's ``LOAD_TRUNCATED_IMAGES`` stays off).
 - EXIF orientation is applied; every mode becomes 8-bit RGB the same way each time: alpha (and palette
-  transparency) is composited over white, CMYK/YCbCr/LAB converted, 16-bit and float scaled to 8 bits.
+  transparency) is composited over white, CMYK/YCbCr/LAB converted, 16-bit and float scaled to 8 bits
+  (in row blocks, so a 16-bit image never exists as float64 in full).
+- Memory is budgeted across requests: before any pixel is decoded, the decode's peak is estimated from the
+  header and reserved from a ``DecodeBudget`` shared by every in-flight request. A decode that can never
+  fit is ``ImageTooLarge``; one that does not fit now is ``Overloaded`` (503, retry). The caller releases
+  the reservation once it has turned the image into pixels (``DecodedImage.release``).
 """
 
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from service.runtime.errors import ImageRejected, ImageTooLarge, UnsupportedImage
+from service.runtime.errors import ImageRejected, ImageTooLarge, Overloaded, UnsupportedImage
 
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 MEDIA_TYPES = {
@@ -57,16 +63,88 @@ _LOAD_ERRORS = (
 )
 
 
+_HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_SCALE_BLOCK = 1 << 22  # pixels per block when scaling high-bit images to 8 bits (32 MB of float64)
+
+
+class DecodeBudget:
+    """Bytes of decoding memory shared by every request in flight; reservations never block."""
+
+    def __init__(self, total_bytes: int) -> None:
+        self.total = total_bytes
+        self._used = 0
+        self._lock = threading.Lock()
+
+    @property
+    def in_use(self) -> int:
+        return self._used
+
+    def reserve(self, nbytes: int, retry_after_s: int = 1) -> Reservation:
+        if nbytes > self.total:
+            raise ImageTooLarge(
+                f"decoding this image needs about {nbytes / 2**20:.0f} MiB, over the service's decode budget "
+                f"of {self.total / 2**20:.0f} MiB; send a smaller image",
+                {"needed_bytes": nbytes, "budget_bytes": self.total},
+            )
+        with self._lock:
+            if self._used + nbytes > self.total:
+                raise Overloaded(
+                    "the decode memory budget is in use by other requests; retry shortly",
+                    retry_after_s=retry_after_s,
+                )
+            self._used += nbytes
+        return Reservation(self, nbytes)
+
+    def _give_back(self, nbytes: int) -> None:
+        with self._lock:
+            self._used -= nbytes
+
+
+class Reservation:
+    """Part of a ``DecodeBudget``; ``release`` (idempotent) gives it back."""
+
+    def __init__(self, budget: DecodeBudget, nbytes: int) -> None:
+        self.budget, self.nbytes = budget, nbytes
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self.budget._give_back(self.nbytes)
+
+
+def _bytes_per_pixel(mode: str) -> int:
+    """What Pillow stores per pixel of ``mode`` (RGB, CMYK, LA… take 4 bytes internally)."""
+    if mode in ("1", "L", "P"):
+        return 1
+    if mode.startswith("I;16"):
+        return 2
+    return 4
+
+
+def decode_cost(width: int, height: int, mode: str) -> int:
+    """Peak bytes of decoding a ``width`` × ``height`` image of ``mode`` to RGB: the decoded frame, one
+    transposed or converted copy, the RGB result, and a float64 block for high-bit modes."""
+    pixels = width * height
+    block = 8 * min(pixels, _SCALE_BLOCK) if mode in _HIGH_BIT_MODES else 0
+    return pixels * (2 * _bytes_per_pixel(mode) + 4) + block
+
+
 @dataclass(frozen=True)
 class DecodedImage:
     image: Image.Image  # RGB, 8-bit, EXIF orientation applied
     format: str  # one of ALLOWED_FORMATS
     width: int
     height: int
+    reservation: Reservation | None = None  # decode memory held until the caller releases it
 
     @property
     def media_type(self) -> str:
         return MEDIA_TYPES[self.format]
+
+    def release(self) -> None:
+        if self.reservation is not None:
+            self.reservation.release()
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -121,12 +199,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
         mode = image.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        scale = 65535.0 if mode.startswith("I;16") or (mode == "I" and values.max(initial=0) > 255) else 255.0
+    if mode in _HIGH_BIT_MODES:
+        values = np.asarray(image)  # native uint16 / int32 / float32: no float64 copy of the whole frame
+        peak = float(values.max(initial=0))
+        scale = 65535.0 if mode.startswith("I;16") or (mode == "I" and peak > 255) else 255.0
         if mode == "F":
-            scale = 1.0 if values.max(initial=0) <= 1.0 else 255.0
-        pixels = np.clip(np.rint(values / scale * 255.0), 0, 255).astype(np.uint8)
+            scale = 1.0 if peak <= 1.0 else 255.0
+        pixels = np.empty(values.shape, dtype=np.uint8)
+        rows = max(1, _SCALE_BLOCK // max(1, values.shape[1]))
+        for top in range(0, values.shape[0], rows):  # (rows, W) float64 at a time
+            block = values[top : top + rows].astype(np.float64)
+            pixels[top : top + rows] = np.clip(np.rint(block / scale * 255.0), 0, 255)
+        del values, block
         return Image.fromarray(pixels, "L").convert("RGB")
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
@@ -137,8 +221,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, CMYK, YCbCr, LAB, HSV, RGBX…
 
 
-def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
-    """Decode untrusted ``data`` into an RGB image or raise ``ImageRejected`` (or a subclass)."""
+def decode_image(data: bytes, max_pixels: int, budget: DecodeBudget | None = None) -> DecodedImage:
+    """Decode untrusted ``data`` into an RGB image or raise ``ImageRejected`` (or a subclass); with a
+    ``budget``, the decode's memory is reserved first and held by the result until ``release``."""
     if not data:
         raise ImageRejected("the image is empty (0 bytes)", code="empty_image")
     fmt = sniff_format(data)
@@ -156,18 +241,29 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
             raise ImageRejected(f"image has no pixels ({width}x{height})")
         if width * height > max_pixels:
             raise _too_many_pixels(width, height, max_pixels)
+        reservation = budget.reserve(decode_cost(width, height, image.mode)) if budget else None
         try:
-            if getattr(image, "is_animated", False):
-                image.seek(0)
-            image.load()
-            rgb = to_rgb(ImageOps.exif_transpose(image) or image)
-            rgb.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageTooLarge(f"decompression bomb refused: {exc}") from exc
-        except _LOAD_ERRORS as exc:
-            raise _corrupt(fmt, exc) from exc
-        except MemoryError as exc:
-            raise ImageTooLarge("image needs too much memory to decode") from exc
-        if rgb is image:
-            rgb = rgb.copy()  # detach from the file object closed below
-    return DecodedImage(image=rgb, format=fmt, width=rgb.width, height=rgb.height)
+            rgb = _load_rgb(image, fmt)
+        except BaseException:
+            if reservation is not None:
+                reservation.release()
+            raise
+    return DecodedImage(rgb, fmt, rgb.width, rgb.height, reservation)
+
+
+def _load_rgb(image: Image.Image, fmt: str) -> Image.Image:
+    """The first frame of an opened ``image``, EXIF-oriented, as 8-bit RGB detached from its file."""
+    try:
+        if getattr(image, "is_animated", False):
+            image.seek(0)
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)  # no full-size copy when nothing is to be turned
+        rgb = to_rgb(image)
+        rgb.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(f"decompression bomb refused: {exc}") from exc
+    except _LOAD_ERRORS as exc:
+        raise _corrupt(fmt, exc) from exc
+    except MemoryError as exc:
+        raise ImageTooLarge("image needs too much memory to decode") from exc
+    return rgb.copy() if rgb is image else rgb  # a copy detaches it from the file closed by the caller

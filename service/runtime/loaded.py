@@ -18,6 +18,7 @@ import torch
 from index.gallery import Gallery, GalleryError
 from model.run import METRICS, LoadedRun, load_run
 from service.runtime.batcher import Batcher
+from service.runtime.images import DecodeBudget
 from service.runtime.writes import GalleryWriter
 from service.settings import Settings
 from service.telemetry import ServiceMetrics
@@ -31,6 +32,7 @@ class Loaded:
     gallery: Gallery
     writer: GalleryWriter
     batcher: Batcher
+    decode_budget: DecodeBudget
     task_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
@@ -77,15 +79,17 @@ def load(settings: Settings, service_metrics: ServiceMetrics) -> Loaded:
         max_wait_ms=settings.max_wait_ms,
         max_queue=settings.max_queue,
         metrics=service_metrics,
+        normalize=run.preprocess.normalize,
     )
     batcher.start()
-    return Loaded(run, gallery, GalleryWriter(gallery), batcher, read_task_metrics(run))
+    budget = DecodeBudget(settings.max_decode_bytes)
+    return Loaded(run, gallery, GalleryWriter(gallery), batcher, budget, read_task_metrics(run))
 
 
 def warm_up(loaded: Loaded) -> None:
     """One batch through the model under every task and one search per task."""
     size = loaded.run.preprocess.image_size
-    pixels = torch.zeros((1, 3, size, size))
+    pixels = torch.zeros((1, 3, size, size), dtype=torch.uint8)  # what requests send: uint8 pixels
     vectors = loaded.batcher.submit(pixels, None).result(timeout=300)
     for position, task in enumerate(loaded.tasks):
         query = np.ascontiguousarray(vectors.vectors[0, position][None, :], dtype=np.float32)

@@ -18,7 +18,7 @@ from anyio.to_thread import run_sync
 from index.gallery import Gallery
 from index.store import UnknownIdError
 from service.runtime import ranking
-from service.runtime.embedding import decode, embed, split_by_task
+from service.runtime.embedding import embed, prepare, split_by_task
 from service.runtime.errors import ImageNotFound, VectorUnavailable
 from service.runtime.loaded import Loaded
 from service.runtime.queries import WeightedTask, describe
@@ -71,10 +71,12 @@ async def query_vectors(
         return vectors
     assert image is not None
     start = time.perf_counter()
-    decoded = await decode(image, settings.max_image_pixels)
+    prepared = await run_sync(
+        prepare, [image], settings.max_image_pixels, loaded.decode_budget, loaded.run.preprocess
+    )
     timing["decode"] = (time.perf_counter() - start) * 1000
     task_ids = None if params.explain else tuple(t.index for t in params.tasks)
-    result = await embed(loaded, [decoded.image], task_ids, settings.retry_after_s)
+    result = await embed(loaded, prepared.pixels, task_ids, settings.retry_after_s)
     timing["queue"] = result.queue_s * 1000
     timing["embed"] = result.embed_s * 1000
     return split_by_task(result.vectors[0], wanted)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from anyio.to_thread import run_sync
 
 from index.metadata import NewItem, content_hash
-from service.runtime.embedding import decode, embed
+from service.runtime.embedding import embed, prepare
 from service.runtime.loaded import Loaded
 from service.schemas import AddedImage, AddImagesResponse
 
@@ -25,18 +25,19 @@ async def add_uploads(
     loaded: Loaded, uploads: list[Upload], max_image_pixels: int, retry_after_s: int
 ) -> AddImagesResponse:
     """Decode (hardened), embed under every task, store, save; answered once the save returned."""
-    decoded = [await decode(upload.data, max_image_pixels) for upload in uploads]
-    result = await embed(loaded, [d.image for d in decoded], None, retry_after_s)
+    data = [upload.data for upload in uploads]
+    prepared = await run_sync(prepare, data, max_image_pixels, loaded.decode_budget, loaded.run.preprocess)
+    result = await embed(loaded, prepared.pixels, None, retry_after_s)
     items = [
         NewItem(
             source=upload.filename,
             content_hash=content_hash(upload.data),
-            width=image.width,
-            height=image.height,
+            width=width,
+            height=height,
             labels=upload.labels,
             data=upload.data,
         )
-        for upload, image in zip(uploads, decoded, strict=True)
+        for upload, (width, height) in zip(uploads, prepared.sizes, strict=True)
     ]
     added = await run_sync(loaded.writer.add, items, result.vectors)
     return AddImagesResponse(

@@ -1,0 +1,139 @@
+"""Refusals before the app runs, against a real server: bounded request heads, malformed framing and deep
+JSON all answered in the API's JSON error shape (never uvicorn's plain text, never a 500)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.factories import face
+from tests.service.api.server import Server, error_of, running_server, settings_for
+
+
+def exchange(server: Server, chunks: list[bytes], timeout: float = 20.0) -> tuple[int, dict[str, object]]:
+    """Send ``chunks`` on one raw connection (stopping if the server closes it); the status and JSON body."""
+    where = urlsplit(server.url)
+    with socket.create_connection((where.hostname, where.port), timeout=timeout) as conn:
+        for chunk in chunks:
+            try:
+                conn.sendall(chunk)
+            except OSError:  # the server answered and closed while we were still sending
+                break
+        received = b""
+        while True:
+            try:
+                part = conn.recv(65536)
+            except (ConnectionResetError, TimeoutError):
+                break
+            if not part:
+                break
+            received += part
+    head, _, body = received.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    assert b"content-type: application/json" in head.lower(), head
+    parsed = json.loads(body)
+    assert parsed["status"] == status and parsed["error"] and parsed["message"]
+    return status, parsed
+
+
+GET = b"GET /v2/health/live HTTP/1.1\r\nHost: test\r\n"
+
+
+@pytest.mark.parametrize(
+    ("chunks", "status", "error"),
+    [
+        ([GET + b"X-Big: " + b"a" * 200 * 1024 + b"\r\n\r\n"], 431, "headers_too_large"),
+        ([GET + b"".join(b"X-%d: v\r\n" % i for i in range(2000)) + b"\r\n"], 431, "headers_too_large"),
+        (
+            [b"GET /tasks?" + b"q" * (4 * 1024 * 1024) + b" HTTP/1.1\r\nHost: test\r\n\r\n"],
+            414,
+            "uri_too_long",
+        ),
+        ([b"POST /search HTTP/1.1\r\nHost: test\r\nContent-Length: abc\r\n\r\n"], 400, "bad_request"),
+        (
+            [
+                b"POST /search HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            ],
+            400,
+            "bad_request",
+        ),
+        ([b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(120)], 400, "bad_request"),
+    ],
+    ids=[
+        "200KiB-header",
+        "2000-headers",
+        "4MiB-query",
+        "bad-content-length",
+        "length-and-chunked",
+        "tls-hello",
+    ],
+)
+def test_protocol_refusals_are_json(
+    shared_server: Server, chunks: list[bytes], status: int, error: str
+) -> None:
+    got_status, body = exchange(shared_server, chunks)
+    assert (got_status, body["error"]) == (status, error)
+
+
+def test_a_head_that_never_ends_is_cut_off_without_stalling_others(shared_server: Server) -> None:
+    # 64 MiB of one header value: refused after about one socket read past the cap, not buffered whole.
+    result: dict[str, object] = {}
+
+    def huge() -> None:
+        result["answer"] = exchange(shared_server, [GET + b"X-Big: "] + [b"a" * 65536] * 1024 + [b"\r\n\r\n"])
+
+    thread = threading.Thread(target=huge)
+    thread.start()
+    with shared_server.client() as client:
+        slowest = 0.0
+        for _ in range(20):
+            started = time.perf_counter()
+            assert client.get("/v2/health/live").status_code == 200
+            slowest = max(slowest, time.perf_counter() - started)
+    thread.join(timeout=60)
+    assert result["answer"][0] == 431  # type: ignore[index]
+    assert slowest < 2.0, slowest  # a stalled loop took seconds per probe (generous: a loaded 2-core VM)
+
+
+def test_normal_requests_still_pass_under_the_limits(shared_server: Server) -> None:
+    with shared_server.client() as client:
+        headers = {f"X-Trace-{i}": "v" * 100 for i in range(40)}  # 40 headers, ~5 KB: well inside
+        assert client.get("/tasks", headers=headers).status_code == 200
+
+
+def deep(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def test_deeply_nested_json_bodies_are_400(shared_server: Server) -> None:
+    with shared_server.client() as client:
+        body = '{"image": ' + deep(100_000) + "}"
+        response = client.post(
+            "/search?task=Smiling", content=body, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 400 and error_of(response)["error"] == "bad_json"
+        labels = '{"Smiling": ' + deep(100_000) + "}"
+        upload = client.post(
+            "/images", files={"images": ("a.png", face(1)[0], "image/png")}, data={"labels": labels}
+        )
+        assert upload.status_code == 400 and error_of(upload)["error"] == "bad_labels"
+
+
+@pytest.mark.parametrize("public_docs", [False, True])
+def test_api_docs_follow_the_api_key(run_dir: Path, index_dir: Path, public_docs: bool) -> None:
+    settings = settings_for(run_dir, index_dir, api_key="reader-secret", public_docs=public_docs)
+    with running_server(settings) as server, server.client() as client:
+        for path in ("/openapi.json", "/docs", "/redoc"):
+            anonymous = client.get(path)
+            assert anonymous.status_code == (200 if public_docs else 401), path
+            keyed = client.get(path, headers={"X-API-Key": "reader-secret"})
+            assert keyed.status_code == 200, path
+        spec = client.get("/openapi.json", headers={"X-API-Key": "reader-secret"}).json()
+        assert "/search" in spec["paths"] and "/openapi.json" not in spec["paths"]
