@@ -101,18 +101,7 @@ def atomic_write(path: Path, write: Callable[[Path], object], *, sync_dir: bool 
 
 def atomic_write_bytes(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
     """Atomically replace ``path`` with ``data``; durability and cleanup as :func:`atomic_write`."""
-    fd, tmp = _temp_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if sync_dir:
-        fsync_path(path.parent)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data), sync_dir=sync_dir)
 
 
 def atomic_write_text(path: Path, text: str, *, encoding: str = "utf-8", sync_dir: bool = True) -> None:
