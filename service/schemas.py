@@ -27,10 +27,13 @@ class SearchHit(BaseModel):
 
 
 class Timing(BaseModel):
+    """Milliseconds per stage of this search (``/metrics`` has the same stages as histograms)."""
+
     decode: float
     queue: float
     embed: float
     search: float
+    respond: float = Field(0.0, description="metadata and response building (JSON encoding excluded)")
 
 
 class SearchResponse(BaseModel):

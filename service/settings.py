@@ -42,6 +42,15 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(
         default=1, ge=1, description="Retry-After sent with 503 when the queue is full"
     )
+    max_queue_delay_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="longest expected wait for the model (queued image-task rows / measured throughput) "
+        "before a search is shed with 503; at most half of request_timeout_s",
+    )
+    max_queued_rows: int | None = Field(
+        default=None, ge=1, description="fixed bound on queued image-task rows instead of the measured one"
+    )
 
     # Input hardening
     max_body_bytes: int = Field(
@@ -90,6 +99,11 @@ class Settings(BaseSettings):
     drain_delay_s: float = Field(default=0.0, ge=0, description="time readiness reports 503 before shutdown")
     save_on_shutdown: bool = True
     log_level: str = "INFO"
+
+    @property
+    def queue_delay_budget_s(self) -> float:
+        """The batcher's shedding delay: ``max_queue_delay_s``, never more than half the request timeout."""
+        return min(self.max_queue_delay_s, self.request_timeout_s / 2)
 
     def redacted(self) -> dict[str, Any]:
         """All settings as JSON-able values, secrets replaced by ``"***"`` (or None when unset)."""

@@ -8,6 +8,17 @@ task list in the batch, and resolves every future with its rows. A full queue re
 (``QueueFull``: the request is answered 503 with Retry-After) rather than letting requests time out in
 line. The model only ever runs on this thread, never on the event loop.
 ``max_batch_size=1`` turns batching off (one job per model call, still off the loop).
+
+Load shedding: a job's cost is its image-task rows (images × tasks asked for). Besides the job count
+(``max_queue``), the queued rows are bounded by what the model gets through in ``max_queue_delay_s``: the
+worker measures its throughput (rows/s) on a full batch before it takes any job, and keeps the estimate
+current from the full batches it runs. A job that would wait longer is refused at once (``QueueFull``, a 503
+with Retry-After), so under overload latency stays bounded instead of growing with the queue.
+``max_queued_rows`` fixes the bound instead of measuring it. A job arriving at an empty queue is always
+taken, however large.
+
+On CUDA the worker runs the model in bf16 autocast on channels-last input (the model is converted to
+channels-last once); on the CPU it runs in float32 exactly as called.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,6 +65,7 @@ class _Job:
     task_ids: tuple[int, ...] | None  # None: every task
     future: Future[EmbedResult] = field(default_factory=Future)
     enqueued: float = field(default_factory=time.perf_counter)
+    rows: int = 0  # image-task rows: its cost, what the shedding bound counts
 
     @property
     def size(self) -> int:
@@ -60,6 +73,8 @@ class _Job:
 
 
 _STOP = object()
+_EWMA = 0.2  # weight of the newest full batch in the throughput estimate
+_CALIBRATION_RUNS = 3  # timed full batches at start (after one untimed) when the bound is derived
 
 
 class Batcher:
@@ -71,19 +86,35 @@ class Batcher:
         max_queue: int = 256,
         metrics: ServiceMetrics | None = None,
         normalize: Callable[[Tensor], Tensor] | None = None,
+        max_queue_delay_s: float | None = 1.0,
+        max_queued_rows: int | None = None,
+        mixed_precision: bool = True,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("need max_batch_size >= 1, max_queue >= 1 and max_wait_ms >= 0")
+        if (max_queue_delay_s is not None and max_queue_delay_s <= 0) or (
+            max_queued_rows is not None and max_queued_rows < 1
+        ):
+            raise ValueError("need max_queue_delay_s > 0 and max_queued_rows >= 1 when given")
         self.model = model
         self.num_tasks = model.num_tasks
         self.normalize = normalize  # uint8 pixels -> the model's input, applied on the model's device
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.metrics = metrics
+        self.max_queue_delay_s = max_queue_delay_s
+        self._fixed_bound = max_queued_rows
+        self.rows_per_second: float | None = None  # measured model throughput, image-task rows
+        self.cuda = model.device.type == "cuda"
+        self._autocast = self.cuda and mixed_precision
+        if self.cuda:
+            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs lack it
         self._queue: queue.Queue[_Job | object] = queue.Queue(maxsize=max_queue)
         self._thread: threading.Thread | None = None
         self._accepting = False
         self._lock = threading.Lock()
+        self._rows_lock = threading.Lock()  # guards _queued_rows
+        self._queued_rows = 0
         self.batches_run = 0
         self.images_embedded = 0
 
@@ -115,6 +146,30 @@ class Batcher:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    @property
+    def max_queued_rows(self) -> int | None:
+        """The shedding bound in image-task rows: fixed, or throughput x ``max_queue_delay_s`` once
+        measured (None: no bound yet, or shedding by delay is off)."""
+        if self._fixed_bound is not None:
+            return self._fixed_bound
+        if self.max_queue_delay_s is None or self.rows_per_second is None:
+            return None
+        return max(self.max_batch_size, int(self.rows_per_second * self.max_queue_delay_s))
+
+    @max_queued_rows.setter
+    def max_queued_rows(self, rows: int | None) -> None:
+        """Fix the bound (None: measure it again from throughput x ``max_queue_delay_s``)."""
+        if rows is not None and rows < 1:
+            raise ValueError(f"max_queued_rows must be at least 1, got {rows}")
+        self._fixed_bound = rows
+
+    def _rows(self, images: int, task_ids: tuple[int, ...] | None) -> int:
+        return images * (self.num_tasks if task_ids is None else len(task_ids))
+
     # ---------------------------------------------------------------------------------- requests
 
     def submit(self, pixels: Tensor, task_ids: tuple[int, ...] | None) -> Future[EmbedResult]:
@@ -128,11 +183,19 @@ class Batcher:
             raise ValueError(f"task ids must be in [0, {self.num_tasks}), got {task_ids}")
         if not self._accepting:
             raise BatcherStopped("the model worker is not running")
-        job = _Job(pixels, task_ids)
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise QueueFull(f"embedding queue is full ({self._queue.maxsize} jobs)") from None
+        job = _Job(pixels, task_ids, rows=self._rows(int(pixels.shape[0]), task_ids))
+        bound = self.max_queued_rows
+        with self._rows_lock:
+            if bound is not None and self._queued_rows and self._queued_rows + job.rows > bound:
+                raise QueueFull(
+                    f"the model is {self._queued_rows} image-task rows behind, over the "
+                    f"{self.max_queue_delay_s} s it may queue ({bound} rows)"
+                )
+            try:
+                self._queue.put_nowait(job)
+            except queue.Full:
+                raise QueueFull(f"embedding queue is full ({self._queue.maxsize} jobs)") from None
+            self._queued_rows += job.rows
         if self.metrics is not None:
             self.metrics.queue_depth.set(self._queue.qsize())
         return job.future
@@ -148,7 +211,16 @@ class Batcher:
 
     # ---------------------------------------------------------------------------------- worker
 
+    def _take(self, item: _Job | object) -> _Job | object:
+        """An item just taken off the queue: its rows no longer count as waiting."""
+        if isinstance(item, _Job):
+            with self._rows_lock:
+                self._queued_rows -= item.rows
+        return item
+
     def _run(self) -> None:
+        if self._fixed_bound is None and self.max_queue_delay_s is not None:
+            self._calibrate()
         carried: _Job | None = None
         stopping = False
         while True:
@@ -157,11 +229,11 @@ class Batcher:
                 carried = None
             elif stopping:
                 try:
-                    first = self._queue.get_nowait()
+                    first = self._take(self._queue.get_nowait())
                 except queue.Empty:
                     return
             else:
-                first = self._queue.get()
+                first = self._take(self._queue.get())
             if first is _STOP:
                 stopping = True
                 continue
@@ -174,6 +246,7 @@ class Batcher:
                     nxt = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
+                self._take(nxt)
                 if nxt is _STOP:
                     stopping = True
                     break
@@ -186,6 +259,33 @@ class Batcher:
             if self.metrics is not None:
                 self.metrics.queue_depth.set(self._queue.qsize())
             self._run_batch(batch)
+
+    def _calibrate(self) -> None:
+        """Measure rows/s on a full batch of one task (the common request), before any job is taken."""
+        size = getattr(self.model.config, "image_size", 0)
+        if not size:
+            return
+        pixels = torch.zeros((self.max_batch_size, 3, size, size), dtype=torch.uint8)
+        job = _Job(pixels if self.normalize is not None else pixels.float(), (0,))
+        try:
+            self._compute([job])  # untimed: first-call allocations, cuDNN autotuning
+            times = []
+            for _ in range(_CALIBRATION_RUNS):
+                started = time.perf_counter()
+                self._compute([job])
+                times.append(time.perf_counter() - started)
+        except Exception:  # a model that cannot run fails the first real batch, which reports it
+            log.exception("throughput calibration failed; shedding by queue delay is off until a batch runs")
+            return
+        self.rows_per_second = self.max_batch_size / sorted(times)[len(times) // 2]
+        log.info("model throughput %.0f image-task rows/s", self.rows_per_second)
+
+    def _observe_throughput(self, rows: int, elapsed: float) -> None:
+        if elapsed <= 0 or rows < self.max_batch_size:
+            return  # only full batches say what the model can do under load
+        measured = rows / elapsed
+        current = self.rows_per_second
+        self.rows_per_second = measured if current is None else (1 - _EWMA) * current + _EWMA * measured
 
     def _run_batch(self, jobs: list[_Job]) -> None:
         live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
@@ -203,6 +303,7 @@ class Batcher:
         size = sum(job.size for job in live)
         self.batches_run += 1
         self.images_embedded += size
+        self._observe_throughput(sum(job.rows for job in live), elapsed)
         if self.metrics is not None:
             self.metrics.observe_batch(size, elapsed)
         for job, vectors in zip(live, outputs, strict=True):
@@ -210,6 +311,11 @@ class Batcher:
             if self.metrics is not None:
                 self.metrics.queue_seconds.observe(queue_s)
             job.future.set_result(EmbedResult(vectors, queue_s, elapsed, size))
+
+    def _precision(self) -> AbstractContextManager[object]:
+        if self._autocast:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
 
     @torch.inference_mode()
     def _compute(self, jobs: list[_Job]) -> list[np.ndarray]:
@@ -225,7 +331,11 @@ class Batcher:
             if not pixels.is_floating_point():
                 assert self.normalize is not None
                 pixels = self.normalize(pixels)
-            vectors = self.model.embed_tasks(pixels, tasks).float().cpu().numpy()  # (N, K, D), one copy
+            if self.cuda:
+                pixels = pixels.contiguous(memory_format=torch.channels_last)
+            with self._precision():
+                embedded = self.model.embed_tasks(pixels, tasks)  # (N, K, D) on the device
+            vectors = embedded.float().cpu().numpy()  # one host copy
             offset = 0
             for i in members:
                 outputs[i] = vectors[offset : offset + jobs[i].size]

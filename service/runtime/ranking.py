@@ -4,9 +4,15 @@ Blocking (faiss / SQLite): routes call these functions in a worker thread, never
 
 A query has one vector per requested task. Candidates are gathered per task — for a negative weight the
 search runs with the negated vector, so it gathers the items *least* similar under that task — then each
-candidate's similarity under every requested task is completed by a search restricted to the candidates,
-and the ranking score is the weighted sum ``Σ w_t · sim_t``. With one task of weight 1 the score is the
-plain cosine similarity.
+candidate's similarity under every requested task is completed by a dot product with its stored vectors
+(``store.get``: one batched read per task, no further search), and the ranking score is the weighted sum
+``Σ w_t · sim_t``. With one task of weight 1 the score is the plain cosine similarity. ``explain`` is the
+same dot product over the results under every task. For exact stores the dot product is the score the
+search would give (within float rounding); for IVF-PQ it uses the decoded vectors, which is what a search
+restricted to those ids approximated too, without missing ids outside the probed lists.
+
+The label filter is resolved with one metadata lookup; names are matched case-insensitively only when the
+spelling given is not a stored label (a second lookup on that path alone).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import numpy as np
 
 from index.gallery import Gallery
 from index.metadata import ItemRecord, UnknownLabelError
-from index.store import PAD_ID
+from index.store import PAD_ID, UnknownIdError
 from service.runtime.errors import InvalidQuery
 from service.runtime.queries import WeightedTask
 
@@ -37,6 +43,10 @@ def allowed_ids(gallery: Gallery, conditions: Mapping[str, int]) -> np.ndarray |
     """Ids satisfying the label filter (label names case-insensitive), None for no filter."""
     if not conditions:
         return None
+    try:
+        return gallery.metadata.matching(conditions)  # the names as given: one lookup
+    except UnknownLabelError:
+        pass
     names = {name.lower(): name for name in gallery.metadata.label_names()}
     resolved = {names.get(name.lower(), name): value for name, value in conditions.items()}
     try:
@@ -45,12 +55,25 @@ def allowed_ids(gallery: Gallery, conditions: Mapping[str, int]) -> np.ndarray |
         raise InvalidQuery(str(exc), {"known_labels": sorted(names.values())}, code="unknown_label") from None
 
 
+def vectors_of(gallery: Gallery, task: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The stored (n, D) vectors under ``task`` of those ``ids`` still stored, and those ids (one batched
+    read; ids removed meanwhile are left out)."""
+    while True:
+        try:
+            return ids, gallery.store.get(task, ids)
+        except UnknownIdError as exc:
+            ids = ids[~np.isin(ids, exc.ids)]
+            if not len(ids):
+                return ids, np.empty((0, gallery.embedding_dim), dtype=np.float32)
+
+
 def similarities_for(gallery: Gallery, task: str, query: np.ndarray, ids: np.ndarray) -> dict[int, float]:
-    """Cosine similarity of ``ids`` to ``query`` under ``task`` (ids no longer stored are left out)."""
+    """Cosine similarity of ``ids`` to ``query`` (D,) under ``task`` (ids no longer stored are left out)."""
     if not len(ids):
         return {}
-    result = gallery.store.search(task, query[None, :], len(ids), ids)
-    return {int(i): float(s) for i, s in zip(result.ids[0], result.scores[0], strict=True) if i != PAD_ID}
+    kept, vectors = vectors_of(gallery, task, np.asarray(ids, dtype=np.int64))
+    scores = vectors @ np.asarray(query, dtype=np.float32)  # (n, D) @ (D,) -> (n,)
+    return dict(zip(kept.tolist(), scores.tolist(), strict=True))
 
 
 def rank(

@@ -1,4 +1,9 @@
-"""One search request from parameters to response: decode, embed (batched), rank, explain.
+"""One search request from parameters to response: decode, embed (batched), rank, explain, respond.
+
+A search crosses threads as few times as it can: one worker-thread hop turns the untrusted bytes into uint8
+pixels (``embedding.prepare``), the batcher's model thread embeds them, and one more hop ranks, explains,
+reads the hits' metadata and encodes the JSON body (a ``?by_id=`` query needs only that last hop). The event
+loop only awaits. Each stage's time goes into the response's ``timing_ms`` and the ``/metrics`` histograms.
 
 A ``?by_id=`` query takes the item's stored embeddings straight from the store (``Gallery.vectors``): exact
 copies for exact indexes, the decoded approximation for an IVF-PQ index (re-normalised here, as queries
@@ -12,8 +17,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import anyio.to_thread
 import numpy as np
-from anyio.to_thread import run_sync
 
 from index.gallery import Gallery
 from index.store import UnknownIdError
@@ -24,6 +29,7 @@ from service.runtime.loaded import Loaded
 from service.runtime.queries import WeightedTask, describe
 from service.schemas import ModelInfo, SearchHit, SearchResponse, TaskWeightOut, Timing
 from service.settings import Settings
+from service.telemetry import ServiceMetrics
 
 
 @dataclass(frozen=True)
@@ -59,19 +65,13 @@ def stored_vectors(gallery: Gallery, item_id: int, tasks: Sequence[str]) -> dict
     return out
 
 
-async def query_vectors(
-    loaded: Loaded, params: SearchParams, image: bytes | None, settings: Settings, timing: dict[str, float]
+async def embedded_query(
+    loaded: Loaded, params: SearchParams, image: bytes, settings: Settings, timing: dict[str, float]
 ) -> dict[str, np.ndarray]:
-    """The query's vector under each needed task (every task when explaining)."""
-    wanted = loaded.tasks if params.explain else [t.name for t in params.tasks]
-    if params.by_id is not None:
-        start = time.perf_counter()
-        vectors = await run_sync(stored_vectors, loaded.gallery, params.by_id, wanted)
-        timing["search"] += (time.perf_counter() - start) * 1000
-        return vectors
-    assert image is not None
+    """The query image's vector under each needed task (every task when explaining): one hop to uint8
+    pixels, then the batcher."""
     start = time.perf_counter()
-    prepared = await run_sync(
+    prepared = await anyio.to_thread.run_sync(
         prepare, [image], settings.max_image_pixels, loaded.decode_budget, loaded.run.preprocess
     )
     timing["decode"] = (time.perf_counter() - start) * 1000
@@ -79,12 +79,13 @@ async def query_vectors(
     result = await embed(loaded, prepared.pixels, task_ids, settings.retry_after_s)
     timing["queue"] = result.queue_s * 1000
     timing["embed"] = result.embed_s * 1000
+    wanted = loaded.tasks if params.explain else [t.name for t in params.tasks]
     return split_by_task(result.vectors[0], wanted)
 
 
 def _rank_and_explain(
     loaded: Loaded, params: SearchParams, vectors: dict[str, np.ndarray], candidate_factor: int
-) -> list[ranking.Hit]:
+) -> tuple[list[tuple[int, float]], dict[int, dict[str, float]] | None]:
     allowed = ranking.allowed_ids(loaded.gallery, params.filters)
     ranked = ranking.rank(
         loaded.gallery,
@@ -98,17 +99,12 @@ def _rank_and_explain(
         candidate_factor=candidate_factor,
     )
     explained = ranking.explain(loaded.gallery, vectors, [i for i, _ in ranked]) if params.explain else None
-    return ranking.hits(loaded.gallery, ranked, explained)
+    return ranked, explained
 
 
-async def search(
-    loaded: Loaded, params: SearchParams, image: bytes | None, settings: Settings
+def _response(
+    loaded: Loaded, params: SearchParams, found: Sequence[ranking.Hit], timing: dict[str, float]
 ) -> SearchResponse:
-    timing = {"decode": 0.0, "queue": 0.0, "embed": 0.0, "search": 0.0}
-    vectors = await query_vectors(loaded, params, image, settings, timing)
-    start = time.perf_counter()
-    found = await run_sync(_rank_and_explain, loaded, params, vectors, settings.candidate_factor)
-    timing["search"] += (time.perf_counter() - start) * 1000
     results = [
         SearchHit(
             id=hit.id,
@@ -129,3 +125,47 @@ async def search(
         index_generation=loaded.writer.generation(),
         timing_ms=Timing(**{key: round(value, 3) for key, value in timing.items()}),
     )
+
+
+def answer(
+    loaded: Loaded,
+    params: SearchParams,
+    vectors: dict[str, np.ndarray] | None,
+    candidate_factor: int,
+    timing: dict[str, float],
+) -> bytes:
+    """Blocking, one hop: (the ``by_id`` item's stored vectors,) rank, explain, metadata, the JSON body.
+    ``timing`` gets ``search`` and ``respond``; the body's ``respond`` excludes its own encoding, the
+    ``timing`` left behind includes it."""
+    start = time.perf_counter()
+    if vectors is None:
+        assert params.by_id is not None
+        wanted = loaded.tasks if params.explain else [t.name for t in params.tasks]
+        vectors = stored_vectors(loaded.gallery, params.by_id, wanted)
+    ranked, explained = _rank_and_explain(loaded, params, vectors, candidate_factor)
+    ranked_at = time.perf_counter()
+    timing["search"] = (ranked_at - start) * 1000
+    found = ranking.hits(loaded.gallery, ranked, explained)
+    timing["respond"] = (time.perf_counter() - ranked_at) * 1000
+    body = _response(loaded, params, found, timing).model_dump_json().encode()
+    timing["respond"] = (time.perf_counter() - ranked_at) * 1000
+    return body
+
+
+async def search(
+    loaded: Loaded,
+    params: SearchParams,
+    image: bytes | None,
+    settings: Settings,
+    metrics: ServiceMetrics | None = None,
+) -> bytes:
+    """The search's JSON response body (a ``SearchResponse``)."""
+    timing = {"decode": 0.0, "queue": 0.0, "embed": 0.0, "search": 0.0, "respond": 0.0}
+    vectors = None
+    if params.by_id is None:
+        assert image is not None
+        vectors = await embedded_query(loaded, params, image, settings, timing)
+    body = await anyio.to_thread.run_sync(answer, loaded, params, vectors, settings.candidate_factor, timing)
+    if metrics is not None:
+        metrics.observe_stages(timing)
+    return body

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
 
 from service.api.auth import ReaderKey
 from service.api.bodies import read_query_image
@@ -64,9 +65,11 @@ async def search(
     by_id: Annotated[
         int | None, Query(ge=0, le=2**63 - 1, description="query with this gallery image")
     ] = None,
-) -> SearchResponse:
+) -> Response:
     tasks = parse_tasks(task, loaded.tasks)
     note_task(request, tasks[0].name if len(tasks) == 1 else "combined")
     params = SearchParams(tasks, k, offset, min_score, parse_filters(filters), explain, by_id)
     image = None if by_id is not None else await read_query_image(request, state.settings)
-    return await searching.search(loaded, params, image, state.settings)
+    # The body is encoded in the ranking thread (a SearchResponse); the event loop only sends it.
+    body = await searching.search(loaded, params, image, state.settings, state.metrics)
+    return Response(body, media_type="application/json")

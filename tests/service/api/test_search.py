@@ -37,7 +37,7 @@ def test_upload_search_shape(shared_server: Server, query: bytes) -> None:
     assert set(first["labels"]) == set(TASKS)
     assert body["model"]["hash"] and body["model"]["name"]
     assert body["index_generation"] >= 1
-    assert set(body["timing_ms"]) == {"decode", "queue", "embed", "search"}
+    assert set(body["timing_ms"]) == {"decode", "queue", "embed", "search", "respond"}
     assert body["timing_ms"]["embed"] > 0
     with shared_server.client() as client:
         content = client.get(first["image_url"])

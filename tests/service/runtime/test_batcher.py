@@ -134,3 +134,79 @@ def test_rejects_bad_requests(batcher: Batcher) -> None:
         batcher.submit(images(1), (9,))
     with pytest.raises(ValueError):
         batcher.submit(torch.zeros((0, 3, 32, 32)), None)
+
+
+def uint8_images(n: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 32, 32), generator=generator, dtype=torch.uint8)
+
+
+def test_uint8_pixels_are_normalised_where_the_model_is(run: LoadedRun) -> None:
+    """A model whose parameters are float64 stands in for one on another device: request tensors are made
+    on the host as uint8, so every tensor must be moved (and cast) before it reaches a module. Each
+    module's inputs are recorded; all must be where the parameters are, as what they are."""
+    model = run.model.__class__(run.model.config)
+    model.load_state_dict(run.model.state_dict())
+    model = model.double().eval()
+    seen: list[tuple[torch.device, torch.dtype]] = []
+
+    def record(_module: torch.nn.Module, args: tuple[object, ...]) -> None:
+        seen.extend((a.device, a.dtype) for a in args if isinstance(a, torch.Tensor))
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules()]
+    normalised: list[torch.Tensor] = []
+
+    def normalize(pixels: torch.Tensor) -> torch.Tensor:
+        normalised.append(pixels)
+        return run.preprocess.normalize(pixels)
+
+    b = Batcher(model, max_batch_size=8, max_wait_ms=1, max_queue=8, normalize=normalize)
+    b.start()
+    try:
+        pixels = uint8_images(3)
+        got = b.submit(pixels, (1, 3)).result(timeout=30).vectors
+    finally:
+        b.stop()
+        for handle in handles:
+            handle.remove()
+    assert normalised and all(p.dtype == torch.uint8 and p.device == model.device for p in normalised)
+    floats = {dtype for _, dtype in seen if dtype.is_floating_point}
+    assert floats == {torch.float64}, floats
+    assert {device for device, _ in seen} == {model.device}
+    with torch.inference_mode():
+        direct = model.embed_tasks(run.preprocess.normalize(pixels).double(), (1, 3)).numpy()
+    np.testing.assert_allclose(got, direct, atol=1e-6)
+
+
+def test_queued_rows_past_the_bound_are_refused_and_accounted(run: LoadedRun) -> None:
+    b = Batcher(run.model, max_batch_size=1, max_wait_ms=0, max_queue=64, max_queued_rows=6)
+    b.start()
+    try:
+        busy = occupy(b)  # taken by the worker: an empty queue takes any job, however large
+        first = b.submit(images(1), (0, 1, 2))  # 3 rows
+        second = b.submit(images(1), (0, 1, 2))  # 6 rows: at the bound, still taken
+        with pytest.raises(QueueFull, match="image-task rows"):
+            b.submit(images(1), (0,))  # a 7th row would wait past the bound
+        assert b.queued_rows == 6 and not busy.done()
+        for future in (first, second):
+            assert future.result(timeout=60).vectors.shape == (1, 3, 16)
+        assert b.queued_rows == 0
+        assert b.submit(images(1), (0,)).result(timeout=30).vectors.shape == (1, 1, 16)
+    finally:
+        b.stop()
+
+
+def test_bound_derives_from_measured_throughput(run: LoadedRun) -> None:
+    b = Batcher(run.model, max_batch_size=8, max_wait_ms=1, max_queue=64, max_queue_delay_s=0.5)
+    b.start()
+    try:
+        b.submit(images(1), (0,)).result(timeout=60)  # served after the worker measured itself
+        rate = b.rows_per_second
+        assert rate is not None and rate > 0
+        assert b.max_queued_rows == max(8, int(rate * 0.5))
+        b.max_queued_rows = 5  # fixed (the setting) overrides the measurement
+        assert b.max_queued_rows == 5
+    finally:
+        b.stop()
+    off = Batcher(run.model, max_queue_delay_s=None)
+    assert off.max_queued_rows is None  # shedding by delay off: only max_queue bounds the queue
