@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -52,21 +51,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await run_in_threadpool(shut_down, loaded, settings)
             log.info("stopped")
 
-    keyed_docs = settings.api_key is not None and not settings.public_docs
-    closed: dict[str, Any] = {"docs_url": None, "redoc_url": None, "openapi_url": None} if keyed_docs else {}
     app = FastAPI(
         title="modret",
         version="0.1.0",
         summary="Attribute-conditioned image retrieval: search a gallery by similarity under a task",
         lifespan=lifespan,
-        **closed,
+        # FastAPI's own pages load their assets from a CDN: ours (routes/docs.py) are served locally.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     app.state.modret = state
     install_error_handlers(app)
     for router in (search.router, tasks.router, images.router, health.router, metrics.router, ui.router):
         app.include_router(router)
-    if keyed_docs:
-        app.include_router(docs.router)
+    docs.mount_docs(app, keyed=settings.api_key is not None and not settings.public_docs)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -1,7 +1,7 @@
 "use strict";
 // modret web UI: plain JS, talks to the same-origin API. No external resources.
 const $ = (id) => document.getElementById(id);
-const state = { file: null, byId: null, tasks: [], page: 0, pageSize: 24 };
+const state = { file: null, byId: null, tasks: [], page: 0, pages: 1, pageSize: 24, fresh: new Set() };
 
 function headers() {
   const key = $("api-key").value.trim();
@@ -12,6 +12,14 @@ function setStatus(text, isError = false) {
   $("status").textContent = text;
   $("status").className = isError ? "error" : "";
 }
+
+// A failed search: the results on screen answer an earlier query, so they go with the error.
+function searchFailed(message) {
+  $("results").textContent = "";
+  setStatus(message, true);
+}
+
+const taskLabel = (name) => name.replace(/_/g, " ");
 
 async function api(path, options = {}) {
   const response = await fetch(path, { ...options, headers: { ...headers(), ...(options.headers || {}) } });
@@ -45,7 +53,7 @@ async function loadTasks() {
     weight.value = i === 0 ? "1" : "0";
     weight.dataset.task = task.name;
     weight.className = "task-weight";
-    label.append(task.name.replace(/_/g, " "), weight);
+    label.append(taskLabel(task.name), weight);
     box.append(label);
   });
 }
@@ -69,30 +77,39 @@ function setQueryId(id, url) {
   runSearch();
 }
 
-function bars(similarities) {
-  const box = document.createElement("div");
+// "Why similar": the hit's similarity to the query under every task, on a track centred on 0 so that a
+// negative similarity (unlike the query under that task) shows as a bar to the left with its sign. The
+// tasks searched with are marked.
+function bars(similarities, queried = []) {
+  const box = document.createElement("div"); box.className = "bars";
+  const searched = new Set(queried);
   for (const [task, value] of Object.entries(similarities || {})) {
-    const row = document.createElement("div"); row.className = "bar";
-    const name = document.createElement("span"); name.textContent = task.replace(/_/g, " ");
+    const row = document.createElement("div");
+    row.className = "bar" + (value < 0 ? " negative" : "") + (searched.has(task) ? " queried" : "");
+    row.dataset.task = task;
+    const name = document.createElement("span"); name.className = "name"; name.textContent = taskLabel(task);
+    if (searched.has(task)) name.title = "searched with this task";
+    const number = document.createElement("span"); number.className = "value";
+    number.textContent = (value > 0 ? "+" : "") + value.toFixed(2);
     const track = document.createElement("span"); track.className = "track";
     const fill = document.createElement("span"); fill.className = "fill";
-    fill.style.width = `${Math.max(0, Math.min(1, value)) * 100}%`;
+    fill.style.width = `${Math.min(1, Math.abs(value)) * 50}%`;
     track.append(fill);
-    const number = document.createElement("span"); number.textContent = value.toFixed(2);
-    row.append(name, track, number); box.append(row);
+    row.append(name, number, track); box.append(row);
   }
   return box;
 }
 
 function showResults(data) {
   const grid = $("results"); grid.textContent = "";
+  const queried = data.tasks.map((t) => t.task);
   for (const hit of data.results) {
     const card = document.createElement("div"); card.className = "card result";
     const img = document.createElement("img"); loadImage(img, hit.image_url);
     img.addEventListener("click", () => setQueryId(hit.id, hit.image_url));
     const score = document.createElement("div"); score.className = "score";
     score.textContent = `#${hit.rank}  score ${hit.score.toFixed(3)}`;
-    card.append(img, score, bars(hit.similarities));
+    card.append(img, score, bars(hit.similarities, queried));
     grid.append(card);
   }
   const t = data.timing_ms;
@@ -101,8 +118,8 @@ function showResults(data) {
 
 async function runSearch() {
   const tasks = chosenTasks();
-  if (!tasks.length) { setStatus("give at least one task a non-zero weight", true); return; }
-  if (!state.file && state.byId == null) { setStatus("choose a query image first", true); return; }
+  if (!tasks.length) { searchFailed("give at least one task a non-zero weight"); return; }
+  if (!state.file && state.byId == null) { searchFailed("choose a query image first"); return; }
   const params = new URLSearchParams();
   tasks.forEach(([name, w]) => params.append("task", `${name}:${w}`));
   params.set("k", $("k").value || "12");
@@ -112,33 +129,55 @@ async function runSearch() {
   else { const form = new FormData(); form.append("image", state.file); options.body = form; }
   setStatus("searching…");
   try { showResults(await api(`/search?${params}`, options)); }
-  catch (e) { setStatus(e.message, true); }
+  catch (e) { searchFailed(e.message); }
 }
 
-async function loadGallery() {
+const pageCount = (total) => Math.max(1, Math.ceil(total / state.pageSize));
+
+function showPager(total) {
+  state.pages = pageCount(total);
+  $("page").textContent = ` ${state.page + 1} / ${state.pages} (${total} images) `;
+  $("prev").disabled = state.page <= 0;
+  $("next").disabled = state.page >= state.pages - 1;
+}
+
+const fetchPage = (page) => api(`/images?offset=${page * state.pageSize}&limit=${state.pageSize}`);
+
+// One page of the gallery (ids in ascending order). A page past the end (the gallery shrank, or `last`)
+// becomes the last page, so the pager never shows "7 / 6".
+async function loadGallery({ last = false } = {}) {
   try {
-    const data = await api(`/images?offset=${state.page * state.pageSize}&limit=${state.pageSize}`);
+    let data = await fetchPage(state.page);
+    const lastPage = pageCount(data.total) - 1;
+    if (last || state.page > lastPage) {
+      if (state.page !== lastPage) { state.page = lastPage; data = await fetchPage(state.page); }
+    }
     const grid = $("gallery"); grid.textContent = "";
     for (const item of data.items) {
       const cell = document.createElement("div"); cell.className = "thumb";
+      cell.dataset.id = item.id;
+      if (state.fresh.has(item.id)) cell.classList.add("fresh");
       const img = document.createElement("img"); loadImage(img, item.image_url);
       cell.append(img, `#${item.id}`);
       cell.addEventListener("click", () => setQueryId(item.id, item.image_url));
       grid.append(cell);
     }
-    const pages = Math.max(1, Math.ceil(data.total / state.pageSize));
-    $("page").textContent = ` ${state.page + 1} / ${pages} (${data.total} images) `;
+    showPager(data.total);
+    const first = grid.querySelector(".fresh");
+    if (first) first.scrollIntoView({ block: "nearest" });
   } catch (e) { setStatus(e.message, true); }
 }
 
+// New images get the highest ids, so they are on the last page: go there and mark them.
 async function uploadToGallery(files) {
   const form = new FormData();
   for (const file of files) form.append("images", file);
   try {
     const data = await api("/images", { method: "POST", body: form });
     const dups = data.items.filter((i) => i.duplicate).length;
+    state.fresh = new Set(data.items.map((i) => i.id));
+    await loadGallery({ last: dups < data.items.length });
     setStatus(`added ${data.items.length - dups} image(s)` + (dups ? `, ${dups} already present` : ""));
-    loadGallery();
   } catch (e) { setStatus(e.message, true); }
 }
 
@@ -152,9 +191,12 @@ function init() {
   });
   $("file").addEventListener("change", (e) => { if (e.target.files.length) setQueryFile(e.target.files[0]); });
   $("search").addEventListener("click", runSearch);
-  $("upload").addEventListener("change", (e) => uploadToGallery(e.target.files));
+  $("upload").addEventListener("change", async (e) => {
+    await uploadToGallery(e.target.files);
+    e.target.value = "";  // choosing the same file again is a new upload
+  });
   $("prev").addEventListener("click", () => { if (state.page > 0) { state.page--; loadGallery(); } });
-  $("next").addEventListener("click", () => { state.page++; loadGallery(); });
+  $("next").addEventListener("click", () => { if (state.page < state.pages - 1) { state.page++; loadGallery(); } });
   $("api-key").value = localStorage.getItem("modret-key") || "";
   $("api-key").addEventListener("change", () => { localStorage.setItem("modret-key", $("api-key").value); boot(); });
   boot();
@@ -162,7 +204,7 @@ function init() {
 
 async function boot() {
   try { await loadTasks(); await loadGallery(); setStatus("ready"); }
-  catch (e) { setStatus(e.message, true); }
+  catch (e) { searchFailed(e.message); }
 }
 
 init();
