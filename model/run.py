@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from model.durable import atomic_write, atomic_write_text, file_sha256
 from model.network import ModelConfig, MultiTaskEmbedder, create_model
 from model.preprocess import Preprocess
+from model.tasks import Fingerprints, fingerprints
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -75,6 +77,18 @@ class LoadedRun:
     @property
     def embedding_dim(self) -> int:
         return self.model.config.embedding_dim
+
+    @cached_property
+    def fingerprints(self) -> Fingerprints:
+        """The shared weights' digest and one per task (``model.tasks.fingerprints``): an index built
+        under task ``t`` is valid for this run when ``fingerprints.tasks[t]`` is the one it recorded,
+        whatever tasks were added or removed since (``model_hash`` changes with any of them)."""
+        return fingerprints(self.model)
+
+    @property
+    def lineage(self) -> list[dict[str, Any]]:
+        """The task additions and removals that led from a trained run to this one (oldest first)."""
+        return list(self.config.get("lineage", []))
 
 
 def resolve_device(device: str) -> torch.device:
