@@ -37,13 +37,18 @@ search, add, remove and save applies it in the thread that calls it: request thr
 
 Persistence goes through ``index.generations``: files ``task-NNN.faiss`` (NNN = the task's position) and,
 for HNSW, ``tombstones.npy``. A loaded generation's options (kind and search parameters) override the
-constructor's.
+constructor's. ``save`` is ``capture`` (copies of the indexes in memory, under the read lock, so searches
+go on) then ``commit`` (written and fsynced with no lock held): a gallery with a write-ahead log captures
+between two writes and commits in the background (``index.gallery``). The copy costs the index's size in
+memory while the snapshot is written.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +82,23 @@ _MAX_TRAIN = 200_000  # k-means on more points than this buys no accuracy, only 
 
 def _task_file(position: int) -> str:
     return f"task-{position:03d}.faiss"
+
+
+@dataclass
+class FaissSnapshot:
+    """Private copies of a store's indexes at one moment, to be written without holding its lock."""
+
+    indexes: dict[str, Any]  # task -> cloned faiss index, in task order
+    tombstones: np.ndarray
+    options: dict[str, Any]
+    counts: dict[str, int]
+
+    def write(self, directory: Path) -> None:
+        for position, index in enumerate(self.indexes.values()):
+            faiss.write_index(index, str(directory / _task_file(position)))
+        if len(self.tombstones):
+            with open(directory / "tombstones.npy", "wb") as f:
+                np.save(f, self.tombstones)
 
 
 class FaissStore:
@@ -352,31 +374,53 @@ class FaissStore:
 
     # --- persistence ---------------------------------------------------------------------------------
 
-    def save(self) -> Manifest:
+    def capture(self) -> FaissSnapshot:
+        """An in-memory copy of every task's index (HNSW compacted first when tombstones pile up), taken
+        under the read lock: searches go on meanwhile; only writes wait, for the copy (not the disk)."""
         self._limit_threads()
+        if self.kind == "hnsw":
+            with self._lock.write():
+                total = self._indexes[self._tasks[0]].ntotal
+                if len(self._tombstones) > self.options["compact_fraction"] * max(total, 1):
+                    self._compact()
+        with self._lock.read():
+            return FaissSnapshot(
+                indexes={task: faiss.clone_index(self._indexes[task]) for task in self._tasks},
+                tombstones=self._tombstones.copy(),
+                options=dict(self.options),
+                counts={t: int(self._indexes[t].ntotal) - len(self._tombstones) for t in self._tasks},
+            )
+
+    def commit(
+        self,
+        snapshot: FaissSnapshot,
+        *,
+        extra: Callable[[Path], None] | None = None,
+        log_position: int = 0,
+    ) -> Manifest:
+        """Write ``snapshot`` as a new generation (no store lock held: the copy is private); ``extra``
+        adds files (a gallery's metadata and config) under the same manifest."""
+
+        def write(directory: Path) -> None:
+            snapshot.write(directory)
+            if extra is not None:
+                extra(directory)
+
         with self._save_lock:
-            if self.kind == "hnsw":
-                with self._lock.write():
-                    total = self._indexes[self._tasks[0]].ntotal
-                    if len(self._tombstones) > self.options["compact_fraction"] * max(total, 1):
-                        self._compact()
-            with self._lock.read():
-                self.manifest = self.generations.commit(
-                    self._write_files,
-                    model_hash=self.model_hash,
-                    embedding_dim=self.dim,
-                    backend=self.backend,
-                    tasks=self._tasks,
-                    counts={t: int(self._indexes[t].ntotal) - len(self._tombstones) for t in self._tasks},
-                    options=self.options,
-                )
+            self.manifest = self.generations.commit(
+                write,
+                model_hash=self.model_hash,
+                embedding_dim=self.dim,
+                backend=self.backend,
+                tasks=self._tasks,
+                counts=snapshot.counts,
+                options=snapshot.options,
+                log_position=log_position,
+            )
             return self.manifest
 
-    def _write_files(self, directory: Path) -> None:
-        for position, task in enumerate(self._tasks):
-            faiss.write_index(self._indexes[task], str(directory / _task_file(position)))
-        if len(self._tombstones):
-            np.save(directory / "tombstones.npy", self._tombstones)
+    def save(self) -> Manifest:
+        return self.commit(self.capture())
 
     def load(self) -> Manifest | None:
         outcome, state = self.generations.load_newest(

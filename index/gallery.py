@@ -2,50 +2,74 @@
 
 Layout of a gallery directory::
 
-    gallery.json     backend, store options, task list, embedding size, model hash (written once)
+    gallery.json     backend, store options, task list, embedding size, model hash (written once, last)
     gallery.sqlite   metadata (index.metadata), WAL mode
     blobs/           uploaded image bytes, content-addressed
+    log/             the write-ahead log (index.wal): faiss galleries only
     store/           the vector store's generations (index.generations), or its Milvus Lite file
     writer.lock      flock held by the one process that opened the gallery for writing
 
-Durability across the two halves: the metadata commits first and the store's ``save()`` is the commit
-point of the vectors. An ``add`` is durable once a ``save`` that followed it returned; a ``remove`` is
-durable as soon as it returns (the metadata row is gone, and a store that still holds the vectors after
-a crash is corrected on the next open). Opening for writing repairs what a crash can leave behind:
-metadata rows whose vectors were never saved are rolled back, vectors without a metadata row are removed,
-and an id present in only some tasks (a Milvus crash inside ``add``) is removed. Read-only opens (``info``,
-``verify`` beside a running service) repair nothing; they report.
+Galleries whose store can snapshot itself in memory (faiss) write through a write-ahead log: an add or a
+remove is durable, visible and answered once its log record is fsynced (``index.journal`` groups
+concurrent writers into one fsync). A snapshot is a generation holding the vectors *and* copies of the
+metadata (``metadata.sqlite``) and of ``gallery.json``, all under the manifest's checksums, plus the log
+position it covers; snapshots are taken in the background (``snapshot_every_records`` /
+``snapshot_every_s``), by ``save()`` (``modret index compact``) and on ``close``. The log keeps every
+record after the oldest kept generation, so falling back to the previous generation (when the newest one
+is damaged) loses nothing: it is replayed forward.
 
-Concurrency: searches go straight to the store (which takes a read lock per search); ``add`` and
-``remove`` hold the gallery's writer lock so that the metadata and store halves of one call are never
-interleaved with another writer's; ``save`` needs no gallery lock (the store snapshots under its read lock).
+Opening replays: the vectors are the newest verified generation plus the records after its position, the
+metadata is ``gallery.sqlite`` plus the records after the position it last applied. The two must then
+agree; nothing is "repaired" by deleting vectors or rows. A damaged ``gallery.json``, a missing, emptied,
+replaced or unreadable ``gallery.sqlite``, metadata that the log cannot bring up to date, or a log damaged
+before its end refuse to open with one line saying what is damaged and how to recover:
+``Gallery.recover`` (``modret index recover``) restores the config and rebuilds the metadata from the
+newest snapshot's copies and the log, keeping the damaged files beside them (``*.damaged-<time>``).
+
+Read-only opens (``info``, ``verify`` beside a running service) hold the generations' shared lock while
+they read, so a snapshot cannot delete log segments under them, and replay only up to the position the
+metadata shows, so both halves describe the same moment.
+
+Milvus galleries persist through Milvus' own log: the metadata commits first on add and last on remove,
+so a crash can only leave rows whose vectors are (partly) missing, which opening for writing rolls back;
+vectors without a row are never deleted: opening refuses instead (the metadata must be restored).
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import json
 import logging
+import os
+import shutil
 import threading
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from index.generations import GenerationError, Manifest
-from index.metadata import ItemRecord, Metadata, NewItem
+from index.checks import check_gallery
+from index.gallery_files import (
+    CONFIG,
+    LOG_DIR,
+    METADATA_COPY,
+    STORE_DIR,
+    DamagedGalleryError,
+    GalleryError,
+    VerifyReport,
+    parse_config,
+)
+from index.generations import GenerationError, Generations, Manifest
+from index.journal import AddResult, Journal, JournalError, replay, replay_metadata
+from index.metadata import DB_NAME, ItemRecord, Metadata, MetadataError, NewItem
 from index.store import SearchResult, VectorStore, as_ids, open_store, store_class
+from index.wal import LogCorruptError, LogScan, WriteAheadLog
 from model.durable import FileLock, LockHeld, atomic_write_bytes
 
 log = logging.getLogger(__name__)
-
-CONFIG = "gallery.json"
-STORE_DIR = "store"
-
-
-class GalleryError(RuntimeError):
-    """A gallery that cannot be opened or used as asked; the message says why."""
 
 
 @dataclass
@@ -59,24 +83,28 @@ class GalleryInfo:
     model_hash: str
     embedding_dim: int
     generation: int | None
-    sizes: dict[str, int]  # bytes: store, metadata, blobs
+    sizes: dict[str, int]  # bytes: store, metadata, blobs, log
     rejected_generations: list[str]
-
-
-@dataclass
-class VerifyReport:
-    problems: list[str] = field(default_factory=list)
-    checked: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
+    log_records: int = 0  # records after the newest snapshot
 
 
 def _tree_size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+def _read_config(root: Path) -> tuple[dict[str, Any], bytes]:
+    try:
+        data = (root / CONFIG).read_bytes()
+    except FileNotFoundError:
+        raise GalleryError(f"{root} holds no gallery ({CONFIG} not found)") from None
+    return parse_config(root, data), data
+
+
+def logs_writes(backend: str) -> bool:
+    """Whether galleries on ``backend`` write through the log (stores that can snapshot in memory)."""
+    return hasattr(store_class(backend), "capture")
 
 
 class Gallery:
@@ -95,7 +123,11 @@ class Gallery:
         self.read_only = lock_file is None
         self._lock_file = lock_file
         self._write_lock = threading.Lock()
-        self.repairs: list[str] = []
+        self.repairs: list[str] = []  # what opening did or noticed (a dropped torn tail, rolled-back rows)
+        self.journal: Journal | None = None
+        self.wal: WriteAheadLog | None = None
+        self.scan: LogScan | None = None
+        self._config_bytes = b""
 
     @property
     def tasks(self) -> list[str]:
@@ -121,14 +153,19 @@ class Gallery:
         model_hash: str,
         backend: str = "faiss",
         store_options: dict[str, Any] | None = None,
+        **policy: Any,
     ) -> Gallery:
-        """Create an empty gallery in ``root`` (which must not hold one yet) and open it for writing."""
+        """Create an empty gallery in ``root`` (which must not hold one yet) and open it for writing.
+        gallery.json is written last: a crash before it leaves no gallery, only files to overwrite."""
         if (root / CONFIG).exists():
             raise GalleryError(f"{root} already holds a gallery; open it or choose another directory")
-        store_class(backend)  # an unknown name fails here, before gallery.json records it
+        logged = logs_writes(backend)  # an unknown name fails here, before gallery.json records it
         root.mkdir(parents=True, exist_ok=True)
+        for path in root.glob(f"{DB_NAME}*"):
+            path.unlink()
+        Metadata(root, create=True, logged=logged).close()
         config = {
-            "format_version": 1,
+            "format_version": 2 if logged else 1,
             "backend": backend,
             "store_options": dict(store_options or {}),
             "tasks": list(tasks),
@@ -136,15 +173,21 @@ class Gallery:
             "model_hash": model_hash,
         }
         atomic_write_bytes(root / CONFIG, json.dumps(config, indent=2).encode())
-        return cls.open(root, model_hash=model_hash)
+        return cls.open(root, model_hash=model_hash, **policy)
 
     @classmethod
-    def open(cls, root: Path, *, model_hash: str | None = None, read_only: bool = False) -> Gallery:
-        """Open the gallery in ``root``; ``model_hash`` (the run's) must match the one it was built with."""
-        try:
-            config = json.loads((root / CONFIG).read_text())
-        except FileNotFoundError:
-            raise GalleryError(f"{root} holds no gallery ({CONFIG} not found)") from None
+    def open(
+        cls,
+        root: Path,
+        *,
+        model_hash: str | None = None,
+        read_only: bool = False,
+        snapshot_every_records: int = 10_000,
+        snapshot_every_s: float = 300.0,
+    ) -> Gallery:
+        """Open the gallery in ``root``; ``model_hash`` (the run's) must match the one it was built with.
+        The two ``snapshot_every`` settings say when a writer snapshots in the background."""
+        config, config_bytes = _read_config(root)
         if model_hash is not None and model_hash != config["model_hash"]:
             raise GalleryError(
                 f"{root} was built with model {config['model_hash'][:12]}…, the run's model is "
@@ -156,52 +199,200 @@ class Gallery:
                 lock_file = FileLock(root / "writer.lock", blocking=False).acquire()
             except LockHeld:
                 raise GalleryError(f"{root} is open for writing in another process") from None
+        logged = logs_writes(config["backend"])
+        generations = Generations(root / STORE_DIR)
         metadata: Metadata | None = None
+        store: VectorStore | None = None
+        gallery: Gallery | None = None
         try:
-            metadata = Metadata(root, read_only=read_only)
-            store = open_store(
-                config["backend"],
-                root / STORE_DIR,
-                tasks=config["tasks"],
-                dim=config["embedding_dim"],
-                model_hash=config["model_hash"],
-                options=config["store_options"],
-            )
+            # A reader holds the shared lock so that no snapshot deletes the log it is about to read.
+            with generations.locked(shared=True) if read_only and logged else contextlib.nullcontext():
+                try:
+                    metadata = Metadata(root, read_only=read_only, logged=logged)
+                except MetadataError as e:
+                    raise DamagedGalleryError(root, "metadata", str(e)) from None
+                store = open_store(
+                    config["backend"],
+                    root / STORE_DIR,
+                    tasks=config["tasks"],
+                    dim=config["embedding_dim"],
+                    model_hash=config["model_hash"],
+                    options=config["store_options"],
+                )
+                gallery = cls(root, config, store, metadata, lock_file)
+                gallery._config_bytes = config_bytes
+                if logged:
+                    gallery._recover_from_log(snapshot_every_records, snapshot_every_s)
+                elif not read_only:
+                    gallery._repair_unlogged()
         except BaseException as e:  # whatever failed, the writer lock and the database are let go
+            if gallery is not None and gallery.wal is not None:
+                gallery.wal.close()
+            if store is not None:
+                store.close()
             if metadata is not None:
                 metadata.close()
             if lock_file is not None:
                 lock_file.release()
+            if isinstance(e, LogCorruptError):
+                raise DamagedGalleryError(root, "log", str(e)) from None
             if isinstance(e, GenerationError):
-                raise GalleryError(str(e)) from e
+                raise GalleryError(f"{root}: {e}") from None
             raise
-        gallery = cls(root, config, store, metadata, lock_file)
-        if not read_only:
-            gallery._repair()
         return gallery
 
-    def _repair(self) -> None:
-        """Make metadata and store agree after a crash; see the module docstring."""
+    @staticmethod
+    def preflight(root: Path) -> None:
+        """The checks of ``open`` that need no loading (config, metadata database, log records), raising
+        the same one-line errors, so that a service can refuse a damaged gallery before it starts."""
+        config, _ = _read_config(root)
+        try:
+            Metadata(root, read_only=True, logged=logs_writes(config["backend"])).close()
+        except MetadataError as e:
+            raise DamagedGalleryError(root, "metadata", str(e)) from None
+        if logs_writes(config["backend"]):
+            try:
+                WriteAheadLog(root / LOG_DIR).scan(after=2**63 - 1)  # checks every record, keeps none
+            except LogCorruptError as e:
+                raise DamagedGalleryError(root, "log", str(e)) from None
+
+    def _recover_from_log(self, every_records: int, every_s: float) -> None:
+        """Newest verified generation + the log records after it; see the module docstring."""
+        manifest = self.store.manifest
+        snapshot_at = manifest.log_position if manifest else 0
+        if manifest is not None and CONFIG in manifest.files:
+            copy = self.store.generations.directory(manifest) / CONFIG
+            if parse_config(self.root, copy.read_bytes()) != self.config:
+                raise DamagedGalleryError(
+                    self.root, "config", f"{CONFIG} differs from its copy in generation {manifest.generation}"
+                )
+        applied = self.metadata.applied_position()
+        legacy = applied is None  # metadata written before the log existed
+        self.wal = WriteAheadLog(self.root / LOG_DIR)
+        scan = self.scan = self.wal.scan(after=min(snapshot_at, applied or 0))
+        if legacy and scan.segments:
+            raise DamagedGalleryError(
+                self.root, "metadata", f"{DB_NAME} has no log position but a log exists"
+            )
+        applied = applied or 0
+        end = max(scan.last, snapshot_at)
+        if scan.segments and scan.first > snapshot_at + 1:
+            raise DamagedGalleryError(
+                self.root,
+                "log",
+                f"the log starts at record {scan.first} but generation "
+                f"{manifest.generation if manifest else '-'} covers only up to {snapshot_at}: "
+                f"records {snapshot_at + 1}..{scan.first - 1} are missing",
+            )
+        if applied > end:
+            raise DamagedGalleryError(
+                self.root, "log", f"{DB_NAME} has applied record {applied} but the log ends at {end}"
+            )
+        if scan.segments and applied < scan.first - 1:
+            raise DamagedGalleryError(
+                self.root,
+                "metadata",
+                f"{DB_NAME} is at record {applied}, older than the log (which starts at {scan.first})",
+            )
+        if scan.tail is not None:
+            self.repairs.append(scan.tail.describe())
+        # A reader stops where the metadata it reads stops; records after it are being applied now.
+        upto = end if not self.read_only else applied
+        replayed = replay(
+            [r for r in scan.records if r.position <= upto], self.store, self.tasks, after=snapshot_at
+        )
+        if not self.read_only:
+            replay_metadata(scan.records, self.metadata, after=applied)
+            if legacy:
+                self._repair_unlogged()
+                self.metadata.start_log()
+        self._check_agreement()
+        if replayed:
+            log.info(
+                "%s: replayed %d log records after generation position %d", self.root, replayed, snapshot_at
+            )
+        if self.read_only:
+            return
+        self.wal.open_for_append(scan)
+        self.wal.next_position = end + 1
+        self.journal = Journal(
+            wal=self.wal,
+            metadata=self.metadata,
+            store=self.store,
+            tasks=self.tasks,
+            capture=self.store.capture,  # type: ignore[attr-defined]  # logs_writes checked it exists
+            write_snapshot=self._write_snapshot,
+            position=end,
+            snapshot_position=-1 if legacy else snapshot_at,  # a legacy gallery snapshots on close
+            every_records=every_records,
+            every_s=every_s,
+        )
+
+    def _check_agreement(self) -> None:
+        """Metadata and vectors after replay must hold the same ids; refuse (never delete) otherwise."""
+        if self.read_only:
+            return  # verify reports disagreements in detail
+        known = self.metadata.ids()
+        stored = self.store.ids(self.tasks[0])
+        counts = {task: self.store.count(task) for task in self.tasks}
+        if np.array_equal(known, stored) and set(counts.values()) == {len(known)}:
+            return
+        without = np.setdiff1d(stored, known)
+        missing = np.setdiff1d(known, stored)
+        raise DamagedGalleryError(
+            self.root,
+            "metadata",
+            f"metadata and vectors disagree after replaying the log ({len(missing)} items without vectors, "
+            f"e.g. {missing[:5].tolist()}; {len(without)} vectors without metadata, e.g. "
+            f"{without[:5].tolist()}; counts per task {counts}); nothing was changed",
+        )
+
+    def _repair_unlogged(self) -> None:
+        """Roll back rows whose vectors are missing (a crashed add, or a remove the store finished);
+        refuse, deleting nothing, when vectors have no row (the metadata lost them)."""
         per_task = [self.store.ids(task) for task in self.tasks]
         everywhere = per_task[0]
         for ids in per_task[1:]:
             everywhere = np.intersect1d(everywhere, ids)
-        partial = np.setdiff1d(np.unique(np.concatenate(per_task)), everywhere)
+        anywhere = np.unique(np.concatenate(per_task))
         known = self.metadata.ids()
+        orphaned = np.setdiff1d(anywhere, known)
+        if len(orphaned):
+            raise DamagedGalleryError(
+                self.root,
+                "metadata",
+                f"{len(orphaned)} stored vectors have no metadata row (e.g. {orphaned[:5].tolist()}): "
+                f"{DB_NAME} lost them; nothing was deleted",
+            )
         unsaved = np.setdiff1d(known, everywhere)
-        orphaned = np.setdiff1d(everywhere, known)
-        if len(partial) or len(orphaned):
-            self.store.remove(np.union1d(partial, orphaned))
+        partial = np.intersect1d(unsaved, anywhere)
+        if len(partial):
+            self.store.remove(partial)
         if len(unsaved):
             self.metadata.remove(unsaved)
-        for count, what in (
-            (len(unsaved), "added items whose vectors were never saved were rolled back"),
-            (len(orphaned), "removed items still in the store were removed from it"),
-            (len(partial), "ids present in only some tasks were removed"),
-        ):
-            if count:
-                self.repairs.append(f"{count} {what}")
-                log.warning("%s: %d %s", self.root, count, what)
+            what = f"{len(unsaved)} items whose vectors were never (fully) stored were rolled back"
+            self.repairs.append(what)
+            log.warning("%s: %s", self.root, what)
+
+    @classmethod
+    def recover(cls, root: Path) -> list[str]:
+        """Make a gallery that refuses to open openable again without losing acknowledged writes:
+        restore gallery.json and rebuild gallery.sqlite from the newest snapshot's copies and the log
+        (the damaged files are kept as ``*.damaged-<time>``). Returns what it did."""
+        done: list[str] = []
+        rebuilt: set[str] = set()
+        while True:
+            try:
+                gallery = cls.open(root)
+            except DamagedGalleryError as e:
+                if e.part == "log" or e.part in rebuilt:  # nothing here to rebuild it from
+                    raise
+                rebuilt.add(e.part)
+                done.append(_rebuild(root, e.part, str(e)))
+                continue
+            done += gallery.repairs
+            gallery.close()
+            return done
 
     # --- writing -------------------------------------------------------------------------------------
 
@@ -209,18 +400,22 @@ class Gallery:
         if self.read_only:
             raise GalleryError(f"{self.root} is open read-only")
 
-    def add(self, items: Sequence[NewItem], vectors: np.ndarray) -> list[int]:
-        """Add ``items`` with their embeddings ``vectors`` (N, T, D) in task order; returns their ids.
-
-        Content already in the gallery (same sha256) keeps its id and is not stored again."""
+    def insert(self, items: Sequence[NewItem], vectors: np.ndarray) -> AddResult:
+        """Add ``items`` with their embeddings ``vectors`` (N, T, D) in task order: durable and visible
+        on return. Content already in the gallery (same sha256) keeps its id and is not stored again."""
         self._check_writable()
         expected = (len(items), len(self.tasks), self.embedding_dim)
         if vectors.shape != expected:
             raise ValueError(f"vectors have shape {vectors.shape}, expected {expected}")
+        if self.journal is not None:
+            self.metadata.store_blobs(items)  # durable before the record that refers to them
+            try:
+                return self.journal.add(items, np.ascontiguousarray(vectors, dtype=np.float32))
+            except JournalError as e:
+                raise GalleryError(str(e)) from e
         with self._write_lock:
             ids, new = self.metadata.add(items)
             rows = [i for i, is_new in enumerate(new) if is_new]
-            # A batch may hold the same content twice: only its first occurrence is new.
             new_ids = np.array([ids[i] for i in rows], dtype=np.int64)
             if len(new_ids):
                 try:
@@ -228,18 +423,50 @@ class Gallery:
                 except BaseException:
                     self.metadata.remove(new_ids)
                     raise
-        return ids
+        return AddResult(ids, new)
+
+    def add(self, items: Sequence[NewItem], vectors: np.ndarray) -> list[int]:
+        """The ids of ``items`` (see ``insert``)."""
+        return self.insert(items, vectors).ids
 
     def remove(self, ids: Sequence[int] | np.ndarray) -> int:
+        """Remove ``ids``; durable on return. Returns how many were in the gallery."""
         self._check_writable()
-        with self._write_lock:
-            removed = self.metadata.remove(ids)
+        if self.journal is not None:
+            try:
+                return self.journal.remove(np.asarray(ids, dtype=np.int64))
+            except JournalError as e:
+                raise GalleryError(str(e)) from e
+        with self._write_lock:  # vectors first: a crash between leaves a row to roll back, never orphans
             self.store.remove(np.asarray(ids, dtype=np.int64))
-        return removed
+            return self.metadata.remove(ids)
 
-    def save(self) -> Manifest:
+    def save(self) -> Manifest | None:
+        """Snapshot now (``modret index compact``) and wait for it; the log is truncated behind it."""
         self._check_writable()
-        return self.store.save()
+        if self.journal is None:
+            return self.store.save()
+        try:
+            return self.journal.snapshot() or self.store.manifest
+        except JournalError as e:
+            raise GalleryError(str(e)) from e
+
+    def _write_snapshot(self, capture: Any, position: int) -> Manifest:
+        """The snapshot thread's work: vectors, metadata and config as one generation, then the log
+        segments that every kept generation covers are deleted."""
+
+        def extra(directory: Path) -> None:
+            self.metadata.backup(directory / METADATA_COPY)
+            (directory / CONFIG).write_bytes(self._config_bytes)
+
+        manifest: Manifest = self.store.commit(  # type: ignore[attr-defined]
+            capture, extra=extra, log_position=position
+        )
+        assert self.wal is not None
+        generations = self.store.generations
+        with generations.locked(shared=False):
+            self.wal.truncate_through(generations.retained_position())
+        return manifest
 
     # --- reading -------------------------------------------------------------------------------------
 
@@ -267,6 +494,8 @@ class Gallery:
 
     def info(self) -> GalleryInfo:
         manifest = self.store.manifest
+        at = manifest.log_position if manifest else 0
+        position = self.journal.position if self.journal else self.metadata.applied_position() or 0
         return GalleryInfo(
             root=self.root,
             backend=self.config["backend"],
@@ -279,58 +508,84 @@ class Gallery:
             generation=manifest.generation if manifest else None,
             sizes={
                 "store": _tree_size(self.root / STORE_DIR),
-                "metadata": sum(_tree_size(p) for p in self.root.glob("gallery.sqlite*")),
+                "metadata": sum(_tree_size(p) for p in self.root.glob(f"{DB_NAME}*")),
                 "blobs": _tree_size(self.metadata.blob_dir),
+                "log": _tree_size(self.root / LOG_DIR),
             },
             rejected_generations=list(self.store.generations.rejected),
+            log_records=max(0, position - at) if self.wal is not None else 0,
         )
 
     def verify(self, model_hash: str | None = None) -> VerifyReport:
-        """Checksums of the served generation, model match, and every metadata id in every task."""
-        report = VerifyReport()
-        # A newer generation that failed to load is a problem even though an older one is served.
-        report.problems += [f"refused generation: {reason}" for reason in self.store.generations.rejected]
-        manifest = self.store.manifest
-        if manifest is None:
-            report.problems.append("no saved generation: the gallery was never saved")
-        else:
-            try:
-                self.store.generations.verify(
-                    manifest.generation, model_hash=self.model_hash, embedding_dim=None
-                )
-                report.checked.append(f"generation {manifest.generation}: manifest and file checksums")
-            except GenerationError as e:
-                report.problems.append(str(e))
-        if model_hash is not None and model_hash != self.model_hash:
-            report.problems.append(
-                f"model mismatch: gallery built with {self.model_hash[:12]}…, run has {model_hash[:12]}…"
-            )
-        else:
-            report.checked.append("model hash" + (" matches the run" if model_hash else " recorded"))
-        known = self.metadata.ids()
-        for task in self.tasks:
-            stored = self.store.ids(task)
-            missing = np.setdiff1d(known, stored)
-            extra = np.setdiff1d(stored, known)
-            if len(missing):
-                report.problems.append(
-                    f"task {task!r}: {len(missing)} ids missing, e.g. {missing[:5].tolist()}"
-                )
-            if len(extra):
-                report.problems.append(
-                    f"task {task!r}: {len(extra)} ids without metadata, e.g. {extra[:5].tolist()}"
-                )
-        report.checked.append(f"{len(known)} ids in each of {len(self.tasks)} tasks")
-        with_blobs = [r for r in self.metadata.get(known).values() if r.has_blob]
-        for record in with_blobs:
-            path = self.metadata.blob_path(record.content_hash)
-            if not path.is_file():
-                report.problems.append(f"item {record.id}: blob {path.name} is missing")
-        report.checked.append(f"{len(with_blobs)} blobs present")
-        return report
+        """Checksums of every kept generation (and its metadata and config copies), the log, the model
+        match, every metadata id in every task, and the blobs (``index.checks``)."""
+        return check_gallery(self, model_hash)
 
-    def close(self) -> None:
-        self.store.close()
-        self.metadata.close()
-        if self._lock_file is not None:
-            self._lock_file.release()
+    def close(self, *, snapshot: bool = True) -> None:
+        """Stop writing (answering queued writes first); with ``snapshot``, snapshot what the log holds."""
+        try:
+            if self.journal is not None:
+                self.journal.close(snapshot=snapshot)
+        finally:
+            if self.wal is not None:
+                self.wal.close()
+            self.store.close()
+            self.metadata.close()
+            if self._lock_file is not None:
+                self._lock_file.release()
+
+
+def _aside(path: Path) -> Path:
+    """Move a damaged file out of the way, keeping it (``<name>.damaged-<UTC time>``)."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
+    target = path.with_name(f"{path.name}.damaged-{stamp}")
+    os.replace(path, target)
+    return target
+
+
+@contextlib.contextmanager
+def _writer_lock(root: Path) -> Iterator[None]:
+    try:
+        lock = FileLock(root / "writer.lock", blocking=False).acquire()
+    except LockHeld:
+        raise GalleryError(f"{root} is open for writing in another process; stop it first") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _newest_copy(root: Path, name: str) -> tuple[int, Path] | None:
+    """The newest generation whose files verify and that holds a copy of ``name``."""
+    generations = Generations(root / STORE_DIR)
+    for generation in generations.committed():
+        try:
+            manifest = generations.verify(generation, model_hash=None, embedding_dim=None)
+        except GenerationError:
+            continue
+        if name in manifest.files:
+            return generation, generations.directory(manifest) / name
+    return None
+
+
+def _rebuild(root: Path, part: str, why: str) -> str:
+    """Replace the damaged ``part`` ("config" or "metadata") from the newest snapshot; say what was done."""
+    with _writer_lock(root):
+        name = CONFIG if part == "config" else DB_NAME
+        found = _newest_copy(root, CONFIG if part == "config" else METADATA_COPY)
+        kept = []
+        for path in [root / name, *(root.glob(f"{name}-*") if part == "metadata" else [])]:
+            if path.exists():
+                kept.append(_aside(path).name)
+        if found is not None:
+            generation, copy = found
+            shutil.copyfile(copy, root / name)
+            source = f"its copy in generation {generation}"
+        elif part == "metadata" and (root / LOG_DIR / f"{1:020d}.wal").exists():
+            Metadata(root, create=True, logged=True).close()  # the log holds every write since creation
+            source = "an empty database (the log holds every write)"
+        else:
+            raise GalleryError(f"{root}: {why}; no snapshot holds a copy to rebuild it from")
+        line = f"{name} rebuilt from {source} (damaged file kept as {', '.join(kept) or 'nothing'})"
+        log.warning("%s: %s", root, line)
+        return line

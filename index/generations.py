@@ -15,11 +15,15 @@ its final name is the commit point: a crash before it leaves a directory without
 pruned), a crash after it leaves a complete generation.
 
 A manifest holds the model hash, embedding size, metric, backend and its options, the ordered task list,
-the count per task, size and sha256 of every data file, and a sha256 of its own canonical body, so that a
-bit flip anywhere (manifest included) is detected. Loading walks the committed generations newest first
-and serves the first one whose manifest and files verify and whose model hash and embedding size match;
-every rejected generation is reported with the reason (logged and kept in ``LoadOutcome.rejected``). When
-generations exist but none verifies, ``NoGoodGenerationError`` says why each failed.
+the count per task, size and sha256 of every data file, the position of the last write-ahead-log record
+the snapshot covers (``log_position``, 0 for stores without a log; see ``index.wal``), and a sha256 of its
+own canonical body, so that a bit flip anywhere (manifest included) is detected. A gallery's snapshot
+also holds copies of its metadata and config among the data files, under the same checksums.
+
+Loading walks the committed generations newest first and serves the first one whose manifest and files
+verify and whose model hash and embedding size match; every rejected generation is reported with the
+reason (logged and kept in ``LoadOutcome.rejected``). When generations exist but none verifies,
+``NoGoodGenerationError`` says why each failed.
 
 After a commit, generations are pruned to two: the new one and the previous known-good one (the one this
 process loaded or last committed, so that a corrupt newer generation never displaces the good one);
@@ -79,6 +83,7 @@ class Manifest:
     options: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
     format_version: int = FORMAT_VERSION
+    log_position: int = 0  # the last log record this generation covers (index.wal)
 
     def body(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,10 +142,28 @@ class Generations:
         return sorted(numbers, reverse=True)
 
     @contextlib.contextmanager
-    def _locked(self, *, shared: bool) -> Iterator[None]:
+    def locked(self, *, shared: bool) -> Iterator[None]:
+        """The root's flock: exclusive while committing or pruning, shared while reading generations
+        (and, for a gallery, its log: see ``index.gallery``)."""
         self.root.mkdir(parents=True, exist_ok=True)
         with FileLock(self.root / ".lock", shared=shared):
             yield
+
+    def manifests(self) -> dict[int, Manifest | str]:
+        """Every committed generation's manifest, or why it cannot be read, newest first."""
+        out: dict[int, Manifest | str] = {}
+        for generation in self.committed():
+            name = _manifest_name(generation)
+            try:
+                out[generation] = Manifest.from_json((self.root / name).read_text())
+            except (OSError, ValueError, TypeError, KeyError) as e:
+                out[generation] = f"{name}: unreadable or corrupt manifest ({e})"
+        return out
+
+    def retained_position(self) -> int:
+        """The log position every kept generation covers: records up to it are in all of them."""
+        positions = [m.log_position for m in self.manifests().values() if isinstance(m, Manifest)]
+        return min(positions, default=0)
 
     def commit(
         self,
@@ -153,9 +176,10 @@ class Generations:
         counts: dict[str, int],
         options: dict[str, Any] | None = None,
         metric: str = "ip",
+        log_position: int = 0,
     ) -> Manifest:
         """Commit a new generation whose data files ``write(directory)`` creates."""
-        with self._locked(shared=False):
+        with self.locked(shared=False):
             existing = [
                 int(p.name.removeprefix("gen-")) for p in self.root.glob("gen-*") if p.name[4:].isdigit()
             ]
@@ -185,6 +209,7 @@ class Generations:
                 files=files,
                 options=dict(options or {}),
                 created_at=dt.datetime.now(dt.UTC).isoformat(),
+                log_position=log_position,
             )
             atomic_write_bytes(self.root / _manifest_name(generation), manifest.to_json().encode())
             previous, self.known_good = self.known_good, generation
@@ -256,7 +281,7 @@ class Generations:
         generations exist but none verifies (or ``read`` fails on every one that does)."""
         outcome = LoadOutcome()
         self.rejected = outcome.rejected
-        with self._locked(shared=True):
+        with self.locked(shared=True):
             committed = self.committed()
             for generation in committed:
                 try:

@@ -18,8 +18,19 @@ may come back, and content addressing makes keeping it harmless. Adding bytes fo
 an item without them (a gallery built without its images, then the same image uploaded) gives that item
 its blob.
 
-WAL with ``synchronous=FULL`` makes each committed transaction durable; readers never block the writer.
-One connection is shared by the threads of a process behind a lock (SQLite serialises writers anyway).
+Galleries with a write-ahead log (``index.wal``; the faiss backend) record writes there first: the
+metadata is then a view that the log can rebuild, ``apply`` writes the log's records with the ids the log
+assigned and remembers the position of the last one applied (table ``log_state``, in the same
+transaction), so that opening replays exactly the records after it. Such galleries open the database with
+``synchronous=NORMAL`` (no fsync per commit: the log's fsync is the durable one); galleries without a log
+(Milvus) keep ``synchronous=FULL``, which makes each committed transaction durable. WAL journal mode in
+both: readers never block the writer. One connection is shared by the threads of a process behind a lock
+(SQLite serialises writers anyway).
+
+Opening an existing gallery never creates the schema: an emptied, replaced or unreadable file is a
+``MetadataError`` (the gallery refuses to start and says how to recover), never an empty gallery that
+would then disagree with the vectors. A read-only open reads inside one transaction, so every query of a
+``verify`` sees the same state as the ``log_state`` position it read first.
 """
 
 from __future__ import annotations
@@ -33,9 +44,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from index.wal import LoggedItem
 from model.durable import atomic_write_bytes, bytes_sha256, fsync_path
 
 _SCHEMA = """
@@ -56,6 +69,13 @@ CREATE TABLE IF NOT EXISTS labels (
     PRIMARY KEY (item_id, name)
 );
 CREATE INDEX IF NOT EXISTS labels_by_value ON labels(name, value, item_id);
+"""
+_LOG_STATE = """
+CREATE TABLE IF NOT EXISTS log_state (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    applied INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO log_state (id, applied) VALUES (0, 0);
 """
 
 
@@ -95,20 +115,85 @@ class UnknownLabelError(LookupError):
     """A filter names a label that no gallery item has."""
 
 
+class MetadataError(RuntimeError):
+    """gallery.sqlite is missing, empty, replaced or unreadable; the message says which."""
+
+
+DB_NAME = "gallery.sqlite"
+
+
+def _row(row: Sequence[Any]) -> ItemRecord:
+    return ItemRecord(
+        int(row[0]), str(row[1]), str(row[2]), int(row[3]), int(row[4]), json.loads(str(row[5])),
+        bool(row[6]), str(row[7]),
+    )  # fmt: skip
+
+
 class Metadata:
-    def __init__(self, root: Path, *, read_only: bool = False) -> None:
-        self.path = root / "gallery.sqlite"
+    def __init__(
+        self,
+        root: Path,
+        *,
+        read_only: bool = False,
+        create: bool = False,
+        logged: bool = False,
+        path: Path | None = None,
+    ) -> None:
+        """Open ``root/gallery.sqlite`` (or ``path``); ``create`` makes the schema (a new gallery),
+        ``logged`` a gallery whose writes go through the write-ahead log (see the module docstring)."""
+        self.path = path or root / DB_NAME
         self.blob_dir = root / "blobs"
         self._lock = threading.Lock()
+        if not create and not self.path.is_file():
+            raise MetadataError(f"{self.path.name} is missing")
+        try:
+            if read_only:
+                uri = f"file:{self.path}?mode=ro"
+                self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+            else:
+                root.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(self.path, check_same_thread=False)
+            try:
+                self._open(read_only=read_only, create=create, logged=logged)
+            except BaseException:
+                self._db.close()
+                raise
+        except sqlite3.DatabaseError as e:
+            raise MetadataError(f"{self.path.name} is not a readable gallery database ({e})") from e
+
+    def _open(self, *, read_only: bool, create: bool, logged: bool) -> None:
+        db = self._db
+        if not read_only:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={'NORMAL' if logged else 'FULL'}")
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not create and not {"items", "labels"} <= tables:
+            raise MetadataError(
+                f"{self.path.name} holds no gallery metadata (tables {sorted(tables) or 'none'}): "
+                "it was emptied or replaced"
+            )
+        if create:
+            db.executescript(_SCHEMA)
+        if create and logged:
+            db.executescript(_LOG_STATE)
+        db.execute("PRAGMA foreign_keys=ON")
         if read_only:
-            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
-        else:
-            root.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-        self._db.execute("PRAGMA foreign_keys=ON")
+            db.execute("BEGIN")  # one snapshot for every later read (see the module docstring)
+            db.execute("SELECT COUNT(*) FROM items").fetchone()
+
+    def applied_position(self) -> int | None:
+        """Position of the last log record applied; ``None`` for a gallery without a log."""
+        with self._lock:
+            try:
+                row = self._db.execute("SELECT applied FROM log_state WHERE id = 0").fetchone()
+            except sqlite3.OperationalError:  # no such table: written before the log existed
+                return None
+        return None if row is None else int(row[0])
+
+    def start_log(self) -> None:
+        """Begin recording log positions (a gallery from before the log, opened for writing)."""
+        with self._transaction() as db:
+            db.executescript(_LOG_STATE)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -136,6 +221,71 @@ class Metadata:
             return None
         atomic_write_bytes(path, data, sync_dir=False)  # the folder is fsynced once per add, by the caller
         return path.parent
+
+    def store_blobs(self, items: Sequence[NewItem]) -> None:
+        """Durably write the image bytes of ``items`` (before any record refers to them)."""
+        self._store_blobs(items)
+
+    def ids_by_hash(self, hashes: Sequence[str]) -> dict[str, tuple[int, bool]]:
+        """``content_hash -> (id, has_blob)`` of the items already holding those contents."""
+        out: dict[str, tuple[int, bool]] = {}
+        wanted = list(dict.fromkeys(hashes))
+        with self._lock:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                rows = self._db.execute(
+                    "SELECT content_hash, id, has_blob FROM items"
+                    f" WHERE content_hash IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ).fetchall()
+                out.update({str(r[0]): (int(r[1]), bool(r[2])) for r in rows})
+        return out
+
+    def next_id(self) -> int:
+        """The id the next new item gets: above every id ever handed out (AUTOINCREMENT's counter)."""
+        with self._lock:
+            row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'items'").fetchone()
+            top = self._db.execute("SELECT MAX(id) FROM items").fetchone()
+        return max(int(row[0]) if row else 0, int(top[0] or 0)) + 1
+
+    def apply_add(self, items: Sequence[LoggedItem], blob_ids: Sequence[int], position: int) -> None:
+        """Insert logged items under their logged ids and mark ``blob_ids`` as having their bytes."""
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO items (id, source, content_hash, width, height, labels, has_blob, added_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (i.id, i.source, i.content_hash, i.width, i.height,
+                     json.dumps(i.labels, sort_keys=True), i.has_blob, i.added_at)
+                    for i in items
+                ],
+            )  # fmt: skip
+            db.executemany(
+                "INSERT INTO labels (item_id, name, value) VALUES (?, ?, ?)",
+                [(i.id, name, int(value)) for i in items for name, value in i.labels.items()],
+            )
+            db.executemany("UPDATE items SET has_blob = 1 WHERE id = ?", [(int(i),) for i in blob_ids])
+            db.execute("UPDATE log_state SET applied = ? WHERE id = 0", (position,))
+
+    def apply_remove(self, ids: Sequence[int], position: int) -> None:
+        with self._transaction() as db:
+            db.executemany("DELETE FROM items WHERE id = ?", [(int(i),) for i in ids])
+            db.execute("UPDATE log_state SET applied = ? WHERE id = 0", (position,))
+
+    def backup(self, target: Path) -> None:
+        """Copy the database, consistently, to ``target`` through a second connection (the writer is not
+        held up: in WAL mode a reader sees one committed state while writes go on)."""
+        source = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        destination = sqlite3.connect(target)
+        try:
+            source.backup(destination)
+        finally:
+            destination.close()
+            source.close()
+
+    def quick_check(self) -> str:
+        with self._lock:
+            return str(self._db.execute("PRAGMA quick_check").fetchone()[0])
 
     def add(self, items: Sequence[NewItem]) -> tuple[list[int], list[bool]]:
         """Ids of ``items`` (existing ones for content already present) and whether each is new."""
@@ -193,9 +343,7 @@ class Metadata:
                     chunk,
                 ).fetchall()
                 for row in rows:
-                    records[row[0]] = ItemRecord(
-                        row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), bool(row[6]), row[7]
-                    )
+                    records[row[0]] = _row(row)
         return records
 
     def ids(self) -> np.ndarray:

@@ -97,7 +97,15 @@ class Settings(BaseSettings):
     # Lifecycle and logs
     warmup: bool = True
     drain_delay_s: float = Field(default=0.0, ge=0, description="time readiness reports 503 before shutdown")
-    save_on_shutdown: bool = True
+    save_on_shutdown: bool = Field(
+        default=True, description="snapshot the gallery on shutdown (its log keeps every write anyway)"
+    )
+    snapshot_every_records: int = Field(
+        default=10_000, ge=1, description="snapshot the gallery in the background after this many writes"
+    )
+    snapshot_every_s: float = Field(
+        default=300.0, gt=0, description="... or this many seconds after the first write since the last"
+    )
     log_level: str = "INFO"
 
     @property

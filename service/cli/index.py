@@ -6,8 +6,13 @@
   metadata and, unless ``--no-store-images``, a copy of each image's bytes (so that the service can show
   them: ``GET /images/{id}/content``, the web UI's thumbnails; it never serves a file by its path).
 - ``info INDEX_DIR``: tasks, counts, model hash, sizes, the served generation.
-- ``verify INDEX_DIR [--run RUN_DIR]``: checksums, model match, every id present in every task; exits 1 on
-  any problem (exit codes: ``service.cli.common``).
+- ``verify INDEX_DIR [--run RUN_DIR]``: checksums of every kept generation and of its metadata and config
+  copies, the write-ahead log, model match, every id present in every task; exits 1 on any problem (exit
+  codes: ``service.cli.common``), a damaged file included (one line saying what and what to do).
+- ``compact INDEX_DIR``: snapshot now and truncate the log behind it (the service does this in the
+  background; run it with the service stopped, e.g. before a backup).
+- ``recover INDEX_DIR``: for a gallery that refuses to open, restore gallery.json and rebuild
+  gallery.sqlite from the newest snapshot's copies and the log, keeping the damaged files beside them.
 
 ``info`` and ``verify`` open the gallery read-only, so they can run beside a service that serves it.
 """
@@ -28,7 +33,9 @@ from index.store import BACKENDS
 from model.run import load_run
 from service.cli.common import DeviceOpt, fail, problems_found
 
-index_app = typer.Typer(help="Build, inspect and verify gallery indexes.", no_args_is_help=True)
+index_app = typer.Typer(
+    help="Build, inspect, verify, compact and recover gallery indexes.", no_args_is_help=True
+)
 console = Console()
 
 
@@ -138,15 +145,49 @@ def verify(
     try:
         gallery = Gallery.open(index_dir, read_only=True)
     except GalleryError as e:  # an index that cannot be opened is what verify reports, not a usage error
-        console.print(f"[red]problem[/red] {e}")
+        console.print(f"[red]problem[/red] {e}", soft_wrap=True)
         raise problems_found() from e
     try:
         report = gallery.verify(model_hash)
     finally:
         gallery.close()
     for line in report.checked:
-        console.print(f"[green]ok[/green] {line}")
+        console.print(f"[green]ok[/green] {line}", soft_wrap=True)
     for problem in report.problems:
-        console.print(f"[red]problem[/red] {problem}")
+        console.print(f"[red]problem[/red] {problem}", soft_wrap=True)
     if not report.ok:
         raise problems_found()
+
+
+@index_app.command()
+def compact(index_dir: Path = typer.Argument(..., help="Gallery index directory.")) -> None:
+    """Snapshot the gallery now and truncate its write-ahead log behind the snapshot."""
+    try:
+        gallery = Gallery.open(index_dir)
+    except GalleryError as e:
+        raise fail(str(e)) from e
+    try:
+        before = gallery.info()
+        manifest = gallery.save()
+        after = gallery.info()
+    except GalleryError as e:
+        raise fail(str(e)) from e
+    finally:
+        gallery.close(snapshot=False)
+    generation = manifest.generation if manifest is not None else None
+    console.print(
+        f"generation {generation}: {after.items} items; log {before.sizes['log'] / 1e6:.2f} MB "
+        f"({before.log_records} records after the snapshot) → {after.sizes['log'] / 1e6:.2f} MB",
+        soft_wrap=True,
+    )
+
+
+@index_app.command()
+def recover(index_dir: Path = typer.Argument(..., help="Gallery index directory.")) -> None:
+    """Rebuild a damaged gallery.json / gallery.sqlite from the newest snapshot and the log."""
+    try:
+        done = Gallery.recover(index_dir)
+    except GalleryError as e:
+        raise fail(str(e)) from e
+    for line in done or ["nothing to recover: the gallery opens as it is"]:
+        console.print(f"[green]ok[/green] {line}", soft_wrap=True)

@@ -8,6 +8,8 @@ from typing import Annotated, Any
 import typer
 
 from service.api.server import build_server
+from service.cli.common import EXIT_ERROR, console
+from service.runtime.loaded import preflight
 from service.settings import Settings
 
 
@@ -34,4 +36,9 @@ def serve(
     ):
         if value is not None:
             overrides[name] = value
-    build_server(Settings(**overrides)).run()
+    settings = Settings(**overrides)
+    problem = preflight(settings)  # a damaged gallery: one line, before the server starts
+    if problem is not None:
+        console.print(f"[red]error:[/red] {problem}", soft_wrap=True)
+        raise typer.Exit(code=EXIT_ERROR)
+    build_server(settings).run()

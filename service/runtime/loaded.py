@@ -1,8 +1,11 @@
 """The loaded model and gallery as one object, and the blocking steps that bring it up and down.
 
-``load(settings, metrics)`` loads the run, opens (or creates) its gallery and starts the batcher;
-``warm_up`` runs one batch through the model under every task and one search per task; ``shut_down``
-stops the batcher and saves the gallery. All three block: the app calls them in a worker thread.
+``load(settings, metrics)`` loads the run, opens (or creates) its gallery (replaying its write-ahead log)
+and starts the batcher; ``warm_up`` runs one batch through the model under every task and one search per
+task; ``shut_down`` stops the batcher and closes the gallery, which answers the writes in flight and, with
+``save_on_shutdown``, snapshots what the log holds. All three block: the app calls them in a worker
+thread. ``preflight`` is the cheap part of opening, for ``modret serve`` to refuse a damaged gallery with
+one line before the server starts.
 """
 
 from __future__ import annotations
@@ -59,10 +62,14 @@ def read_task_metrics(run: LoadedRun) -> dict[str, dict[str, float]]:
 
 
 def open_gallery(settings: Settings, model_hash: str, tasks: list[str], dim: int) -> Gallery:
+    policy: dict[str, Any] = {
+        "snapshot_every_records": settings.snapshot_every_records,
+        "snapshot_every_s": settings.snapshot_every_s,
+    }
     if settings.create_index and not (settings.index_dir / "gallery.json").exists():
         log.info("creating an empty gallery", extra={"fields": {"index_dir": str(settings.index_dir)}})
-        return Gallery.create(settings.index_dir, tasks=tasks, dim=dim, model_hash=model_hash)
-    gallery = Gallery.open(settings.index_dir, model_hash=model_hash)
+        return Gallery.create(settings.index_dir, tasks=tasks, dim=dim, model_hash=model_hash, **policy)
+    gallery = Gallery.open(settings.index_dir, model_hash=model_hash, **policy)
     if gallery.tasks != tasks:
         gallery.close()
         raise GalleryError(f"{settings.index_dir} was built for tasks {gallery.tasks}, the model has {tasks}")
@@ -96,11 +103,18 @@ def warm_up(loaded: Loaded) -> None:
         loaded.gallery.store.search(task, query, 1)
 
 
+def preflight(settings: Settings) -> str | None:
+    """Why the gallery cannot be served (one line), from the checks that need no loading; else None."""
+    if settings.create_index and not (settings.index_dir / "gallery.json").exists():
+        return None
+    try:
+        Gallery.preflight(settings.index_dir)
+    except GalleryError as e:
+        return str(e)
+    return None
+
+
 def shut_down(loaded: Loaded, settings: Settings) -> None:
     loaded.batcher.stop()
-    try:
-        if settings.save_on_shutdown and loaded.writer.dirty:
-            loaded.writer.save_through()
-            log.info("gallery saved", extra={"fields": {"generation": loaded.writer.generation()}})
-    finally:
-        loaded.gallery.close()
+    loaded.gallery.close(snapshot=settings.save_on_shutdown)
+    log.info("gallery closed", extra={"fields": {"generation": loaded.writer.generation()}})

@@ -24,7 +24,8 @@ class Upload:
 async def add_uploads(
     loaded: Loaded, uploads: list[Upload], max_image_pixels: int, retry_after_s: int
 ) -> AddImagesResponse:
-    """Decode (hardened), embed under every task, store, save; answered once the save returned."""
+    """Decode (hardened), embed under every task, store: answered once the one log record holding every
+    upload of the request is durable."""
     data = [upload.data for upload in uploads]
     prepared = await run_sync(prepare, data, max_image_pixels, loaded.decode_budget, loaded.run.preprocess)
     result = await embed(loaded, prepared.pixels, None, retry_after_s)

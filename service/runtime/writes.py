@@ -1,16 +1,16 @@
-"""Gallery writes from the service: one writer at a time, duplicates reported, saves group-committed.
+"""Gallery writes from the service: each one durable before it is answered, duplicates reported.
 
-An upload is acknowledged only after a ``Gallery.save()`` that followed it returned (the gallery's rule
-for durable adds). Concurrent uploads share saves: a save started after a write covers it, so under load
-many uploads ride on one save instead of queueing one save each. Removals are durable when ``remove``
-returns (the metadata row is gone; the store is corrected on the next open), so they only mark the
-gallery dirty for the save at shutdown. Blocking: call from a worker thread.
+The gallery writes through its write-ahead log (``index.journal``): an add or remove returns once its
+log record is fsynced and applied, and concurrent requests share one fsync (group commit); a duplicate
+upload is answered with the existing id only once the record that created that id is durable. Snapshots
+happen in the gallery's background thread, never in a request: a request waits at most for the log's
+fsync (and, once per snapshot, for the in-memory copy of the indexes). Milvus galleries are durable
+through Milvus' own log when ``add``/``remove`` return. Blocking: call from a worker thread.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,51 +29,16 @@ class Added:
 
 
 class GalleryWriter:
-    def __init__(self, gallery: Gallery, save_after_write: bool = True) -> None:
+    def __init__(self, gallery: Gallery) -> None:
         self.gallery = gallery
-        self.save_after_write = save_after_write
-        self._write_lock = threading.Lock()
-        self._save_lock = threading.Lock()
-        self._written = 0  # writes applied (version counter)
-        self._saved = 0  # writes covered by the last completed save
-
-    @property
-    def dirty(self) -> bool:
-        return self._saved < self._written
 
     def add(self, items: Sequence[NewItem], vectors: np.ndarray) -> list[Added]:
-        with self._write_lock:
-            before = self.gallery.metadata.ids()
-            ids = self.gallery.add(items, vectors)
-            self._written += 1
-            version = self._written
-        existed = np.isin(np.asarray(ids, dtype=np.int64), before)
-        seen: set[int] = set()
-        out = []
-        for item_id, was_there in zip(ids, existed, strict=True):
-            out.append(Added(int(item_id), bool(was_there) or item_id in seen))
-            seen.add(int(item_id))
-        if self.save_after_write and any(not a.duplicate for a in out):
-            self.save_through(version)
-        return out
+        """One log record (one fsync) for the whole call, however many items it holds."""
+        result = self.gallery.insert(items, vectors)
+        return [Added(int(i), not new) for i, new in zip(result.ids, result.new, strict=True)]
 
     def remove(self, item_id: int) -> bool:
-        with self._write_lock:
-            removed = self.gallery.remove([item_id]) > 0
-            if removed:
-                self._written += 1
-        return removed
-
-    def save_through(self, version: int | None = None) -> None:
-        """Save unless a save that began after write ``version`` already finished."""
-        with self._save_lock:
-            target = self._written
-            if version is not None and self._saved >= version:
-                return
-            if version is None and self._saved >= target:
-                return
-            self.gallery.save()
-            self._saved = target
+        return self.gallery.remove([item_id]) > 0
 
     def generation(self) -> int | None:
         manifest = self.gallery.store.manifest

@@ -1,0 +1,58 @@
+"""Names of a gallery's files, how its config is read, and the errors that name a damaged file.
+
+Apart from ``index.gallery`` so that ``index.checks`` (verify) can use them without importing the gallery.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG = "gallery.json"
+STORE_DIR = "store"
+LOG_DIR = "log"
+METADATA_COPY = "metadata.sqlite"  # inside a generation
+_CONFIG_KEYS = ("backend", "store_options", "tasks", "embedding_dim", "model_hash")
+
+
+class GalleryError(RuntimeError):
+    """A gallery that cannot be opened or used as asked; the message says why."""
+
+
+class DamagedGalleryError(GalleryError):
+    """A file of the gallery is damaged; ``part`` is ``"config"``, ``"metadata"`` or ``"log"``."""
+
+    def __init__(self, root: Path, part: str, what: str) -> None:
+        hint = (
+            f"run `modret index recover {root}` to rebuild it from the newest snapshot and the log"
+            if part != "log"
+            else "restore the gallery from a backup (docs/deploy.md)"
+        )
+        super().__init__(f"{root}: {what}; {hint}")
+        self.part = part
+
+
+def parse_config(root: Path, data: bytes) -> dict[str, Any]:
+    """gallery.json's content, or a DamagedGalleryError saying what is wrong with it."""
+    try:
+        config = json.loads(data)
+        if not isinstance(config, dict):
+            raise ValueError(f"a JSON {type(config).__name__}, not an object")
+        missing = [key for key in _CONFIG_KEYS if key not in config]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DamagedGalleryError(root, "config", f"{CONFIG} is damaged ({e})") from None
+    return config
+
+
+@dataclass
+class VerifyReport:
+    problems: list[str] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
