@@ -1,15 +1,19 @@
 """Running the app under uvicorn: ``build_server(settings)`` and the draining server it returns.
 
 SIGTERM/SIGINT: readiness turns 503 at once; after ``drain_delay_s`` (time for a load balancer to notice)
-uvicorn stops accepting, lets in-flight requests finish, and the app's lifespan saves the gallery.
+uvicorn stops accepting, lets in-flight requests finish, and the app's lifespan saves the gallery. A stop
+asked for by a signal is a clean stop: the process then exits 0 (uvicorn would re-raise the signal, so
+that Ctrl-C ends ``modret serve`` with status 130 and ``make demo`` with ``make: *** Error 130``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
@@ -33,10 +37,22 @@ class DrainingServer(uvicorn.Server):
         self.drain_delay_s = drain_delay_s
 
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.stop_signals: list[int] = []  # the signals that stopped the server
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's signal capture, without re-raising the signal once the graceful stop is done: the
+        stop was asked for and has finished, so the command returns normally (exit status 0)."""
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                self.stop_signals = list(self._captured_signals)
+                self._captured_signals.clear()  # what uvicorn re-raises on leaving its context
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """Signal handler (runs on the loop's thread): not ready now, stop after the drain delay."""
