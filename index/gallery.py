@@ -313,8 +313,7 @@ class Gallery:
             )
         if self.read_only:
             return
-        self.wal.open_for_append(scan)
-        self.wal.next_position = end + 1
+        self.wal.open_for_append(scan, end + 1)
         self.journal = Journal(
             wal=self.wal,
             metadata=self.metadata,

@@ -213,6 +213,8 @@ class Journal:
     def _timeout(self) -> float | None:
         if self.position <= self.snapshot_position:
             return None  # nothing to snapshot: sleep until a write comes
+        if self._due():  # a snapshot is due but one is still being written: look again soon
+            return 0.05
         return max(0.05, self.every_s - (time.monotonic() - self._last_snapshot))
 
     def _commit(self, batch: list[_Write]) -> None:

@@ -241,10 +241,11 @@ class WriteAheadLog:
                 expected += 1
         return LogScan(records, first, expected - 1, segments, tail, size)
 
-    def open_for_append(self, scan: LogScan) -> None:
-        """Cut a torn tail off (so the next record follows the last valid one) and open the last segment."""
+    def open_for_append(self, scan: LogScan, next_position: int | None = None) -> None:
+        """Cut a torn tail off (so the next record follows the last valid one) and open the last segment;
+        ``next_position`` (default: after the last record) for a log whose records a snapshot covers."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.next_position = scan.last + 1
+        self.next_position = max(scan.last + 1, next_position or 0)
         if scan.tail is not None:
             log.warning("write-ahead log: %s", scan.tail.describe())
             with open(scan.tail.segment, "r+b") as f:
