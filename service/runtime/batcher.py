@@ -1,8 +1,11 @@
 """Dynamic batching: concurrent requests' images are embedded together by one model worker thread.
 
 Requests ``submit`` jobs (a few preprocessed images and the tasks to embed them under, or all tasks) to a
-bounded queue and await the job's future. The worker takes the first waiting job, gathers more until the
-batch holds ``max_batch_size`` images or ``max_wait_ms`` has passed, runs the model's one seam
+bounded queue and await the job's future. The worker takes the first waiting job and every job already
+queued behind it; it waits for more (until the batch holds ``max_batch_size`` images or ``max_wait_ms``
+has passed) only while requests announced with ``expecting()`` are still preparing their pixels, so a
+lone request never waits for company that is not coming, and under load the jobs that queued while the
+model ran form the next batch. It then runs the model's one seam
 (``embed_tasks``: the task-independent prefix once per image, then each requested task) once per distinct
 task list in the batch, and resolves every future with its rows. A full queue refuses at once
 (``QueueFull``: the request is answered 503 with Retry-After) rather than letting requests time out in
@@ -28,9 +31,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,6 +76,7 @@ class _Job:
 
 
 _STOP = object()
+_POLL_S = 0.0005  # how often a forming batch re-checks whether a request is still on its way
 _EWMA = 0.2  # weight of the newest full batch in the throughput estimate
 _CALIBRATION_RUNS = 3  # timed full batches at start (after one untimed) when the bound is derived
 
@@ -113,7 +117,8 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self._accepting = False
         self._lock = threading.Lock()
-        self._rows_lock = threading.Lock()  # guards _queued_rows
+        self._rows_lock = threading.Lock()  # guards _queued_rows and _expected
+        self._expected = 0  # requests preparing pixels that will be submitted soon
         self._queued_rows = 0
         self.batches_run = 0
         self.images_embedded = 0
@@ -171,6 +176,18 @@ class Batcher:
         return images * (self.num_tasks if task_ids is None else len(task_ids))
 
     # ---------------------------------------------------------------------------------- requests
+
+    @contextmanager
+    def expecting(self) -> Iterator[None]:
+        """Announce a job about to be submitted (wrap the pixel preparation): the worker may wait up to
+        ``max_wait_ms`` for it to join the batch it is forming."""
+        with self._rows_lock:
+            self._expected += 1
+        try:
+            yield
+        finally:
+            with self._rows_lock:
+                self._expected -= 1
 
     def submit(self, pixels: Tensor, task_ids: tuple[int, ...] | None) -> Future[EmbedResult]:
         """Queue ``pixels`` (n, 3, S, S) for embedding under ``task_ids`` (None: all tasks): uint8 (then
@@ -241,11 +258,16 @@ class Batcher:
             batch, size = [first], first.size
             deadline = time.perf_counter() + self.max_wait_s
             while size < self.max_batch_size:
-                remaining = deadline - time.perf_counter()
                 try:
-                    nxt = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                    nxt = self._queue.get_nowait()  # what is already queued joins at once
                 except queue.Empty:
-                    break
+                    remaining = deadline - time.perf_counter()
+                    if remaining <= 0 or not self._expected:
+                        break  # nobody else is on the way: run now
+                    try:
+                        nxt = self._queue.get(timeout=min(remaining, _POLL_S))
+                    except queue.Empty:
+                        continue
                 self._take(nxt)
                 if nxt is _STOP:
                     stopping = True

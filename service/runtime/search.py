@@ -71,9 +71,10 @@ async def embedded_query(
     """The query image's vector under each needed task (every task when explaining): one hop to uint8
     pixels, then the batcher."""
     start = time.perf_counter()
-    prepared = await anyio.to_thread.run_sync(
-        prepare, [image], settings.max_image_pixels, loaded.decode_budget, loaded.run.preprocess
-    )
+    with loaded.batcher.expecting():  # a batch forming now may wait for this request's pixels
+        prepared = await anyio.to_thread.run_sync(
+            prepare, [image], settings.max_image_pixels, loaded.decode_budget, loaded.run.preprocess
+        )
     timing["decode"] = (time.perf_counter() - start) * 1000
     task_ids = None if params.explain else tuple(t.index for t in params.tasks)
     result = await embed(loaded, prepared.pixels, task_ids, settings.retry_after_s)

@@ -52,7 +52,8 @@ def test_concurrent_jobs_are_batched_together(batcher: Batcher) -> None:
     barrier = threading.Barrier(8)
 
     def one(i: int) -> int:
-        barrier.wait()
+        with batcher.expecting():  # as a request does while it decodes its image
+            barrier.wait()
         return batcher.submit(images(1, seed=i), (i % 4,)).result(timeout=30).batch_size
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -62,6 +63,21 @@ def test_concurrent_jobs_are_batched_together(batcher: Batcher) -> None:
     # batch per job would be 8), and every image counted once across the batches.
     assert batcher.batches_run <= 4
     assert batcher.images_embedded == 8
+
+
+def test_a_lone_job_runs_at_once_and_an_announced_one_is_waited_for(run: LoadedRun) -> None:
+    b = Batcher(run.model, max_batch_size=8, max_wait_ms=5000, max_queue=16)
+    b.start()
+    try:
+        lone = b.submit(images(1), (0,)).result(timeout=30)
+        assert lone.batch_size == 1 and lone.queue_s < 2.5  # nobody announced: no 5 s wait for company
+        with b.expecting():  # another request is still decoding its image
+            first = b.submit(images(1), (0,))
+            threading.Event().wait(0.05)
+            second = b.submit(images(1), (1,))
+        assert first.result(timeout=30).batch_size == second.result(timeout=30).batch_size == 2
+    finally:
+        b.stop()
 
 
 def test_batching_off_runs_one_job_per_call(run: LoadedRun) -> None:
