@@ -1,10 +1,18 @@
 """One self-contained GPU check (never run in CI): trains a few hundred steps on CUDA, checks CPU/GPU
-agreement of embeddings, and measures training and inference images/s in bf16 at 112 and 224 px.
+agreement of embeddings, and measures training and inference images/s in bf16 at 112 and 224 px; the
+``serving`` section runs the real service on the GPU.
 
-Needs only torch, numpy, pillow, safetensors and this repository on the path (the GPU machine has no
-fastapi/faiss), so it imports nothing from ``index`` or ``service``:
+The ``model`` sections need only torch, numpy, pillow, safetensors and this repository on the path:
 
-    PYTHONPATH=. python benchmarks/gpu_check.py --out gpu_check.json
+    PYTHONPATH=. python benchmarks/gpu_check.py --out gpu_check.json --sections model
+
+The ``serving`` section (``benchmarks/gpu_serving.py``) also needs the service's wheels (fastapi, uvicorn,
+httpx, faiss-cpu, pydantic-settings, prometheus-client, python-multipart), which the GPU machine does not
+have: carry a wheelhouse made here (``.venv/bin/pip download -d shared/wheels <those>``) and install it
+there with ``pip install --no-index --find-links shared/wheels <those>``. Then
+
+    PYTHONPATH=. python benchmarks/gpu_check.py --out gpu_check.json          # every section
+    PYTHONPATH=. python benchmarks/gpu_check.py --device cpu --sections serving --quick   # CPU dry run
 
 Prints a short table at the end and writes the same numbers as JSON.
 """
@@ -14,12 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the serving section's benchmarks/gpu_serving.py
 
 from model.network import ModelConfig, create_model
 from model.run import load_run
@@ -117,6 +128,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--sizes", type=int, nargs="+", default=[112, 224])
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
+    parser.add_argument("--sections", nargs="+", choices=("model", "serving"), default=["model", "serving"])
+    parser.add_argument("--quick", action="store_true", help="serving: small sizes (a CPU dry run)")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(
@@ -126,14 +139,23 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
         "torch": torch.__version__,
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        report["training"] = check_training(args.device, args.steps, Path(tmp))
-        report["agreement"] = check_agreement(Path(tmp), args.device)
-    report["throughput_bf16"] = [
-        measure_throughput(s, args.batch, args.device, args.repeats) for s in args.sizes
-    ]
+    if "model" in args.sections:
+        with tempfile.TemporaryDirectory() as tmp:
+            report["training"] = check_training(args.device, args.steps, Path(tmp))
+            report["agreement"] = check_agreement(Path(tmp), args.device)
+        report["throughput_bf16"] = [
+            measure_throughput(s, args.batch, args.device, args.repeats) for s in args.sizes
+        ]
+    if "serving" in args.sections:
+        from gpu_serving import check_serving, print_serving  # needs the service's wheels
+
+        report["serving"] = check_serving(args.device, quick=args.quick)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"device: {report['device']}  torch {report['torch']}")
+    if "serving" in report:
+        print_serving(report["serving"])
+    if "model" not in args.sections:
+        return
     t = report["training"]
     print(f"training: {t['steps']} steps in {t['seconds']} s, {t['train_images_per_second']} img/s, "
           f"mean triplet acc {t['mean_triplet_accuracy']:.3f}")  # fmt: skip

@@ -3,11 +3,19 @@ at several client concurrencies, with dynamic batching on and off.
 
     .venv/bin/python benchmarks/load.py                       # temporary model + gallery, defaults below
     .venv/bin/python benchmarks/load.py --run RUN --index INDEX --requests 400 --max-seconds 30
+    .venv/bin/python benchmarks/load.py --concurrency 1 16 64 --json load.json
 
 The server runs in its own process (uvicorn, 127.0.0.1, a free port) so the client does not share its
 GIL; the client is one asyncio process with N concurrent httpx connections, each posting a multipart
 PNG to ``POST /search?task=…&k=10``. Each level is bounded by ``--requests`` and ``--max-seconds``.
 Average batch size comes from the server's ``modret_batch_size`` histogram (sum/count) over the level.
+A 503 (shed under overload) is counted in ``shed``, any other failure in ``errors``; latencies and
+throughput are of the 200s. ``model_only_ms`` is one image under one task through the loaded model in
+this process (``embed_tasks``, median of 50 after warm-up): the floor a search's latency is compared with.
+
+``--json PATH`` writes ``{"model_only_ms", "machine", "command", "levels": [...]}``, one object per level
+with ``batching`` (bool), ``concurrency``, ``requests``, ``throughput_rps``, ``p50_ms``, ``p99_ms``,
+``errors``, ``shed`` and ``avg_batch``.
 Without ``--run`` a temporary untrained model of the demo's shape (ResNet-18 width 16, 64 px, 128-d, the
 12 SynthFaces tasks) and a gallery of ``--gallery`` SynthFaces images are built first: latency does not
 depend on the weights.
@@ -69,7 +77,9 @@ def build_fixture(root: Path, gallery_size: int) -> tuple[Path, Path]:
     return root / "run", root / "index"
 
 
-def serve(run: str, index: str, port: int, batch: int, wait_ms: float, queue: int) -> None:
+def serve(
+    run: str, index: str, port: int, batch: int, wait_ms: float, queue: int, device: str = "cpu"
+) -> None:
     import uvicorn
 
     from service.api.app import create_app
@@ -77,9 +87,28 @@ def serve(run: str, index: str, port: int, batch: int, wait_ms: float, queue: in
 
     settings = Settings(
         run_dir=Path(run), index_dir=Path(index), max_batch_size=batch, max_wait_ms=wait_ms, max_queue=queue,
-        log_level="WARNING",
+        device=device, log_level="WARNING",
     )  # fmt: skip
     uvicorn.run(create_app(settings), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def model_only_ms(run_dir: Path, device: str = "cpu", repeats: int = 50) -> float:
+    """Median ms of one image under one task through the loaded model (``embed_tasks``), after warm-up."""
+    import torch
+
+    from model.run import load_run
+
+    run = load_run(run_dir, device=device)
+    size = run.preprocess.image_size
+    pixels = run.preprocess.normalize(torch.zeros((1, 3, size, size), dtype=torch.uint8)).to(run.model.device)
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 5):
+            started = time.perf_counter()
+            run.model.embed_tasks(pixels, (i % len(run.task_names),)).cpu()
+            if i >= 5:
+                times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
 
 
 def free_port() -> int:
@@ -100,7 +129,7 @@ async def level(
     url: str, images: list[bytes], tasks: list[str], concurrency: int, total: int, max_s: float
 ) -> dict[str, Any]:
     latencies: list[float] = []
-    errors: dict[int, int] = {}
+    errors = shed = 0
     sent = 0
     deadline = time.perf_counter() + max_s
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -108,19 +137,25 @@ async def level(
         before = batch_stats((await client.get("/metrics")).text)
 
         async def worker(n: int) -> None:
-            nonlocal sent
+            nonlocal sent, errors, shed
             while sent < total and time.perf_counter() < deadline:
                 i = sent
                 sent += 1
                 files = {"image": ("q.png", images[i % len(images)], "image/png")}
                 started = time.perf_counter()
-                response = await client.post(
-                    "/search", params={"task": tasks[i % len(tasks)], "k": 10}, files=files
-                )
+                try:
+                    response = await client.post(
+                        "/search", params={"task": tasks[i % len(tasks)], "k": 10}, files=files
+                    )
+                except httpx.HTTPError:
+                    errors += 1
+                    continue
                 if response.status_code == 200:
                     latencies.append(time.perf_counter() - started)
+                elif response.status_code == 503:
+                    shed += 1
                 else:
-                    errors[response.status_code] = errors.get(response.status_code, 0) + 1
+                    errors += 1
 
         started = time.perf_counter()
         await asyncio.gather(*(worker(n) for n in range(concurrency)))
@@ -131,10 +166,11 @@ async def level(
     return {
         "concurrency": concurrency,
         "requests": len(latencies),
-        "errors": errors,
         "throughput_rps": len(latencies) / wall if wall else 0.0,
         "p50_ms": 1000 * statistics.median(ordered) if ordered else None,
         "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] if ordered else None,
+        "errors": errors,
+        "shed": shed,
         "avg_batch": (after[0] - before[0]) / batches if batches else None,
     }
 
@@ -154,12 +190,18 @@ def wait_ready(url: str, process: mp.process.BaseProcess, timeout: float = 120) 
 
 
 def run_mode(
-    args: argparse.Namespace, run: Path, index: Path, batch: int, images: list[bytes], tasks: list[str]
+    args: argparse.Namespace,
+    run: Path,
+    index: Path,
+    batch: int,
+    images: list[bytes],
+    tasks: list[str],
+    device: str = "cpu",
 ) -> list[dict[str, Any]]:
     port = free_port()
     ctx = mp.get_context("spawn")
     process = ctx.Process(
-        target=serve, args=(str(run), str(index), port, batch, args.max_wait_ms, 1024), daemon=True
+        target=serve, args=(str(run), str(index), port, batch, args.max_wait_ms, 1024, device), daemon=True
     )
     process.start()
     url = f"http://127.0.0.1:{port}"
@@ -170,7 +212,7 @@ def run_mode(
         for concurrency in args.concurrency:
             total = max(args.requests, 4 * concurrency)
             row = asyncio.run(level(url, images, tasks, concurrency, total, args.max_seconds))
-            row["batching"] = "on" if batch > 1 else "off"
+            row = {"batching": batch > 1, **row}
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
         return rows
@@ -179,18 +221,45 @@ def run_mode(
         process.join(30)
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| batching | concurrency | requests | throughput (req/s) | p50 (ms) | p99 (ms) | avg batch "
-        "| errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| shed (503) | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        batch = "-" if r["avg_batch"] is None else f"{r['avg_batch']:.2f}"
         lines.append(
-            f"| {r['batching']} | {r['concurrency']} | {r['requests']} | {r['throughput_rps']:.1f} | "
-            f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['avg_batch']:.2f} | {r['errors'] or '-'} |"
+            f"| {'on' if r['batching'] else 'off'} | {r['concurrency']} | {r['requests']} | "
+            f"{r['throughput_rps']:.1f} | {_ms(r['p50_ms'])} | {_ms(r['p99_ms'])} | {batch} | "
+            f"{r['shed']} | {r['errors']} |"
         )
     return "\n".join(lines)
+
+
+def ratios(report: dict[str, Any]) -> list[str]:
+    """The issue's goals as ratios of this run's figures (levels that were not run are skipped)."""
+    rows = {(r["batching"], r["concurrency"]): r for r in report["levels"]}
+    out = []
+    one = rows.get((True, 1))
+    if one and one["p50_ms"]:
+        floor = report["model_only_ms"]
+        out.append(f"concurrency 1: p50 {one['p50_ms']:.1f} ms = {one['p50_ms'] / floor:.2f} x "
+                   f"model_only_ms ({floor:.2f} ms)")  # fmt: skip
+    on, off = rows.get((True, 16)), rows.get((False, 16))
+    if on and off and off["throughput_rps"]:
+        a, b = on["throughput_rps"], off["throughput_rps"]
+        out.append(f"concurrency 16: batching on/off throughput {a:.1f} / {b:.1f} req/s = {a / b:.2f} x")
+    for batching in (True, False):
+        top = rows.get((batching, 64))
+        if top and top["p99_ms"] is not None:
+            out.append(f"concurrency 64, batching {'on' if batching else 'off'}: p99 {top['p99_ms']:.0f} ms, "
+                       f"{top['shed']} shed, {top['errors']} errors")  # fmt: skip
+    return out
 
 
 def main() -> None:
@@ -209,7 +278,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
-    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--device", default="cpu", help="the server's MODRET_DEVICE (cpu, cuda)")
+    parser.add_argument("--json", type=Path, help="also write the report (model_only_ms, levels) here")
     args = parser.parse_args()
 
     from model.data.synthfaces import render_face
@@ -236,15 +306,27 @@ def main() -> None:
             buffer = io.BytesIO()
             render_face(99, i, 128)[0].save(buffer, "PNG")
             images.append(buffer.getvalue())
-        rows = run_mode(args, run, index, args.max_batch_size, images, tasks)
-        rows += run_mode(args, run, index, 1, images, tasks)
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {mp.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}"
-    )
+        model_ms = model_only_ms(Path(run), args.device)
+        rows = run_mode(args, run, index, args.max_batch_size, images, tasks, args.device)
+        rows += run_mode(args, run, index, 1, images, tasks, args.device)
+    report = {
+        "model_only_ms": model_ms,
+        "machine": f"{platform.processor() or platform.machine()}, {mp.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}, torch {torch_version()}",
+        "command": " ".join(sys.argv),
+        "levels": rows,
+    }
+    print(f"machine: {report['machine']}")
     print(markdown(rows))
+    print("\n".join(ratios(report)))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def torch_version() -> str:
+    import torch
+
+    return str(torch.__version__)
 
 
 if __name__ == "__main__":
