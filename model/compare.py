@@ -62,9 +62,11 @@ def compare(base: TrainConfig, archs: list[Arch], out: Path, progress: bool = Tr
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """Rows: architectures; columns: per-task triplet accuracy, mean metrics, parameters."""
+    """Rows: architectures; columns: per-task triplet accuracy, mean metrics (leakage: ``model.evaluate``;
+    "-" for results from before it was measured), parameters."""
     tasks = list(next(iter(results.values()))["tasks"])
-    header = ["arch", *tasks, "mean acc", "mean mAP", "mean P@10", "params", "extra/task", "train s"]
+    header = ["arch", *tasks, "mean acc", "mean mAP", "mean P@10", "mean leak", "params", "extra/task"]
+    header.append("train s")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for arch, r in results.items():
         cells = [
@@ -73,6 +75,7 @@ def markdown_table(results: dict[str, Any]) -> str:
             f"{r['mean']['triplet_accuracy']:.3f}",
             f"{r['mean']['map']:.3f}",
             f"{r['mean']['precision_at_10']:.3f}",
+            "-" if r["mean"].get("leakage") is None else f"{r['mean']['leakage']:.3f}",
             f"{r['params']['total']:,}",
             f"{r['params']['per_task_extra']:,}",
             f"{r.get('train_seconds', 0):.0f}",

@@ -52,6 +52,11 @@ class TaskInfo(BaseModel):
     description: str
     gallery_size: int
     accuracy: float | None = Field(None, description="the model's test triplet accuracy, when known")
+    leakage: float | None = Field(
+        None,
+        description="how much the task's top 10 share the query's other attributes beyond chance (0: not "
+        "at all; `modret eval` defines it), on the run's test split, when known",
+    )
     metrics: dict[str, float] | None = None
 
 

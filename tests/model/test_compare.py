@@ -35,11 +35,14 @@ def test_real_and_synthetic_budgets_build_the_same_parameters():
 def test_markdown_table_has_one_row_per_architecture():
     result = {
         "tasks": {"Smiling": {"triplet_accuracy": 0.9, "map": 0.8, "precision_at_10": 0.7}},
-        "mean": {"triplet_accuracy": 0.9, "map": 0.8, "precision_at_10": 0.7},
+        "mean": {"triplet_accuracy": 0.9, "map": 0.8, "precision_at_10": 0.7, "leakage": 0.0712},
         "params": {"total": 1000, "per_task_extra": 10},
         "train_seconds": 12.3,
     }
-    table = markdown_table({"shared": result, "modulated": result}).splitlines()
+    older = {**result, "mean": {k: v for k, v in result["mean"].items() if k != "leakage"}}
+    table = markdown_table({"shared": older, "modulated": result}).splitlines()
     assert table[0].startswith("| arch | Smiling | mean acc")
+    assert "| mean P@10 | mean leak | params |" in table[0]
     assert table[2].startswith("| shared | 0.900 |") and table[3].startswith("| modulated | 0.900 |")
-    assert table[3].endswith("| 1,000 | 10 | 12 |")
+    assert table[2].endswith("| 0.700 | - | 1,000 | 10 | 12 |")  # compared before leakage was measured
+    assert table[3].endswith("| 0.700 | 0.071 | 1,000 | 10 | 12 |")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.evaluate import retrieval_metrics, triplet_accuracy
+from model.evaluate import leakage, retrieval_metrics, triplet_accuracy
 
 TOL = 1e-4
 
@@ -62,3 +62,60 @@ def test_triplet_accuracy_per_task():
     n = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
     acc = triplet_accuracy(torch.cat([a, p, n]), np.array([0, 0, 1]), ["x", "y"])
     assert acc == {"x": 0.5, "y": 1.0}
+
+
+def _leaky_table(labels: np.ndarray, copies: int | None, seed: int = 0) -> torch.Tensor:
+    """(N, T, D): task j's value on one axis, small isotropic noise, and for task 0 (when ``copies`` is a
+    column) that column's value on a second, smaller axis: every query's top 10 hold its task's value;
+    under task 0 with ``copies`` they also share the copied attribute."""
+    g = torch.Generator().manual_seed(seed)
+    n, t = labels.shape
+    table = torch.zeros(n, t, 8)
+    table[:, :, 0] = torch.from_numpy(np.maximum(labels, 0)).float() * 4
+    if copies is not None:
+        table[:, 0, 1] = torch.from_numpy(np.maximum(labels[:, copies], 0)).float()
+    table += 0.05 * torch.randn(table.shape, generator=g)
+    table[:, :, 2] += 1.0
+    return torch.nn.functional.normalize(table, dim=2)
+
+
+def test_an_embedding_that_copies_another_attribute_leaks_it():
+    labels = np.random.default_rng(4).integers(0, 2, size=(1000, 3))  # three independent fair coins
+    result = retrieval_metrics(_leaky_table(labels, copies=1), labels, ["t", "a", "b"], seed=0)["t"]
+    assert result["precision_at_10"] == pytest.approx(1.0, abs=TOL)
+    by = result["leakage_by_attribute"]
+    assert by["a"] == pytest.approx(0.5, abs=0.03)  # always the query's a, where chance agrees half the time
+    assert by["b"] == pytest.approx(0.0, abs=0.03)
+    assert result["leakage"] == pytest.approx(0.25, abs=0.03)  # the mean over a and b
+    assert result["leakage_worst"] == by["a"]
+
+
+def test_a_clean_embedding_leaks_nothing():
+    labels = np.random.default_rng(5).integers(0, 2, size=(1000, 3))
+    metrics = retrieval_metrics(_leaky_table(labels, copies=None), labels, ["t", "a", "b"], seed=0)
+    for result in metrics.values():
+        assert result["precision_at_10"] == pytest.approx(1.0, abs=TOL)
+        assert result["leakage"] == pytest.approx(0.0, abs=0.03)
+        assert all(abs(v) < 0.04 for v in result["leakage_by_attribute"].values())
+
+
+def test_chance_is_conditioned_on_the_task_value():
+    # b is a copy of t (as hair colours are all 0 for bald faces): retrieving by t alone agrees on b
+    # every time, and that is not leakage.
+    rng = np.random.default_rng(6)
+    t = rng.integers(0, 2, 600)
+    labels = np.stack([t, rng.integers(0, 3, 600), t], axis=1)
+    result = retrieval_metrics(_leaky_table(labels, copies=None), labels, ["t", "a", "b"], seed=0)["t"]
+    assert result["leakage_by_attribute"]["b"] == pytest.approx(0.0, abs=TOL)
+    assert result["leakage_by_attribute"]["a"] == pytest.approx(0.0, abs=0.04)  # 3 values: chance ~1/3
+
+
+def test_unknown_labels_take_no_part_in_leakage():
+    labels = np.random.default_rng(7).integers(0, 2, size=(600, 2))
+    leaky = _leaky_table(labels, copies=1)
+    labels[::2, 1] = -1  # half of a's labels unknown: every known retrieved a still agrees
+    result = retrieval_metrics(leaky, labels, ["t", "a"], seed=0)["t"]
+    assert result["leakage"] == pytest.approx(0.5, abs=0.04)
+    everything = np.arange(len(labels))
+    labels[:, 1] = -1  # nothing known about a: no figure rather than a made-up one
+    assert leakage(labels, 0, everything, everything, np.tile(everything[:10], (600, 1))) == {}

@@ -29,6 +29,7 @@ def task_info(loaded: Loaded, name: str) -> TaskInfo:
         description=describe_task(name),
         gallery_size=loaded.gallery.store.count(name),
         accuracy=metrics.get("triplet_accuracy") if metrics else None,
+        leakage=metrics.get("leakage") if metrics else None,
         metrics=metrics,
     )
 
