@@ -117,6 +117,7 @@ def info(index_dir: Path = typer.Argument(..., help="Gallery index directory."))
     table.add_row("embedding size", str(summary.embedding_dim))
     table.add_row("generation", str(summary.generation))
     table.add_row("items", str(summary.items))
+    table.add_row("log", f"{summary.log_records} records after the snapshot")
     for task, count in summary.counts.items():
         table.add_row(f"task {task}", f"{count} vectors")
     for part, size in summary.sizes.items():
