@@ -20,7 +20,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
 from model.data import load_dataset
 from model.data.base import UNKNOWN, AttributeDataset
@@ -37,6 +36,7 @@ from model.network import (
 )
 from model.preprocess import Preprocess, materialize
 from model.pretrained import load_pretrained
+from model.progress import progress_bar
 from model.run import METRICS, RunError, atomic_write, resolve_device, save_run, write_json
 
 CHECKPOINT = "checkpoint.pt"
@@ -243,7 +243,10 @@ class _Pixels:
     def __init__(
         self, dataset: AttributeDataset, indices: np.ndarray, preprocess: Preprocess, progress: bool
     ) -> None:
-        with tqdm(total=len(indices), desc="decode", unit="img", leave=False, disable=not progress) as bar:
+        bar = progress_bar(
+            total=len(indices), desc="decode", unit=" images", leave=False, disable=not progress
+        )
+        with bar:
             self.pixels = materialize(dataset.load_image, list(indices), preprocess, bar.update)
         self.row = np.full(len(dataset), -1, dtype=np.int64)
         self.row[indices] = np.arange(len(indices))
@@ -260,8 +263,16 @@ class _Pixels:
         return batch
 
 
-def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train into ``out`` (model.safetensors, config.json, metrics.json); returns the metrics."""
+def train(
+    cfg: TrainConfig,
+    out: Path,
+    resume: bool = False,
+    progress: bool = True,
+    say: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train into ``out`` (model.safetensors, config.json, metrics.json); returns the metrics. ``say``
+    gets one line saying what the run will do (``describe``) before any work starts. The checkpoint an
+    interrupted run resumes from is removed once the run is complete."""
     out = Path(out)
     device = resolve_device(cfg.device)
     _warn_if_task_statistics_are_thin(cfg)
@@ -288,13 +299,17 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
         scheduler.load_state_dict(state["scheduler"])  # the step count; the factor follows the new budget
         step, history = state["step"], state["history"]
         torch.set_rng_state(state["torch_rng"])
+    if say is not None:
+        say(describe(cfg, task_names, len(train_idx), device, step, total_steps))
 
     extra = {"train": cfg.to_dict(), "dataset": asdict(cfg.data), "pretrained": provenance}
     pixels = _Pixels(dataset, np.concatenate([train_idx, val_idx]), preprocess, progress)
     val = fixed_triplets(dataset.labels, val_idx, cfg.val_triplets_per_task, seed=cfg.seed)
     model.train()
     started, seen = time.perf_counter(), 0
-    bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.arch}", disable=not progress)
+    bar = progress_bar(
+        total=total_steps, initial=step, desc=f"train {cfg.arch}", unit="step", disable=not progress
+    )
     sampler = _epoch_sampler(dataset, train_idx, cfg, step, steps_per_epoch)
     while step < total_steps:
         if step % steps_per_epoch == 0:
@@ -307,7 +322,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
         step += 1
         seen += embedded
         rate = seen / (time.perf_counter() - started)
-        bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")
+        bar.set_postfix({"loss": f"{loss.item():.4f}", "images/s": f"{rate:.0f}"})
         bar.update(1)
         if step % steps_per_epoch == 0 or step == total_steps:
             history.append(_validate(model, pixels, dataset, val, preprocess, step, steps_per_epoch, loss))
@@ -327,7 +342,28 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
     }
     metrics["test"] = evaluate(model, dataset, preprocess, seed=cfg.seed, split_seed=cfg.data.seed)
     write_json(out / METRICS, metrics)
+    checkpoint_path.unlink(missing_ok=True)  # 3x the model, and nothing left to resume
     return metrics
+
+
+def describe(
+    cfg: TrainConfig, task_names: list[str], train_images: int, device: torch.device, step: int, steps: int
+) -> str:
+    """What a run is about to do, in one line: data, tasks, recipe, device, steps."""
+    source = cfg.data.dataset + (f" {cfg.data.data_dir}" if cfg.data.data_dir else "")
+    tasks = ", ".join(task_names[:8]) + (f", … ({len(task_names)} in all)" if len(task_names) > 8 else "")
+    places = ",".join(cfg.model_config(task_names).resolved_modulate)
+    modules = f"{cfg.modulation_init} {cfg.modulation} modules at {places}, " if places else ""
+    recipe = (
+        f"{cfg.arch} {cfg.backbone}{f' width {cfg.width}' if cfg.width else ''} at {cfg.image_size} px, "
+        f"{modules}{cfg.neck} neck, {cfg.mining} mining, {cfg.per_task} triplets/task, "
+        f"{cfg.optimizer}{f' lr {cfg.lr:g}' if cfg.lr else ''}"
+    )
+    budget = f"steps {step}-{steps} (resuming)" if step else f"{steps} steps"
+    return (
+        f"training on {source} ({train_images} training images), {len(task_names)} tasks ({tasks}); "
+        f"{recipe}; device {device}; {budget}"
+    )
 
 
 def _warn_if_task_statistics_are_thin(cfg: TrainConfig) -> None:

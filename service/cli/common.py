@@ -12,6 +12,9 @@ Exit codes, one convention for every subcommand:
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -27,7 +30,7 @@ DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when available, else CP
 
 def fail(message: str) -> typer.Exit:
     """Report ``message`` on stderr; the ``typer.Exit`` to raise when the command cannot go on (exit 2)."""
-    console.print(f"[red]error:[/red] {message}")
+    console.print(f"[red]error:[/red] {message}", soft_wrap=True)  # a path or command stays whole
     return typer.Exit(code=EXIT_ERROR)
 
 
@@ -39,3 +42,16 @@ def problems_found() -> typer.Exit:
 def split(value: str | None) -> list[str] | None:
     """A comma-separated option as a list (None when empty)."""
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@contextmanager
+def plain_warnings() -> Iterator[None]:
+    """Warnings raised inside the block as one ``warning: ...`` line on stderr each, instead of Python's
+    ``file:line: UserWarning:`` and the source line that raised it."""
+
+    def show(message: Warning | str, *_: object, **__: object) -> None:
+        console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True, highlight=False)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield

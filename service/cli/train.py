@@ -1,4 +1,11 @@
-"""``modret train``, ``eval``, ``compare`` and ``diagnose``: the model's commands (``model/``)."""
+"""``modret train``, ``eval``, ``compare`` and ``diagnose``: the model's commands (``model/``).
+
+``modret train`` starts from a named recipe, ``--recipe``: ``measured`` (the default) is the recipe measured
+best for the dataset, ``model.compare.compare_budget(dataset)`` — what ``modret compare`` and the demo use
+(docs/results.md); ``official`` is the official code's module placement and initialisation (ones at
+stages 3, 4 and the embedding) with 8 triplets per task for 10 epochs, the former defaults, which within a
+CPU budget learn little beyond colour attributes. Any option given explicitly wins over the recipe.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from service.cli.common import DeviceOpt, console, fail, split
+from service.cli.common import DeviceOpt, console, fail, plain_warnings, split
+
+RECIPES = ("measured", "official")
 
 
 def _tasks(value: str | None) -> list[str] | None:
@@ -27,17 +36,48 @@ TasksOpt = Annotated[
     str | None, typer.Option(help="comma-separated task names, or official7 / all39 (default: the dataset's)")
 ]
 ArchOpt = Annotated[str, typer.Option(help="modulated | shared | mask | independent")]
-MiningOpt = Annotated[
-    str, typer.Option(help="all-tasks | batch-all | none (the official code's sampled triplets only)")
-]
 ModulationOpt = Annotated[str, typer.Option(help="vector (official code) | matrix (paper)")]
+# The options a recipe (train) or budget (compare) sets: None where not given, so the recipe's value holds.
 ModulationInitOpt = Annotated[
-    str, typer.Option(help="identity (ones; the official code) | routing (random 0/1 routes per task)")
-]
-WarmupOpt = Annotated[float, typer.Option(help="fraction of the steps spent ramping the lr up")]
+    str | None,
+    typer.Option(help="identity (ones; the official code) | routing (random 0/1 routes per task); "
+                 "default: the recipe's"),
+]  # fmt: skip
 NeckOpt = Annotated[
-    str, typer.Option(help="batch (one batch norm) | task (statistics per task, where emb is modulated)")
+    str | None,
+    typer.Option(help="batch (one batch norm) | task (statistics per task, where emb is modulated); "
+                 "default: the recipe's"),
+]  # fmt: skip
+ModulateOpt = Annotated[str | None, typer.Option(help="module places, e.g. 3,4,emb; default: the recipe's")]
+WidthOpt = Annotated[
+    int | None, typer.Option(help="base channel width; default: the recipe's, else backbone's")
 ]
+PerTaskOpt = Annotated[int | None, typer.Option(help="triplets per task per batch; default: the recipe's")]
+MiningOpt = Annotated[
+    str | None,
+    typer.Option(help="all-tasks | batch-all | none (the official code's sampled triplets only); "
+                 "default: the recipe's"),
+]  # fmt: skip
+WarmupOpt = Annotated[
+    float | None, typer.Option(help="fraction of the steps spent ramping the lr up; default: the recipe's")
+]
+
+
+def recipe_options(recipe: str, dataset: str) -> dict[str, Any]:
+    """The ``TrainConfig`` options a named recipe sets (those it leaves out keep the dataclass defaults,
+    which are the official code's)."""
+    from model.compare import compare_budget
+
+    if recipe == "measured":
+        return compare_budget(dataset).train_options()
+    if recipe == "official":
+        return {}
+    raise fail(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+
+
+def _with_given(base: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with every option the user gave (not None) put over it."""
+    return {**base, **{name: value for name, value in given.items() if value is not None}}
 
 
 def _train_config(
@@ -46,7 +86,7 @@ def _train_config(
     """A ``TrainConfig`` from the CLI's options."""
     from model.train import MINING, DataConfig, TrainConfig
 
-    if options["mining"] not in MINING:
+    if options.get("mining", MINING[0]) not in MINING:
         raise fail(f"unknown mining {options['mining']!r}; choose one of {', '.join(MINING)}")
     data = DataConfig(dataset, str(data_dir) if data_dir else None, _tasks(tasks), num_images, seed)
     return TrainConfig(data=data, seed=seed, **options)
@@ -58,51 +98,93 @@ def train(
     data_dir: DataDirOpt = None,
     tasks: TasksOpt = None,
     num_images: Annotated[int | None, typer.Option(help="synthfaces count / real-data subsample")] = None,
+    recipe: Annotated[
+        str,
+        typer.Option(
+            help="measured (the recipe measured best for the dataset, as `modret compare` trains) | "
+            "official (the official code's modules at 3,4,emb, 8 triplets/task, 10 epochs); "
+            "options given explicitly win"
+        ),
+    ] = "measured",
     arch: ArchOpt = "modulated",
     modulation: ModulationOpt = "vector",
-    modulation_init: ModulationInitOpt = "identity",
-    neck: NeckOpt = "batch",
+    modulation_init: ModulationInitOpt = None,
+    neck: NeckOpt = None,
     backbone: Annotated[str, typer.Option(help="resnet18 | resnet34 | resnet50 | zhao2018")] = "resnet18",
-    width: Annotated[int | None, typer.Option(help="base channel width (default: the backbone's)")] = None,
-    modulate: Annotated[str | None, typer.Option(help="places, e.g. 3,4,emb (default)")] = None,
+    width: WidthOpt = None,
+    modulate: ModulateOpt = None,
     image_size: int = 64,
     embedding_dim: int = 128,
-    epochs: int = 10,
-    steps: Annotated[int | None, typer.Option(help="total steps (overrides --epochs)")] = None,
-    per_task: Annotated[int, typer.Option(help="triplets per task per batch")] = 8,
+    epochs: Annotated[int | None, typer.Option(help="epochs, instead of the recipe's steps")] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(help="total steps (default: recipe; overrides --epochs)", envvar="MODRET_TRAIN_STEPS"),
+    ] = None,
+    per_task: PerTaskOpt = None,
     margin: float = 0.2,
-    mining: MiningOpt = "all-tasks",
+    mining: MiningOpt = None,
     optimizer: Annotated[str, typer.Option(help="adamw | adagrad")] = "adamw",
     lr: Annotated[float | None, typer.Option(help="default 1e-3 (AdamW) / 0.01 (Adagrad)")] = None,
-    warmup: WarmupOpt = 0.25,
+    warmup: WarmupOpt = None,
     seed: int = 0,
     device: DeviceOpt = "auto",
     resume: Annotated[bool, typer.Option(help="continue the interrupted run in --out")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(help="start again in an --out that holds an interrupted run (its checkpoint is lost)"),
+    ] = False,
 ) -> None:
-    """Train a network; writes OUT/model.safetensors, config.json and metrics.json."""
+    """Train a network; writes OUT/model.safetensors, config.json and metrics.json.
+
+    Prints one line saying what it trains (data, tasks, recipe, device, steps), then a progress bar.
+    An --out holding an interrupted run (a checkpoint) is continued with --resume or replaced with
+    --overwrite, never silently."""
     from model.data.base import DataFormatError
     from model.run import RunError
-    from model.train import resume_config
+    from model.train import CHECKPOINT, resume_config
     from model.train import train as run_training
 
+    _check_interrupted_run(out / CHECKPOINT, resume, overwrite)
+    given = {
+        "modulation_init": modulation_init, "neck": neck, "width": width, "modulate": split(modulate),
+        "epochs": epochs, "steps": steps, "per_task": per_task, "mining": mining, "warmup": warmup,
+    }  # fmt: skip
     try:
-        cfg = (
-            resume_config(out, steps, epochs if steps is None else None)
-            if resume
-            else _train_config(
+        if resume:
+            cfg = resume_config(out, steps, epochs if steps is None else None)
+        else:
+            options = _with_given(recipe_options(recipe, dataset), given)
+            if epochs is not None and steps is None:
+                options["steps"] = None  # epochs asked for: the recipe's step count goes
+            cfg = _train_config(
                 dataset, data_dir, tasks, num_images, seed, arch=arch, modulation=modulation,
-                modulation_init=modulation_init, neck=neck, backbone=backbone, width=width,
-                modulate=split(modulate),
-                image_size=image_size, embedding_dim=embedding_dim, epochs=epochs, steps=steps,
-                per_task=per_task, margin=margin, mining=mining, optimizer=optimizer, lr=lr,
-                warmup=warmup, device=device,
+                backbone=backbone, image_size=image_size, embedding_dim=embedding_dim, margin=margin,
+                optimizer=optimizer, lr=lr, device=device, **options,
+            )  # fmt: skip
+        label = "resumed run" if resume else f"{recipe} recipe"
+        with plain_warnings():
+            metrics = run_training(
+                cfg, out, resume=resume, say=lambda line: typer.echo(f"{label}: {line}", err=True)
             )
-        )  # fmt: skip
-        metrics = run_training(cfg, out, resume=resume)
     except (DataFormatError, RunError, ValueError) as exc:
         raise fail(str(exc)) from exc
     _print_eval(metrics["test"])
     console.print(f"wrote {out}/model.safetensors, config.json, metrics.json")
+
+
+def _check_interrupted_run(checkpoint: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to replace an interrupted run unasked; with --overwrite, remove its checkpoint first (a new
+    run stopped before its own first checkpoint must not leave the old one to be resumed)."""
+    if resume and overwrite:
+        raise fail("--resume continues the interrupted run and --overwrite discards it: give one")
+    if resume or not checkpoint.is_file():
+        return
+    if not overwrite:
+        raise fail(
+            f"{checkpoint.parent} holds an interrupted run ({checkpoint.name}): continue it with --resume, "
+            "or start again with --overwrite"
+        )
+    checkpoint.unlink()
 
 
 def _load_for_eval(
@@ -169,19 +251,17 @@ def compare(
         str, typer.Option(help="comma-separated architectures")
     ] = "shared,mask,modulated,independent",
     modulation: ModulationOpt = "vector",
-    modulation_init: Annotated[str | None, typer.Option(help="identity | routing (default: budget)")] = None,
-    neck: Annotated[
-        str | None, typer.Option(help="batch | task (default: task on synthfaces, else batch)")
-    ] = None,
-    modulate: Annotated[str | None, typer.Option(help="places, e.g. 3,4,emb (default: budget)")] = None,
+    modulation_init: ModulationInitOpt = None,
+    neck: NeckOpt = None,
+    modulate: ModulateOpt = None,
     backbone: str = "resnet18",
-    width: Annotated[int | None, typer.Option(help="default: budget")] = None,
+    width: WidthOpt = None,
     image_size: int = 64,
     embedding_dim: int = 128,
     steps: Annotated[int | None, typer.Option(help="steps per architecture (default: budget)")] = None,
-    per_task: Annotated[int | None, typer.Option(help="triplets per task per step (default: budget)")] = None,
-    mining: Annotated[str | None, typer.Option(help="all-tasks | batch-all | none (default: budget)")] = None,
-    warmup: Annotated[float | None, typer.Option(help="lr ramp fraction (default: budget)")] = None,
+    per_task: PerTaskOpt = None,
+    mining: MiningOpt = None,
+    warmup: WarmupOpt = None,
     seed: int = 0,
     device: DeviceOpt = "auto",
     out: Annotated[Path | None, typer.Option(help="default: runs/compare-<dataset>")] = None,
@@ -189,10 +269,11 @@ def compare(
 ) -> None:
     """Train each architecture under the same budget and print the comparison table.
 
-    Options left out take ``model.compare.compare_budget(dataset)``: 800 steps at width 16, 4 triplets per
-    task per step, batch-all mining, routing-initialised modules after every stage and on the embedding,
-    and a 25% lr warmup (about 10 minutes for shared, mask and modulated on synthetic faces on 2 CPU
-    cores); per-task statistics in the embedding's batch norm on synthfaces, one batch norm on real data.
+    Options left out take ``model.compare.compare_budget(dataset)``, the ``measured`` recipe of ``modret
+    train``: 800 steps at width 16, 4 triplets per task per step, batch-all mining, routing-initialised
+    modules after every stage and on the embedding, and a 25% lr warmup (about 10 minutes for shared, mask
+    and modulated on synthetic faces on 2 CPU cores); per-task statistics in the embedding's batch norm on
+    synthfaces, one batch norm on real data.
     """
     from model.compare import compare as run_compare
     from model.compare import compare_budget, markdown_table
@@ -213,7 +294,7 @@ def compare(
         "mining": mining,
         "warmup": warmup,
     }
-    options = {**compare_budget(dataset).train_options(), **{k: v for k, v in given.items() if v is not None}}
+    options = _with_given(compare_budget(dataset).train_options(), given)
     cfg = _train_config(
         dataset, data_dir, tasks, num_images, seed, modulation=modulation, backbone=backbone,
         image_size=image_size, embedding_dim=embedding_dim, device=device, **options,

@@ -1,16 +1,26 @@
-"""The `modret` model commands end to end on tiny synthetic data: train, eval, diagnose, compare."""
+"""The `modret` model commands end to end on tiny synthetic data: train, eval, diagnose, compare; what
+`modret train` says and does (its recipes, its one-line plan, its progress in a log, the checkpoint of an
+interrupted run)."""
 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from model.compare import SYNTHFACES_BUDGET
+from model.compare import SYNTHFACES_BUDGET, compare_budget
 from model.data.celeba import OFFICIAL_7
+from model.train import CHECKPOINT, TrainConfig
 from service.cli import app
+from tests.folders import write_shirts
+
+ROOT = Path(__file__).resolve().parents[3]
 
 TINY = [
     "--num-images", "120", "--tasks", "pale_skin,Wearing_Hat", "--width", "4", "--image-size", "32",
@@ -30,8 +40,57 @@ def trained_run_dir(tmp_path_factory):
 
 def test_train_prints_the_evaluation_and_writes_the_run(trained_run_dir):
     assert (trained_run_dir / "model.safetensors").is_file()
+    assert not (trained_run_dir / CHECKPOINT).exists()  # a finished run keeps no checkpoint (3x the model)
     config = json.loads((trained_run_dir / "config.json").read_text())
     assert config["model"]["task_names"] == ["Pale_Skin", "Wearing_Hat"]  # canonical case
+
+
+@pytest.fixture(scope="module")
+def shirts(tmp_path_factory):
+    return write_shirts(tmp_path_factory.mktemp("shirts") / "my_images", count=40)
+
+
+def test_a_folder_trains_with_the_measured_recipe_and_says_so_in_one_line(shirts, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "folder", "--data-dir", str(shirts), "--out", str(out)]
+    args += ["--image-size", "32", "--embedding-dim", "8", "--device", "cpu"]
+    result = runner.invoke(app, args, env={"MODRET_TRAIN_STEPS": "3"})  # the README's fast setting
+    assert result.exit_code == 0, result.output
+    trained = json.loads((out / "config.json").read_text())["train"]
+    budget = compare_budget("folder").train_options()  # what `modret compare` measured best on real data
+    assert {k: trained[k] for k in budget if k != "steps"} == {
+        k: v for k, v in budget.items() if k != "steps"
+    }
+    assert trained["steps"] == 3 and trained["neck"] == "batch" and trained["mining"] == "batch-all"
+
+    plan = [line for line in result.output.splitlines() if line.startswith("measured recipe: training on")]
+    assert len(plan) == 1, result.output
+    line = plan[0]
+    expected = [f"folder {shirts}", "32 training images", "2 tasks (colour, sleeves)", "width 16"]
+    expected += ["routing vector modules at 1,2,3,4,emb", "batch-all mining", "device cpu", "3 steps"]
+    for said in expected:  # data, tasks, recipe, device, steps
+        assert said in line, (said, line)
+    assert result.output.index(line) < result.output.index("train modulated")  # before the bar
+
+    # Not a terminal: whole lines, words for units, no carriage-return redraws.
+    assert "\r" not in result.output
+    bar = [line for line in result.output.splitlines() if line.startswith("train modulated:")]
+    assert 2 <= len(bar) <= 12 and "images/s=" in bar[-1] and "step" in bar[-1], bar
+    assert "100%" in bar[-1] and "img_s" not in result.output
+
+
+def test_the_official_recipe_is_one_option_away(tmp_path):
+    result = runner.invoke(app, ["train", "--out", str(tmp_path), "--recipe", "official", "--epochs", "1",
+                                 *TINY[:-4], "--per-task", "12", "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    trained = TrainConfig.from_dict(json.loads((tmp_path / "config.json").read_text())["train"])
+    official = TrainConfig()  # the dataclass defaults are the official code's placement and init
+    assert (trained.modulation_init, trained.modulate, trained.mining, trained.neck) == (
+        official.modulation_init, official.modulate, official.mining, official.neck
+    )  # fmt: skip
+    assert trained.width == 4 and trained.per_task == 12  # given options win
+    assert trained.epochs == 1 and trained.steps is None  # --epochs replaces a recipe's step count
+    assert "official recipe: training on synthfaces" in result.output
 
 
 def test_eval_json_has_the_documented_shape(trained_run_dir):
@@ -40,8 +99,8 @@ def test_eval_json_has_the_documented_shape(trained_run_dir):
     report = json.loads(result.stdout)
     assert set(report["tasks"]) == {"Pale_Skin", "Wearing_Hat"}
     for metrics in [*report["tasks"].values(), report["mean"]]:
-        assert set(metrics) == {"triplet_accuracy", "map", "precision_at_10"}
-        assert all(0.0 <= v <= 1.0 for v in metrics.values())
+        ranking = [metrics[name] for name in ("triplet_accuracy", "map", "precision_at_10")]
+        assert all(0.0 <= v <= 1.0 for v in ranking), metrics  # (leakage: model/evaluate.py's tests)
     assert report["params"]["per_task_extra"] > 0
 
 
@@ -82,12 +141,54 @@ def test_compare_prints_one_row_per_architecture(tmp_path):
         (["train", "--out", "x", "--tasks", "Smiling,Flying"], "Flying"),
         (["train", "--out", "x", "--dataset", "celeba", "--data-dir", "/nonexistent"], "/nonexistent"),
         (["eval", "--run", "/nonexistent"], "not found"),
+        (["train", "--out", "x", "--recipe", "fastest"], "unknown recipe 'fastest'"),
+        (["train", "--out", "x", "--resume", "--overwrite"], "give one"),
     ],
 )
 def test_bad_input_exits_with_a_clear_message(args, message):
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert message in result.output
+
+
+def _cli(*args: str) -> list[str]:
+    """``modret ARGS`` as a process of this checkout's code (cwd: the repository root)."""
+    return [sys.executable, "-c", "from service.cli import app; app()", *args]
+
+
+def test_an_interrupted_run_is_resumed_or_overwritten_never_silently_replaced(tmp_path):
+    out = tmp_path / "run"
+    # 96 training images / (2 tasks x 12 triplets): a checkpoint every 4 steps; 400 steps never finish.
+    args = ["train", "--out", str(out), *TINY[:-4], "--per-task", "12", "--device", "cpu"]
+    proc = subprocess.Popen(_cli(*args, "--steps", "400"), cwd=ROOT, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (out / CHECKPOINT).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    checkpoint = (out / CHECKPOINT).read_bytes()
+
+    again = runner.invoke(app, [*args, "--steps", "8"])
+    assert again.exit_code == 2
+    said = " ".join(again.output.split())
+    assert f"{out} holds an interrupted run ({CHECKPOINT})" in said and "--resume" in said, said
+    assert "--overwrite" in said and (out / CHECKPOINT).read_bytes() == checkpoint  # left as it was
+
+    resumed = runner.invoke(app, ["train", "--out", str(out), "--resume", "--steps", "16", "--device", "cpu"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resumed run: training on synthfaces" in resumed.output and "(resuming)" in resumed.output
+    assert not (out / CHECKPOINT).exists() and (out / "model.safetensors").is_file()
+
+    proc = subprocess.Popen(_cli(*args, "--steps", "400"), cwd=ROOT, stderr=subprocess.DEVNULL)
+    while not (out / CHECKPOINT).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / CHECKPOINT).exists()
+    fresh = runner.invoke(app, [*args, "--steps", "4", "--overwrite"])
+    assert fresh.exit_code == 0, fresh.output
+    assert "; 4 steps" in fresh.output and "resuming" not in fresh.output  # from step 0
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 4 and not (out / CHECKPOINT).exists()
 
 
 CELEBA = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "celeba-10k"
