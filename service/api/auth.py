@@ -12,6 +12,7 @@ from pydantic import SecretStr
 
 from service.api.deps import StateDep
 from service.api.errors import ApiError
+from service.settings import Settings
 
 api_key_header = APIKeyHeader(
     name="X-API-Key", auto_error=False, description="API key (admin key for gallery writes), when configured"
@@ -31,8 +32,10 @@ def _unauthorized(message: str) -> ApiError:
 KeyHeader = Annotated[str | None, Security(api_key_header)]
 
 
-def require_reader(key: KeyHeader, state: StateDep) -> None:
-    settings = state.settings
+# The checks are ``async`` (they never block) so that FastAPI runs them on the loop, not in a thread.
+
+
+def _check_reader(key: str | None, settings: Settings) -> None:
     if settings.api_key is None:
         return
     if key is None:
@@ -41,10 +44,14 @@ def require_reader(key: KeyHeader, state: StateDep) -> None:
         raise _unauthorized("wrong API key")
 
 
-def require_admin(key: KeyHeader, state: StateDep) -> None:
+async def require_reader(key: KeyHeader, state: StateDep) -> None:
+    _check_reader(key, state.settings)
+
+
+async def require_admin(key: KeyHeader, state: StateDep) -> None:
     settings = state.settings
     if settings.admin_key is None:
-        require_reader(key, state)
+        _check_reader(key, settings)
         return
     if key is None:
         raise _unauthorized("missing X-API-Key header (gallery writes need the admin key)")

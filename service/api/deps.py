@@ -42,14 +42,15 @@ class ServiceState:
         return loaded
 
 
-def get_state(request: Request) -> ServiceState:
+# ``async``: they never block, so FastAPI calls them on the loop instead of hopping to a thread.
+async def get_state(request: Request) -> ServiceState:
     state = request.app.state.modret
     assert isinstance(state, ServiceState)
     return state
 
 
-def get_loaded(request: Request) -> Loaded:
-    return get_state(request).require()
+async def get_loaded(request: Request) -> Loaded:
+    return (await get_state(request)).require()
 
 
 StateDep = Annotated[ServiceState, Depends(get_state)]

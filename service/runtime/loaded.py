@@ -87,6 +87,8 @@ def load(settings: Settings, service_metrics: ServiceMetrics) -> Loaded:
         max_queue=settings.max_queue,
         metrics=service_metrics,
         normalize=run.preprocess.normalize,
+        max_queue_delay_s=settings.queue_delay_budget_s,
+        max_queued_rows=settings.max_queued_rows,
     )
     batcher.start()
     budget = DecodeBudget(settings.max_decode_bytes)
