@@ -42,7 +42,7 @@ def test_train_writes_a_loadable_run_with_metrics(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} >= {"model.safetensors", "config.json", "metrics.json"}
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert on_disk["test"]["tasks"].keys() == set(TASKS)
-    assert set(on_disk["test"]["mean"]) == {"triplet_accuracy", "map", "precision_at_10"}
+    assert set(on_disk["test"]["mean"]) == {"triplet_accuracy", "map", "precision_at_10", "leakage"}
     assert metrics["history"][-1]["step"] == 6 and metrics["images_per_second"] > 0
     run = load_run(tmp_path)
     assert run.task_names == TASKS
