@@ -10,7 +10,7 @@ Layout of a gallery directory::
     writer.lock      flock held by the one process that opened the gallery for writing
 
 Galleries whose store can snapshot itself in memory (faiss) write through a write-ahead log: an add or a
-remove is durable, visible and answered once its log record is fsynced (``index.journal`` groups
+remove is durable, visible and answered once its log record is fsynced (``index.committer`` groups
 concurrent writers into one fsync). A snapshot is a generation holding the vectors *and* copies of the
 metadata (``metadata.sqlite``) and of ``gallery.json``, all under the manifest's checksums, plus the log
 position it covers; snapshots are taken in the background (``snapshot_every_records`` /
@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from index.checks import check_gallery
+from index.committer import AddResult, Committer, CommitterError, replay, replay_metadata
 from index.gallery_files import (
     CONFIG,
     LOG_DIR,
@@ -63,7 +64,6 @@ from index.gallery_files import (
     parse_config,
 )
 from index.generations import GenerationError, Generations, Manifest
-from index.journal import AddResult, Journal, JournalError, replay, replay_metadata
 from index.metadata import DB_NAME, ItemRecord, Metadata, MetadataError, NewItem
 from index.store import SearchResult, VectorStore, as_ids, open_store, store_class
 from index.wal import LogCorruptError, LogScan, WriteAheadLog
@@ -124,7 +124,7 @@ class Gallery:
         self._lock_file = lock_file
         self._write_lock = threading.Lock()
         self.repairs: list[str] = []  # what opening did or noticed (a dropped torn tail, rolled-back rows)
-        self.journal: Journal | None = None
+        self.committer: Committer | None = None
         self.wal: WriteAheadLog | None = None
         self.scan: LogScan | None = None
         self._config_bytes = b""
@@ -314,7 +314,7 @@ class Gallery:
         if self.read_only:
             return
         self.wal.open_for_append(scan, end + 1)
-        self.journal = Journal(
+        self.committer = Committer(
             wal=self.wal,
             metadata=self.metadata,
             store=self.store,
@@ -406,11 +406,11 @@ class Gallery:
         expected = (len(items), len(self.tasks), self.embedding_dim)
         if vectors.shape != expected:
             raise ValueError(f"vectors have shape {vectors.shape}, expected {expected}")
-        if self.journal is not None:
+        if self.committer is not None:
             self.metadata.store_blobs(items)  # durable before the record that refers to them
             try:
-                return self.journal.add(items, np.ascontiguousarray(vectors, dtype=np.float32))
-            except JournalError as e:
+                return self.committer.add(items, np.ascontiguousarray(vectors, dtype=np.float32))
+            except CommitterError as e:
                 raise GalleryError(str(e)) from e
         with self._write_lock:
             ids, new = self.metadata.add(items)
@@ -431,10 +431,10 @@ class Gallery:
     def remove(self, ids: Sequence[int] | np.ndarray) -> int:
         """Remove ``ids``; durable on return. Returns how many were in the gallery."""
         self._check_writable()
-        if self.journal is not None:
+        if self.committer is not None:
             try:
-                return self.journal.remove(np.asarray(ids, dtype=np.int64))
-            except JournalError as e:
+                return self.committer.remove(np.asarray(ids, dtype=np.int64))
+            except CommitterError as e:
                 raise GalleryError(str(e)) from e
         with self._write_lock:  # vectors first: a crash between leaves a row to roll back, never orphans
             self.store.remove(np.asarray(ids, dtype=np.int64))
@@ -443,11 +443,11 @@ class Gallery:
     def save(self) -> Manifest | None:
         """Snapshot now (``modret index compact``) and wait for it; the log is truncated behind it."""
         self._check_writable()
-        if self.journal is None:
+        if self.committer is None:
             return self.store.save()
         try:
-            return self.journal.snapshot() or self.store.manifest
-        except JournalError as e:
+            return self.committer.snapshot() or self.store.manifest
+        except CommitterError as e:
             raise GalleryError(str(e)) from e
 
     def _write_snapshot(self, capture: Any, position: int) -> Manifest:
@@ -494,7 +494,7 @@ class Gallery:
     def info(self) -> GalleryInfo:
         manifest = self.store.manifest
         at = manifest.log_position if manifest else 0
-        position = self.journal.position if self.journal else self.metadata.applied_position() or 0
+        position = self.committer.position if self.committer else self.metadata.applied_position() or 0
         return GalleryInfo(
             root=self.root,
             backend=self.config["backend"],
@@ -523,8 +523,8 @@ class Gallery:
     def close(self, *, snapshot: bool = True) -> None:
         """Stop writing (answering queued writes first); with ``snapshot``, snapshot what the log holds."""
         try:
-            if self.journal is not None:
-                self.journal.close(snapshot=snapshot)
+            if self.committer is not None:
+                self.committer.close(snapshot=snapshot)
         finally:
             if self.wal is not None:
                 self.wal.close()

@@ -1,6 +1,6 @@
 """Gallery writes from the service: each one durable before it is answered, duplicates reported.
 
-The gallery writes through its write-ahead log (``index.journal``): an add or remove returns once its
+The gallery writes through its write-ahead log (``index.committer``): an add or remove returns once its
 log record is fsynced and applied, and concurrent requests share one fsync (group commit); a duplicate
 upload is answered with the existing id only once the record that created that id is durable. Snapshots
 happen in the gallery's background thread, never in a request: a request waits at most for the log's
@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from index.gallery import Gallery
+from index.gallery import Gallery, GalleryError
 from index.metadata import NewItem
+from service.runtime.errors import Unavailable
 
 log = logging.getLogger("service.gallery")
 
@@ -34,12 +35,27 @@ class GalleryWriter:
 
     def add(self, items: Sequence[NewItem], vectors: np.ndarray) -> list[Added]:
         """One log record (one fsync) for the whole call, however many items it holds."""
-        result = self.gallery.insert(items, vectors)
+        try:
+            result = self.gallery.insert(items, vectors)
+        except GalleryError as exc:
+            raise _not_writable(exc) from exc
         return [Added(int(i), not new) for i, new in zip(result.ids, result.new, strict=True)]
 
     def remove(self, item_id: int) -> bool:
-        return self.gallery.remove([item_id]) > 0
+        try:
+            return self.gallery.remove([item_id]) > 0
+        except GalleryError as exc:
+            raise _not_writable(exc) from exc
 
     def generation(self) -> int | None:
         manifest = self.gallery.store.manifest
         return manifest.generation if manifest is not None else None
+
+
+def _not_writable(exc: GalleryError) -> Unavailable:
+    """The gallery stopped taking writes (its log could not be written): searches go on; a restart
+    replays the log. Answered 503, never as an internal error."""
+    log.error("gallery write refused", extra={"fields": {"reason": str(exc)}})
+    return Unavailable(
+        f"the gallery is not taking writes: {exc}", code="gallery_unavailable", retry_after_s=30
+    )

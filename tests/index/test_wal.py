@@ -135,7 +135,7 @@ def test_replay_after_snapshot_keeps_removes_in_order_with_adds(tmp_path: Path) 
 
 def test_group_commit_shares_fsyncs_and_every_acknowledged_add_is_durable(tmp_path: Path) -> None:
     gallery = create(tmp_path)
-    assert gallery.journal is not None
+    assert gallery.committer is not None
     writers = 16
     start = threading.Barrier(writers)
     acknowledged: dict[int, int] = {}
@@ -149,7 +149,7 @@ def test_group_commit_shares_fsyncs_and_every_acknowledged_add_is_durable(tmp_pa
         thread.start()
     for thread in threads:
         thread.join(timeout=30)
-    syncs = gallery.journal.wal.syncs
+    syncs = gallery.committer.wal.syncs
     gallery.close(snapshot=False)
     assert len(acknowledged) == writers
     assert syncs < writers, f"{syncs} fsyncs for {writers} concurrent adds: no group commit"

@@ -19,7 +19,7 @@ written by a second thread while writes continue; a snapshot asked for by ``snap
 compact``, ``Gallery.save``) or at ``close`` is waited for. The writer of a snapshot then deletes the log
 segments every kept generation covers.
 
-If the log cannot be written or a logged record cannot be applied, the journal stops taking writes (every
+If the log cannot be written or a logged record cannot be applied, the committer stops taking writes (every
 later one raises ``GalleryError`` asking for a restart, which replays the log): it never answers a write
 whose state it does not know.
 """
@@ -47,8 +47,8 @@ from index.wal import ADD, REMOVE, LoggedItem, Record, WriteAheadLog, encode_add
 log = logging.getLogger(__name__)
 
 
-class JournalError(RuntimeError):
-    """The journal stopped taking writes; the message says why and what to do."""
+class CommitterError(RuntimeError):
+    """The committer stopped taking writes; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def replay_metadata(records: Sequence[Record], metadata: Metadata, *, after: int
     return count
 
 
-class Journal:
+class Committer:
     def __init__(
         self,
         *,
@@ -147,9 +147,9 @@ class Journal:
 
     def _submit(self, write: _Write) -> Any:
         if self._failed is not None:
-            raise JournalError(self._failed)
+            raise CommitterError(self._failed)
         if self._closed:
-            raise JournalError("the gallery is closing: it takes no more writes")
+            raise CommitterError("the gallery is closing: it takes no more writes")
         self._queue.put(write)
         return write.future.result()
 
@@ -222,7 +222,7 @@ class Journal:
             return
         if self._failed is not None:
             for write in batch:
-                write.future.set_exception(JournalError(self._failed))
+                write.future.set_exception(CommitterError(self._failed))
             return
         try:
             records, results = self._plan(batch)
@@ -256,7 +256,7 @@ class Journal:
         log.error("%s", self._failed)
         for write in batch:
             if not write.future.done():
-                write.future.set_exception(JournalError(self._failed))
+                write.future.set_exception(CommitterError(self._failed))
 
     def _plan(self, batch: list[_Write]) -> tuple[list[tuple[int, bytes, Record]], list[Any]]:
         """The records the batch needs (kind, payload, decoded form) and each write's answer."""
@@ -368,7 +368,7 @@ class Journal:
         job.add_done_callback(lambda done: _chain(done, write.future))
 
     def __repr__(self) -> str:
-        return f"Journal(position={self.position}, snapshot={self.snapshot_position})"
+        return f"Committer(position={self.position}, snapshot={self.snapshot_position})"
 
 
 def _chain(done: Future[Manifest], target: Future[Any]) -> None:
