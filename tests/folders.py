@@ -27,7 +27,7 @@ def write_shirts(root: Path, count: int = 60, seed: int = 0, size: int = 64) -> 
     lines = [HEADER]
     for i in range(count):
         colour = list(COLOURS)[i % len(COLOURS)]
-        sleeves = SLEEVES[(i // len(COLOURS)) % len(SLEEVES)]
+        sleeves = SLEEVES[i % len(SLEEVES)]
         grey = int(rng.integers(150, 230))
         image = Image.new("RGB", (size, size), (grey, grey, grey))
         draw = ImageDraw.Draw(image)

@@ -47,7 +47,7 @@ def test_train_prints_the_evaluation_and_writes_the_run(trained_run_dir):
 
 @pytest.fixture(scope="module")
 def shirts(tmp_path_factory):
-    return write_shirts(tmp_path_factory.mktemp("shirts") / "my_images", count=40)
+    return write_shirts(tmp_path_factory.mktemp("shirts") / "my_images", count=80)  # 8 to test on
 
 
 def test_a_folder_trains_with_the_measured_recipe_and_says_so_in_one_line(shirts, tmp_path):
@@ -66,7 +66,7 @@ def test_a_folder_trains_with_the_measured_recipe_and_says_so_in_one_line(shirts
     plan = [line for line in result.output.splitlines() if line.startswith("measured recipe: training on")]
     assert len(plan) == 1, result.output
     line = plan[0]
-    expected = [f"folder {shirts}", "32 training images", "2 tasks (colour, sleeves)", "width 16"]
+    expected = [f"folder {shirts}", "64 training images", "2 tasks (colour, sleeves)", "width 16"]
     expected += ["routing vector modules at 1,2,3,4,emb", "batch-all mining", "device cpu", "3 steps"]
     for said in expected:  # data, tasks, recipe, device, steps
         assert said in line, (said, line)
