@@ -1,6 +1,9 @@
-"""``modret demo`` end to end, in subprocesses as a user runs it: a first run trains, indexes and serves a
-search (the printed ``curl`` works as printed); a second run reuses the cached model and index and is ready
-quickly; a damaged or mismatched cache is rebuilt. The budget is tiny (a few steps, 32-pixel faces)."""
+"""``modret demo`` end to end, in subprocesses as a user runs it: a first run trains, indexes and serves
+the printed example searches (each ``curl`` works as printed, and its top 5 share the queried attribute
+with the example face, as ``example.json`` labels it); a second run reuses the cached model and index and
+is ready quickly; a damaged or mismatched cache is rebuilt. The budget is tiny (a few steps, 32-pixel
+faces). The shipped demo model is checked against its recorded sha256 and test metrics (never retrained
+here: docs/results.md has the ``--retrain`` reproduction)."""
 
 from __future__ import annotations
 
@@ -15,13 +18,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from model.run import WEIGHTS, load_run
+from model.data import load_dataset
+from model.durable import file_sha256
+from model.evaluate import evaluate
+from model.run import METRICS, WEIGHTS, load_run
 from model.train import TrainConfig
-from service.cli import demo
+from service.cli import demo, demo_cache
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -91,34 +98,62 @@ class DemoProcess:
                 self.proc.wait()
 
 
-def search_with_printed_curl(out: str, cwd: Path, port: int) -> dict[str, object]:
-    command = next(line.strip() for line in out.splitlines() if line.strip().startswith("curl "))
-    assert f"http://127.0.0.1:{port}/search?task=smiling" in command
+def printed_curls(out: str) -> list[str]:
+    return [line.strip() for line in out.splitlines() if line.strip().startswith("curl ")]
+
+
+def run_curl(command: str, cwd: Path) -> dict[str, Any]:
+    """The printed command's JSON answer: run by curl as printed, or (without curl) the same request."""
     if shutil.which("curl"):
         done = subprocess.run(["bash", "-c", command], cwd=cwd, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
-        body: dict[str, object] = json.loads(done.stdout)
+        body: dict[str, Any] = json.loads(done.stdout)
         return body
     path = re.search(r"image=@(\S+)", command)
     assert path is not None
     files = {"image": ("example.png", (cwd / path.group(1)).read_bytes(), "image/png")}
     url = re.search(r"'(http\S+)'", command)
     assert url is not None
-    answer: dict[str, object] = httpx.post(url.group(1), files=files, timeout=60).json()
+    answer: dict[str, Any] = httpx.post(url.group(1), files=files, timeout=60).json()
     return answer
+
+
+def check_printed_examples(out: str, cwd: Path, data: Path, port: int) -> list[dict[str, Any]]:
+    """Run every printed example search; each returns 5 faces sharing the queried attribute's value with
+    the example (as example.json labels it), and the two searches give different answers."""
+    example = json.loads((data / "example.json").read_text())
+    commands = printed_curls(out)
+    assert len(commands) == 2, out
+    answers = []
+    for command, query in zip(commands, example["queries"], strict=True):
+        assert f"http://127.0.0.1:{port}/search?task={query['task'].lower()}&k=5" in command
+        body = run_curl(command, cwd)
+        task, wanted = body["task"], example["labels"][body["task"]]
+        assert task == query["task"] and wanted == query["value"]
+        got = [str(hit["labels"][task]) for hit in body["results"]]
+        assert got == [str(wanted)] * 5, f"{task}: the example has {wanted}, its top 5 have {got}"
+        answers.append(body)
+    first, second = ([hit["id"] for hit in a["results"]] for a in answers)
+    assert first != second and answers[0]["task"] != answers[1]["task"]
+    return answers
 
 
 def test_demo_trains_serves_then_reuses_its_cache(tmp_path: Path) -> None:
     data = tmp_path / "data"
     first = DemoProcess(tmp_path, "first", "--data-dir", "data")
     try:
-        first.wait_ready()
+        waited = first.wait_ready()
         out = first.out.read_text()
         assert f"http://127.0.0.1:{first.port}" in out and "Smiling, Mouth_Slightly_Open" in out
-        body = search_with_printed_curl(out, tmp_path, first.port)
-        results = body["results"]
-        assert body["task"] == "Smiling" and isinstance(results, list) and len(results) == 5
+        ready = re.search(r"ready in ([0-9.]+) s", out)
+        assert ready is not None and float(ready.group(1)) > 0.5 * waited  # counted from process start
+        check_printed_examples(out, tmp_path, data, first.port)
         assert "model: training" in first.err.read_text()
+        with httpx.Client(base_url=f"http://127.0.0.1:{first.port}", timeout=60) as client:
+            listed = {t["name"]: t for t in client.get("/tasks").json()["tasks"]}
+        recorded = json.loads((data / "runs" / "demo" / METRICS).read_text())["test"]["tasks"]
+        assert all(listed[n]["leakage"] == pytest.approx(recorded[n]["leakage"], abs=1e-9) for n in recorded)
+        assert '"service.access"' not in first.err.read_text()  # no access log line per request
     finally:
         first.stop()
     # uvicorn re-raises the signal after its graceful shutdown: a clean stop ends "killed by SIGTERM"
@@ -141,42 +176,69 @@ def test_demo_trains_serves_then_reuses_its_cache(tmp_path: Path) -> None:
     print(f"cached demo start: ready {seconds:.1f} s after launch")
 
     # What invalidates the cache.
-    paths = demo.DemoPaths(data)
+    paths = demo_cache.DemoPaths(data)
     cfg = shrunk_demo_config()
-    assert demo.stale_run_reason(paths.run_dir, cfg) is None
-    assert "other settings" in (demo.stale_run_reason(paths.run_dir, shrunk_demo_config(steps=3)) or "")
+    assert demo_cache.stale_run_reason(paths.run_dir, cfg) is None
+    assert not (paths.run_dir / "checkpoint.pt").exists()  # a finished run keeps no checkpoint
+    assert "other settings" in (demo_cache.stale_run_reason(paths.run_dir, shrunk_demo_config(steps=3)) or "")
+    assert "other settings" in (demo_cache.shipped_run_reason(cfg) or "")  # the tiny budget is not shipped
     run = load_run(paths.run_dir)
-    assert demo.stale_index_reason(paths.index_dir, run, "faiss") is None
-    assert "milvus" in (demo.stale_index_reason(paths.index_dir, run, "milvus") or "")
+    assert demo_cache.stale_index_reason(paths.index_dir, run, "faiss") is None
+    assert "milvus" in (demo_cache.stale_index_reason(paths.index_dir, run, "milvus") or "")
     config_file = paths.index_dir / "gallery.json"
     config = json.loads(config_file.read_text())
     config_file.write_text(json.dumps({**config, "model_hash": "0" * 64}))
-    assert "model" in (demo.stale_index_reason(paths.index_dir, run, "faiss") or "")  # built with another
+    assert "model" in (demo_cache.stale_index_reason(paths.index_dir, run, "faiss") or "")  # another's
 
     said: list[str] = []
-    demo.prepare_index(paths, run, 120, say=said.append)  # rebuilds, replacing the mismatched index
+    demo_cache.prepare_index(paths, run, 120, say=said.append)  # rebuilds, replacing the mismatched index
     assert any("rebuilding" in line for line in said), said
-    assert demo.stale_index_reason(paths.index_dir, run, "faiss") is None
+    assert demo_cache.stale_index_reason(paths.index_dir, run, "faiss") is None
     assert not [p for p in paths.index_dir.parent.iterdir() if p.name.startswith(".")]  # no leftovers
 
     with sqlite3.connect(paths.index_dir / "gallery.sqlite") as db:  # as built before images were kept
         db.execute("UPDATE items SET has_blob = 0")
-    assert "image bytes" in (demo.stale_index_reason(paths.index_dir, run, "faiss") or "")
+    assert "image bytes" in (demo_cache.stale_index_reason(paths.index_dir, run, "faiss") or "")
 
 
 def test_incomplete_run_is_not_reused(tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / "demo"
     cfg = shrunk_demo_config()
-    assert "not found" in (demo.stale_run_reason(run_dir, cfg) or "")
+    assert "not found" in (demo_cache.stale_run_reason(run_dir, cfg) or "")
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text("{not json")
-    assert "not a valid run config" in (demo.stale_run_reason(run_dir, cfg) or "")
+    assert "not a valid run config" in (demo_cache.stale_run_reason(run_dir, cfg) or "")
+
+
+def test_the_shipped_model_is_the_recorded_one_and_scores_its_recorded_metrics() -> None:
+    shipped = demo_cache.SHIPPED_RUN
+    record = json.loads((shipped / demo_cache.SHIPPED_RECORD).read_text())
+    assert file_sha256(shipped / WEIGHTS) == record["sha256"]  # not a pointer, truncated or swapped file
+    size = (shipped / WEIGHTS).stat().st_size
+    assert 1_000_000 < size < 3_500_000, size
+    cfg = demo.demo_train_config(demo.DEMO_STEPS, demo.DEMO_WIDTH, demo.DEMO_IMAGES, "cpu")
+    assert demo_cache.shipped_run_reason(cfg) is None  # the demo's own settings: a fresh clone uses it
+    run = load_run(shipped)
+    recorded = json.loads((shipped / METRICS).read_text())["test"]
+    dataset = load_dataset("synthfaces", image_size=run.preprocess.image_size, num_images=demo.DEMO_IMAGES)
+    result = evaluate(run.model, dataset, run.preprocess)  # the weights still give the recorded figures
+    for name, metrics in recorded["tasks"].items():
+        for metric in ("triplet_accuracy", "map", "precision_at_10", "leakage"):
+            assert result["tasks"][name][metric] == pytest.approx(metrics[metric], abs=0.005), (name, metric)
+    assert recorded["mean"]["leakage"] <= 0.10
 
 
 def test_banner_and_url() -> None:
     assert demo.public_url("0.0.0.0", 8000) == "http://127.0.0.1:8000"
     assert demo.public_url("::", 8000) == "http://[::1]:8000"
     assert demo.public_url("10.0.0.5", 81) == "http://10.0.0.5:81"
-    text = demo.banner("http://127.0.0.1:8000", ["Smiling", "Bald"], Path("/x/example.png"), 7, True, 1.5)
+    queries = [("Smiling", 1), ("Eyeglasses", 0)]
+    text = demo.banner(
+        "http://127.0.0.1:8000", ["Smiling", "Bald"], Path("/x/example.png"), queries, 7, True, 1.5
+    )
     assert 'curl -s -H "X-API-Key: $MODRET_API_KEY" -F image=@/x/example.png' in text
     assert "'http://127.0.0.1:8000/search?task=smiling&k=5'" in text
+    assert "'http://127.0.0.1:8000/search?task=eyeglasses&k=5'" in text
+    assert "Smiling = 1" in text and "Eyeglasses = 0" in text and "/x/example.json" in text
+    refused = demo.banner("http://127.0.0.1:8000", ["Smiling"], Path("/x/example.png"), [], 7, False, 1.5)
+    assert "curl" not in refused and "no example search printed" in refused
