@@ -12,7 +12,6 @@ so instead of printing a search that fails. The face's labels are written beside
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from index.build import png_bytes
 from index.gallery import Gallery
 from index.store import PAD_ID
 from model.data.synthfaces import render_face
@@ -62,18 +62,12 @@ def task_order(run: LoadedRun) -> list[str]:
     return sorted(run.task_names, key=lambda t: (t != FIRST_CHOICE, -score.get(t, -1.0)))
 
 
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def find_example(run: LoadedRun, gallery: Gallery, max_pixels: int) -> Example | None:
     """The first candidate face and task (in ``task_order``) whose top ``TOP_K`` all share the face's
     value of the task, with a second such task giving other images when one exists; None if no
     candidate passes."""
     faces = [render_face(EXAMPLE_SEED, i, EXAMPLE_SIZE) for i in range(CANDIDATES)]
-    pixels = prepare([_png(image) for image, _ in faces], max_pixels, None, run.preprocess).pixels
+    pixels = prepare([png_bytes(image) for image, _ in faces], max_pixels, None, run.preprocess).pixels
     with torch.inference_mode():
         vectors = run.model.embed_tasks(run.preprocess.normalize(pixels)).float().cpu().numpy()  # (C, T, D)
     tasks = run.task_names
