@@ -121,7 +121,6 @@ def prepare_run(
     )
     with _staging(paths.run_dir) as tmp:
         metrics = train(cfg, tmp)
-        (tmp / "checkpoint.pt").unlink(missing_ok=True)  # a finished run resumes from nothing
     mean = metrics["test"]["mean"]
     say(
         f"model: test triplet accuracy {mean['triplet_accuracy']:.3f}, mAP {mean['map']:.3f}, "
