@@ -45,7 +45,9 @@ from model.network import MultiTaskEmbedder, TaskNeck
 from model.preprocess import Preprocess
 from model.run import METRICS, LoadedRun, load_run, save_run, write_json
 from model.tasks import (
+    TASK_INITS,
     TaskError,
+    TaskInit,
     added_parameters,
     append_tasks,
     assert_extends,
@@ -64,12 +66,20 @@ class TaskTrainConfig:
     """How a new task's rows are trained: batch-all triplet loss over each step's sampled images (every
     valid triplet among them), AdamW without weight decay, a linear warmup then cosine decay."""
 
-    steps: int = 300
+    steps: int = 1000
     per_task: int = 16  # triplets sampled per step (their distinct images are embedded once)
-    lr: float = 1e-2  # a few hundred parameters over a frozen trunk take a larger step than joint training
+    lr: float = 0.03  # a few hundred parameters over a frozen trunk take larger steps than joint training
     warmup: float = 0.1
     margin: float = 0.2
     seed: int = 0  # the new rows' initial routes, the triplets, and the evaluation's triplets
+    init: TaskInit | None = None  # how the new rows start (model.tasks.new_task); None: as the run's did
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.per_task < 1 or not self.lr > 0:
+            raise TaskError(f"steps and per_task must be at least 1 and lr positive, got {self}")
+        if self.init is not None and self.init not in TASK_INITS:
+            raise TaskError(f"unknown init {self.init!r}; choose one of {', '.join(TASK_INITS)}")
+
     neck_images: int = 2000  # training images a per-task neck's statistics are estimated from
 
 
@@ -122,7 +132,7 @@ def train_new_task(
     if len(dataset.task_names) != 1:
         raise TaskError(f"train one new task at a time, not {dataset.task_names}")
     show = sys.stderr.isatty() if progress is None else progress
-    model = new_task(parent, dataset.task_names[0], cfg.seed)
+    model = new_task(parent, dataset.task_names[0], cfg.seed, cfg.init)
     device = model.device
     train_idx = dataset.split_indices("train", split_seed)
     pixels = _Pixels(dataset, train_idx, preprocess, show)

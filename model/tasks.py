@@ -26,18 +26,28 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
 
-from model.network import MODULATION_MODULES, ModelConfig, MultiTaskEmbedder, TaskNeck, create_model
+from model.network import (
+    MODULATION_MODULES,
+    ModelConfig,
+    ModulationInit,
+    MultiTaskEmbedder,
+    TaskNeck,
+    create_model,
+)
 
 # The tensors of each module kind whose first dimension is the task.
 PER_TASK_STATE: dict[type[nn.Module], tuple[str, ...]] = {
     **{module: ("weight",) for module in MODULATION_MODULES.values()},
     TaskNeck: ("running_mean", "running_var"),
 }
+# How a new task's rows start: as the modules' constructors start them, or at the mean of the model's.
+TaskInit = Literal["identity", "routing", "mean"]
+TASK_INITS: tuple[TaskInit, ...] = ("identity", "routing", "mean")
 # Config fields that name or start the tasks rather than shape the function every task shares.
 _NOT_SHARED = ("task_names", "modulation_init")
 
@@ -195,17 +205,32 @@ def append_tasks(model: MultiTaskEmbedder, extra: MultiTaskEmbedder) -> MultiTas
     return _build(config, base.shared, [*base.tasks, *more.tasks])
 
 
-def new_task(model: MultiTaskEmbedder, name: str, seed: int = 0) -> MultiTaskEmbedder:
-    """A one-task model named ``name`` over ``model``'s shared state (copied), whose rows are the modules'
-    own initialisation for one task (``config.modulation_init``; routes drawn from ``seed``)."""
+def new_task(
+    model: MultiTaskEmbedder, name: str, seed: int = 0, init: TaskInit | None = None
+) -> MultiTaskEmbedder:
+    """A one-task model named ``name`` over ``model``'s shared state (copied), with fresh rows.
+
+    ``init``: ``identity`` or ``routing`` (routes drawn from ``seed``) start the rows as the modules'
+    constructors do (default: the model's own ``modulation_init``); ``mean`` starts each module's row at
+    the mean of the model's rows, the operating point the frozen trunk was trained around (a channel no
+    task uses stays off). A per-task neck's statistics start at the constructor's either way. The config
+    keeps the model's ``modulation_init``, which says how its own rows started.
+    """
     _addable(model)
+    if init is not None and init not in TASK_INITS:
+        raise TaskError(f"unknown init {init!r}; choose one of {', '.join(TASK_INITS)}")
     parts = _split(model)
     config = replace(model.config, task_names=[name])
+    start = config.modulation_init if init in (None, "mean") else init
     with torch.random.fork_rng(devices=[]):  # seeded routes, the caller's random stream untouched
         torch.manual_seed(seed)
-        fresh = _split(create_model(config))
+        fresh = _split(create_model(replace(config, modulation_init=cast(ModulationInit, start))))
     device = next(iter(parts.shared.values())).device
     rows = {key: value.to(device) for key, value in fresh.tasks[0].items()}
+    if init == "mean":
+        parameters = {key for key, _ in model.named_parameters()}
+        for key in rows.keys() & parameters:
+            rows[key] = torch.stack([task[key] for task in parts.tasks]).mean(0)
     return _build(config, parts.shared, [rows])
 
 

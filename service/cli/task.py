@@ -35,9 +35,15 @@ def add(
     ] = None,
     num_images: Annotated[int | None, typer.Option(help="synthfaces count / real-data subsample")] = None,
     data_seed: Annotated[int, typer.Option(help="dataset generation and split seed")] = 0,
-    steps: Annotated[int | None, typer.Option(help="training steps (default 300)")] = None,
+    steps: Annotated[int | None, typer.Option(help="training steps (default 1000)")] = None,
     per_task: Annotated[int | None, typer.Option(help="triplets sampled per step (default 16)")] = None,
-    lr: Annotated[float | None, typer.Option(help="AdamW learning rate (default 1e-2)")] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate (default 0.03)")] = None,
+    init: Annotated[
+        str | None,
+        typer.Option(
+            help="identity | routing | mean (of the run's rows); default: as the run's rows started"
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="the new rows' routes, the triplets")] = 0,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -49,10 +55,10 @@ def add(
     from model.task_runs import TaskTrainConfig, add_task_run
     from model.train import DataConfig
 
-    given: dict[str, Any] = {"steps": steps, "per_task": per_task, "lr": lr}
-    cfg = replace(TaskTrainConfig(seed=seed), **{k: v for k, v in given.items() if v is not None})
+    given: dict[str, Any] = {"steps": steps, "per_task": per_task, "lr": lr, "init": init}
     data = DataConfig(dataset, str(data_dir) if data_dir else None, [task], num_images, data_seed)
     try:
+        cfg = replace(TaskTrainConfig(seed=seed), **{k: v for k, v in given.items() if v is not None})
         report = add_task_run(run, data, out, cfg, device=device, say=console.print)
     except (DataFormatError, RunError, ValueError) as exc:  # TaskError is a ValueError
         raise fail(str(exc)) from exc

@@ -201,3 +201,14 @@ def test_new_task_rows_start_at_the_modules_initialisation() -> None:
     assert torch.equal(state["trunks.0.neck.running_var"], torch.ones(1, 16))
     identity = new_task(tiny_model(modulation="matrix"), NEW).state_dict()["trunks.0.modulations.emb.weight"]
     assert torch.equal(identity, torch.eye(16).unsqueeze(0))
+
+
+def test_mean_init_starts_at_the_mean_of_the_models_rows() -> None:
+    parent = tiny_model(perturb=0.5, modulate=["3", "emb"], modulation_init="routing", neck="task")
+    state, rows = new_task(parent, NEW, init="mean").state_dict(), parent.state_dict()
+    for key in ("trunks.0.modulations.3.weight", "trunks.0.modulations.emb.weight"):
+        torch.testing.assert_close(state[key][0], rows[key].mean(0), atol=0, rtol=0)
+    assert torch.equal(state["trunks.0.neck.running_var"], torch.ones(1, 16))  # statistics start fresh
+    assert new_task(parent, NEW, init="mean").config.modulation_init == "routing"
+    with pytest.raises(TaskError, match="unknown init 'bogus'; choose one of identity, routing, mean"):
+        new_task(parent, NEW, init="bogus")  # type: ignore[arg-type]

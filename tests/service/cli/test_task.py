@@ -38,7 +38,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def add(run: Path, out: Path, folder: Path, task: str = "bald") -> Result:
+def add(run: Path, out: Path, folder: Path, task: str = "bald", *more: str) -> Result:
     args = [
         "task",
         "add",
@@ -51,9 +51,8 @@ def add(run: Path, out: Path, folder: Path, task: str = "bald") -> Result:
         "--data-dir",
         str(folder),
     ]
-    return runner.invoke(
-        app, [*args, "--out", str(out), "--steps", "3", "--per-task", "4", "--device", "cpu"]
-    )
+    tiny = ["--steps", "3", "--per-task", "4", "--device", "cpu"]
+    return runner.invoke(app, [*args, "--out", str(out), *tiny, *more])
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +119,8 @@ def test_add_errors_exit_2_with_what_to_do(run_dir: Path, folder: Path, tmp_path
     assert result.exit_code == 2 and "is not an empty directory: choose a new --out" in text(result)
     result = add(run_dir, run_dir, folder)
     assert result.exit_code == 2 and "is the parent run itself" in text(result)
+    result = add(run_dir, tmp_path / "c", folder, "bald", "--init", "bogus")
+    assert result.exit_code == 2 and "unknown init 'bogus'" in text(result)
     result = add(tmp_path / "nothing", tmp_path / "c", folder)
     assert result.exit_code == 2 and "config.json:notfound" in "".join(result.output.split())  # a long path
     assert not any((tmp_path / name).exists() for name in "abc"), "no run written on an error"
