@@ -200,10 +200,16 @@ def demo(
     def say(message: str) -> None:
         typer.echo(message, err=True)
 
-    with data_dir_lock(paths.data_dir):
-        run = prepare_run(paths, cfg, retrain=retrain, say=say)
-        prepare_index(paths, run, n, backend=backend, milvus_uri=milvus_uri, say=say)
-        example = prepare_example(paths, run, settings.max_image_pixels, say)
+    try:
+        with data_dir_lock(paths.data_dir):
+            run = prepare_run(paths, cfg, retrain=retrain, say=say)
+            prepare_index(paths, run, n, backend=backend, milvus_uri=milvus_uri, say=say)
+            example = prepare_example(paths, run, settings.max_image_pixels, say)
+    except KeyboardInterrupt:
+        # Ctrl-C while preparing is a user's stop, not a failure (``make demo`` must not report Error 130);
+        # what was being built lives in a staging directory, so the next start rebuilds it.
+        say("interrupted: nothing half-built was kept; run modret demo again to continue")
+        raise typer.Exit(0) from None
     tasks = run.task_names
     del run
     queries = [(q.task, q.value) for q in example.queries] if example else []

@@ -173,7 +173,7 @@ def prepare_index(
     say: Callable[[str], None],
 ) -> None:
     """Make ``paths.index_dir`` a valid gallery of the demo's faces embedded with ``run``."""
-    from tqdm import tqdm
+    from model.progress import progress_bar
 
     reason = stale_index_reason(paths.index_dir, run, backend)
     if reason is None:
@@ -194,7 +194,7 @@ def prepare_index(
     # Channels-last convolutions embed the gallery ~25 % faster on a CPU (the same vectors to 2e-6).
     _memory_format(run.model, torch.channels_last)
     try:
-        with staging as target, tqdm(total=source.total, unit=" images", desc="index") as bar:
+        with staging as target, progress_bar(total=source.total, unit=" images", desc="index") as bar:
             report = build_gallery(
                 run,
                 source,

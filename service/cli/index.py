@@ -25,11 +25,11 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.table import Table
-from tqdm import tqdm
 
 from index.build import build_gallery, dataset_source, folder_source
 from index.gallery import Gallery, GalleryError
 from index.store import BACKENDS
+from model.progress import progress_bar
 from model.run import load_run
 from service.cli.common import DeviceOpt, fail, problems_found
 
@@ -72,7 +72,7 @@ def build(
         source = dataset_source(dataset, data_dir, image_size=image_size, num_images=num_images)
     options: dict[str, Any] = {"kind": kind} if backend == "faiss" else {}
     try:
-        with tqdm(total=source.total, unit="img", desc="embedding") as bar:
+        with progress_bar(total=source.total, unit=" images", desc="embedding") as bar:
             report = build_gallery(
                 loaded,
                 source,

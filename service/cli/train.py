@@ -260,11 +260,18 @@ def eval_(
 
 def _print_eval(result: dict[str, Any]) -> None:
     table = Table(title=f"evaluation ({result['split']} split, {result['num_images']} images)")
-    for column in ("task", "triplet acc", "mAP", "P@10"):
+    for column in ("task", "triplet acc", "mAP", "P@10", "leakage"):
         table.add_column(column)
     rows = [*result["tasks"].items(), ("mean", result["mean"])]
     for name, m in rows:
-        table.add_row(name, f"{m['triplet_accuracy']:.3f}", f"{m['map']:.3f}", f"{m['precision_at_10']:.3f}")
+        leak = m.get("leakage")
+        table.add_row(
+            name,
+            f"{m['triplet_accuracy']:.3f}",
+            f"{m['map']:.3f}",
+            f"{m['precision_at_10']:.3f}",
+            "-" if leak is None else f"{leak:.3f}",
+        )
     Console().print(table)
     p = result["params"]
     Console().print(

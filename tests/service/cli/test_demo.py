@@ -156,8 +156,8 @@ def test_demo_trains_serves_then_reuses_its_cache(tmp_path: Path) -> None:
         assert '"service.access"' not in first.err.read_text()  # no access log line per request
     finally:
         first.stop()
-    # uvicorn re-raises the signal after its graceful shutdown: a clean stop ends "killed by SIGTERM"
-    assert first.proc.returncode in (0, -signal.SIGTERM), first.err.read_text()[-2000:]
+    # A signal-initiated graceful stop exits 0 (service/api/server.py).
+    assert first.proc.returncode == 0, first.err.read_text()[-2000:]
     assert "Application shutdown complete" in first.err.read_text()
     weights_mtime = (data / "runs" / "demo" / WEIGHTS).stat().st_mtime_ns
 
@@ -199,6 +199,20 @@ def test_demo_trains_serves_then_reuses_its_cache(tmp_path: Path) -> None:
     with sqlite3.connect(paths.index_dir / "gallery.sqlite") as db:  # as built before images were kept
         db.execute("UPDATE items SET has_blob = 0")
     assert "image bytes" in (demo_cache.stale_index_reason(paths.index_dir, run, "faiss") or "")
+
+
+def test_ctrl_c_while_preparing_exits_cleanly(tmp_path: Path) -> None:
+    # Interrupted mid-training (a long run, so the signal lands while it trains): exit 0 and say so, so
+    # that `make demo` reports no error; the next start rebuilds what was being built.
+    demo = DemoProcess(tmp_path, "interrupted", "--data-dir", "data", "--retrain", "--steps", "100000")
+    deadline = time.monotonic() + 300
+    while "model: training" not in demo.err.read_text():
+        assert demo.proc.poll() is None and time.monotonic() < deadline, demo.err.read_text()[-2000:]
+        time.sleep(0.1)
+    time.sleep(1.0)
+    demo.proc.send_signal(signal.SIGINT)
+    assert demo.proc.wait(timeout=120) == 0, demo.err.read_text()[-2000:]
+    assert "interrupted" in demo.err.read_text()
 
 
 def test_incomplete_run_is_not_reused(tmp_path: Path) -> None:
