@@ -40,9 +40,7 @@ def add(
     lr: Annotated[float | None, typer.Option(help="AdamW learning rate (default 0.03)")] = None,
     init: Annotated[
         str | None,
-        typer.Option(
-            help="identity | routing | mean (of the run's rows); default: as the run's rows started"
-        ),
+        typer.Option(help="mean (of the run's rows; the default) | identity | routing (fresh routes)"),
     ] = None,
     seed: Annotated[int, typer.Option(help="the new rows' routes, the triplets")] = 0,
     device: DeviceOpt = "auto",

@@ -78,7 +78,7 @@ def test_training_a_task_leaves_every_parent_tensor_bit_identical(trained: tuple
 
 def test_the_new_rows_learned_and_a_per_task_neck_got_statistics(trained: tuple, layout: dict) -> None:
     parent, _, single, _ = trained
-    start = new_task(parent, NEW, seed=0)
+    start = new_task(parent, NEW, seed=0, init=TaskTrainConfig().init)
     moved = [
         k for k in per_task_keys(single) if not torch.equal(single.state_dict()[k], start.state_dict()[k])
     ]
