@@ -90,6 +90,7 @@ def atomic_write(path: Path, write: Callable[[Path], object], *, sync_dir: bool 
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, FILE_MODE)  # a writer may have replaced the temp file (safetensors does): 0600 again
         fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -26,6 +26,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from index import recovery
 from index.build import build_gallery, dataset_source, folder_source
 from index.gallery import Gallery, GalleryError
 from index.store import BACKENDS
@@ -187,7 +188,7 @@ def compact(index_dir: Path = typer.Argument(..., help="Gallery index directory.
 def recover(index_dir: Path = typer.Argument(..., help="Gallery index directory.")) -> None:
     """Rebuild a damaged gallery.json / gallery.sqlite from the newest snapshot and the log."""
     try:
-        done = Gallery.recover(index_dir)
+        done = recovery.recover(index_dir)
     except GalleryError as e:
         raise fail(str(e)) from e
     for line in done or ["nothing to recover: the gallery opens as it is"]:

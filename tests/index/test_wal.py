@@ -2,7 +2,7 @@
 dropped with a warning naming it (damage before the end is refused), recovery replays the records after
 the newest snapshot (removes in order with adds), concurrent writers share fsyncs, snapshots run in the
 background and truncate the log, a fall-back to an older generation loses nothing, and damaged metadata or
-config refuse to open without deleting anything and are rebuilt by ``Gallery.recover``."""
+config refuse to open without deleting anything and are rebuilt by ``index.recovery.recover``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from index.gallery import LOG_DIR, STORE_DIR, DamagedGalleryError, Gallery, GalleryError
+from index.recovery import recover
 from index.wal import ADD, REMOVE, LogCorruptError, LoggedItem, WriteAheadLog, encode_add, encode_remove
 from tests.index.conftest import DIM, MODEL_HASH, TASKS
 from tests.index.test_gallery import create, item, vectors
@@ -304,7 +305,7 @@ def test_damaged_metadata_or_config_refuses_then_recovers(tmp_path: Path, damage
         Gallery.preflight(tmp_path)
     assert {p: p.read_bytes() for p in (tmp_path / STORE_DIR).rglob("*.faiss")} == store_files  # untouched
 
-    done = Gallery.recover(tmp_path)
+    done = recover(tmp_path)
     assert any("rebuilt from" in line for line in done), done
     assert list(tmp_path.glob("*.damaged-*")) or names == "gallery.sqlite is missing"
     recovered = Gallery.open(tmp_path, model_hash=MODEL_HASH)

@@ -95,6 +95,15 @@ def test_written_files_are_readable_by_other_users(tmp_path: Path) -> None:
     atomic_write_bytes(target, b"weights")
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
 
+    def replace_it(tmp: Path) -> None:  # what safetensors' save_file does: a new file at that name
+        tmp.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, b"new weights")
+        os.close(fd)
+
+    atomic_write(target, replace_it)
+    assert target.read_bytes() == b"new weights" and stat.S_IMODE(target.stat().st_mode) == 0o644
+
 
 def test_missing_parent_directories_are_created(tmp_path: Path) -> None:
     atomic_write_bytes(tmp_path / "a" / "b" / "file", b"x")
