@@ -42,7 +42,7 @@ import numpy as np
 from index.generations import Manifest
 from index.metadata import Metadata, NewItem
 from index.store import VectorStore
-from index.wal import ADD, REMOVE, LoggedItem, Record, WriteAheadLog, encode_add, encode_remove
+from index.wal import ADD, REMOVE, ItemRecord, Record, WriteAheadLog, encode_add, encode_remove
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ class Committer:
                 ids: list[int] = []
                 new: list[bool] = []
                 rows: list[int] = []
-                logged: list[LoggedItem] = []
+                logged: list[ItemRecord] = []
                 blob_ids: list[int] = []
                 for row, item in enumerate(write.items):
                     digest = item.content_hash
@@ -296,7 +296,7 @@ class Committer:
                     new.append(True)
                     rows.append(row)
                     logged.append(
-                        LoggedItem(
+                        ItemRecord(
                             item_id, item.source, digest, item.width, item.height,
                             {k: int(v) for k, v in item.labels.items()}, item.data is not None, added_at,
                         )

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from index.wal import LoggedItem
+from index.wal import ItemRecord
 from model.durable import atomic_write_bytes, bytes_sha256, fsync_path
 
 _SCHEMA = """
@@ -97,18 +97,6 @@ class NewItem:
     height: int
     labels: dict[str, int] = field(default_factory=dict)
     data: bytes | None = None
-
-
-@dataclass(frozen=True)
-class ItemRecord:
-    id: int
-    source: str
-    content_hash: str
-    width: int
-    height: int
-    labels: dict[str, int]
-    has_blob: bool
-    added_at: str
 
 
 class UnknownLabelError(LookupError):
@@ -248,7 +236,7 @@ class Metadata:
             top = self._db.execute("SELECT MAX(id) FROM items").fetchone()
         return max(int(row[0]) if row else 0, int(top[0] or 0)) + 1
 
-    def apply_add(self, items: Sequence[LoggedItem], blob_ids: Sequence[int], position: int) -> None:
+    def apply_add(self, items: Sequence[ItemRecord], blob_ids: Sequence[int], position: int) -> None:
         """Insert logged items under their logged ids and mark ``blob_ids`` as having their bytes."""
         with self._transaction() as db:
             db.executemany(

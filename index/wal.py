@@ -57,8 +57,8 @@ class LogCorruptError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class LoggedItem:
-    """One new gallery item as the log (and the metadata) records it."""
+class ItemRecord:
+    """One gallery item as the log records it and the metadata returns it (``index.metadata``)."""
 
     id: int
     source: str
@@ -74,7 +74,7 @@ class LoggedItem:
 class Record:
     position: int
     kind: int  # ADD or REMOVE
-    items: list[LoggedItem] = field(default_factory=list)  # ADD: the new items
+    items: list[ItemRecord] = field(default_factory=list)  # ADD: the new items
     vectors: np.ndarray | None = None  # ADD: (len(items), T, D) float32
     ids: list[int] = field(default_factory=list)  # ADD: existing items that got a blob; REMOVE: removed
 
@@ -83,7 +83,7 @@ class Record:
         return _KIND_NAMES[self.kind]
 
 
-def encode_add(items: Sequence[LoggedItem], vectors: np.ndarray, blob_ids: Sequence[int]) -> bytes:
+def encode_add(items: Sequence[ItemRecord], vectors: np.ndarray, blob_ids: Sequence[int]) -> bytes:
     """The payload of an add record; ``vectors`` is (len(items), T, D)."""
     vectors = np.ascontiguousarray(vectors, dtype="<f4")
     header = {
@@ -108,7 +108,7 @@ def _decode(position: int, kind: int, payload: bytes) -> Record:
     header: dict[str, Any] = json.loads(payload[4 : 4 + head_len])
     shape = tuple(int(n) for n in header["shape"])
     vectors = np.frombuffer(payload, dtype="<f4", offset=4 + head_len).reshape(shape)
-    items = [LoggedItem(**entry) for entry in header["items"]]
+    items = [ItemRecord(**entry) for entry in header["items"]]
     return Record(position, kind, items=items, vectors=vectors.astype(np.float32), ids=header["blob_ids"])
 
 

@@ -17,13 +17,13 @@ import pytest
 
 from index.gallery import LOG_DIR, STORE_DIR, DamagedGalleryError, Gallery, GalleryError
 from index.recovery import recover
-from index.wal import ADD, REMOVE, LogCorruptError, LoggedItem, WriteAheadLog, encode_add, encode_remove
+from index.wal import ADD, REMOVE, ItemRecord, LogCorruptError, WriteAheadLog, encode_add, encode_remove
 from tests.index.conftest import DIM, MODEL_HASH, TASKS
 from tests.index.test_gallery import create, item, vectors
 
 
-def logged(n: int) -> LoggedItem:
-    return LoggedItem(n, f"img{n}.jpg", f"{n:064x}", 30 + n, 20, {"Male": n % 2}, n % 3 == 0, "2024-01-01")
+def logged(n: int) -> ItemRecord:
+    return ItemRecord(n, f"img{n}.jpg", f"{n:064x}", 30 + n, 20, {"Male": n % 2}, n % 3 == 0, "2024-01-01")
 
 
 def write_log(directory: Path, records: int) -> WriteAheadLog:
