@@ -56,7 +56,7 @@ from model.tasks import (
     per_task_keys,
     remove_task,
 )
-from model.train import DataConfig, _Pixels, batch_all_triplet_loss, lr_factor, triplet_batch
+from model.train import DataConfig, PixelCache, batch_all_triplet_loss, lr_factor, triplet_batch
 
 METRIC_NAMES = ("triplet_accuracy", "map", "precision_at_10")
 
@@ -137,7 +137,7 @@ def train_new_task(
     model = new_task(parent, dataset.task_names[0], cfg.seed, cfg.init)
     device = model.device
     train_idx = dataset.split_indices("train", split_seed)
-    pixels = _Pixels(dataset, train_idx, preprocess, show)
+    pixels = PixelCache(dataset, train_idx, preprocess, show)
     sampler = TripletSampler(dataset.labels, train_idx, cfg.per_task, seed=cfg.seed)
     rows = _freeze(model)
     optimizer = torch.optim.AdamW(rows, lr=cfg.lr, weight_decay=0.0)

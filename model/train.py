@@ -165,7 +165,7 @@ def batch_all_triplet_loss(embeddings: Tensor, values: Tensor, margin: float) ->
 def _mined_loss(
     model: MultiTaskEmbedder,
     cfg: TrainConfig,
-    pixels: _Pixels,
+    pixels: PixelCache,
     labels: np.ndarray,
     triplets: Triplets,
     preprocess: Preprocess,
@@ -281,7 +281,7 @@ def _optimizer(model: MultiTaskEmbedder, cfg: TrainConfig) -> torch.optim.Optimi
     return torch.optim.AdamW(groups, lr=lr)
 
 
-class _Pixels:
+class PixelCache:
     """Decoded uint8 images of some dataset indices, addressable by dataset index."""
 
     def __init__(
@@ -347,7 +347,7 @@ def train(
         say(describe(cfg, task_names, len(train_idx), device, step, total_steps))
 
     extra = {"train": cfg.to_dict(), "dataset": asdict(cfg.data), "pretrained": provenance}
-    pixels = _Pixels(dataset, np.concatenate([train_idx, val_idx]), preprocess, progress)
+    pixels = PixelCache(dataset, np.concatenate([train_idx, val_idx]), preprocess, progress)
     val = fixed_triplets(dataset.labels, val_idx, cfg.val_triplets_per_task, seed=cfg.seed)
     label_means = class_label_means(dataset.labels[train_idx]) if cfg.decorrelation else None
     model.train()
@@ -448,7 +448,7 @@ def _epoch_sampler(
 @torch.no_grad()
 def _validate(
     model: MultiTaskEmbedder,
-    pixels: _Pixels,
+    pixels: PixelCache,
     dataset: AttributeDataset,
     val: Triplets,
     preprocess: Preprocess,
