@@ -51,7 +51,12 @@ def section(title: str) -> str:
 def test_the_readme_opens_with_the_two_set_up_commands() -> None:
     assert commands(blocks(README, "bash")[0]) == ["make demo", "make test"]
     for target, last in (("demo", ".venv/bin/modret demo"), ("test", ".venv/bin/pytest")):
-        plan = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        # Run inside `make test` the child make would print "Entering directory" lines: a clean environment.
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+        plan = subprocess.run(
+            ["make", "--no-print-directory", "-n", target],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
         assert plan.returncode == 0, plan.stderr
         assert plan.stdout.strip().splitlines()[-1] == last, plan.stdout
 
