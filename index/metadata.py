@@ -219,14 +219,8 @@ class Metadata:
         out: dict[str, tuple[int, bool]] = {}
         wanted = list(dict.fromkeys(hashes))
         with self._lock:
-            for start in range(0, len(wanted), 500):
-                chunk = wanted[start : start + 500]
-                rows = self._db.execute(
-                    "SELECT content_hash, id, has_blob FROM items"
-                    f" WHERE content_hash IN ({','.join('?' * len(chunk))})",
-                    chunk,
-                ).fetchall()
-                out.update({str(r[0]): (int(r[1]), bool(r[2])) for r in rows})
+            rows = self._rows_where_in("content_hash, id, has_blob", "content_hash", wanted)
+        out.update({str(r[0]): (int(r[1]), bool(r[2])) for r in rows})
         return out
 
     def next_id(self) -> int:
@@ -319,19 +313,26 @@ class Metadata:
             cursor = db.executemany("DELETE FROM items WHERE id = ?", [(int(i),) for i in ids])
             return cursor.rowcount
 
+    def _rows_where_in(self, columns: str, key: str, values: Sequence[Any]) -> list[Any]:
+        """``columns`` of the items whose ``key`` is one of ``values``, queried in chunks that stay under
+        SQLite's bound-parameter limit. Call with ``self._lock`` held."""
+        rows: list[Any] = []
+        for start in range(0, len(values), 500):
+            chunk = list(values[start : start + 500])
+            placeholders = ",".join("?" * len(chunk))
+            query = f"SELECT {columns} FROM items WHERE {key} IN ({placeholders})"
+            rows += self._db.execute(query, chunk).fetchall()
+        return rows
+
     def get(self, ids: Sequence[int] | np.ndarray) -> dict[int, ItemRecord]:
         wanted = [int(i) for i in ids]
         records: dict[int, ItemRecord] = {}
         with self._lock:
-            for start in range(0, len(wanted), 500):  # stay under SQLite's bound-parameter limit
-                chunk = wanted[start : start + 500]
-                rows = self._db.execute(
-                    "SELECT id, source, content_hash, width, height, labels, has_blob, added_at FROM items"
-                    f" WHERE id IN ({','.join('?' * len(chunk))})",
-                    chunk,
-                ).fetchall()
-                for row in rows:
-                    records[row[0]] = _row(row)
+            rows = self._rows_where_in(
+                "id, source, content_hash, width, height, labels, has_blob, added_at", "id", wanted
+            )
+        for row in rows:
+            records[row[0]] = _row(row)
         return records
 
     def ids(self) -> np.ndarray:
