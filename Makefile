@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
-	$(PIP) install -q -e ".[dev,milvus,pretrained]"
+	$(PIP) install -q -e ".[dev,milvus,pretrained,cluster]"
 	touch $@
 
 demo: $(VENV)/.installed
