@@ -64,6 +64,7 @@ from index.store import (
     as_ids,
     as_queries,
     check_add,
+    check_same_ids,
     check_task,
     padded,
 )
@@ -357,6 +358,43 @@ class FaissStore:
                     self._indexes[task].remove_ids(faiss.IDSelectorBatch(present))
             self._mirrors.clear()
             return len(present)
+
+    def add_task(self, task: str, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """A new task's index, last in task order, holding ``vectors[i]`` under ``ids[i]``: exactly the ids
+        the other tasks hold (HNSW tombstones are compacted away first, IVF-PQ trains on ``vectors``).
+        In memory: durable with the next snapshot (the gallery takes one at once)."""
+        if task in self._tasks:
+            raise ValueError(f"task {task!r} is already in the index")
+        ids = as_ids(ids)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.shape != (len(ids), self.dim):
+            raise ValueError(f"vectors have shape {vectors.shape}, expected {(len(ids), self.dim)}")
+        self._limit_threads()
+        with self._lock.write():
+            if len(self._tombstones):
+                self._compact()
+            check_same_ids(ids, self._live_ids(self._tasks[0]), task)
+            first = self._indexes[self._tasks[0]]
+            trained = self.kind == "ivfpq" and first.is_trained
+            index = self._train_ivfpq(vectors) if trained else self._new_index()
+            if len(ids):
+                index.add_with_ids(vectors, ids)
+            self._indexes[task] = index
+            self._tasks.append(task)
+            self._mirrors.pop(task, None)
+
+    def remove_task(self, task: str) -> None:
+        """Drop ``task``'s index (in memory: durable with the next snapshot); the last task stays."""
+        check_task(task, self._tasks)
+        if len(self._tasks) == 1:
+            raise ValueError(f"{task!r} is the index's only task; an index keeps at least one")
+        with self._lock.write():
+            del self._indexes[task]
+            self._tasks.remove(task)
+            self._mirrors.pop(task, None)
+
+    def discard_removed(self) -> None:
+        """Nothing to do: a removed task's index lives on only in older generations, pruned as usual."""
 
     def _compact(self) -> None:
         """Rebuild the HNSW graphs without the tombstoned vectors (caller holds the write lock)."""

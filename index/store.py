@@ -99,6 +99,23 @@ class VectorStore(Protocol):
         """Remove ``ids`` from every task; returns how many were present. Unknown ids are ignored."""
         ...
 
+    def add_task(self, task: str, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add an index for a new ``task`` (last in task order) holding ``vectors[i]`` (n, D) under
+        ``ids[i]``, which must be exactly the ids every other task holds (``ValueError`` otherwise, and
+        for a task already stored). Durable as the store's writes are: faiss with the next save, Milvus
+        on return."""
+        ...
+
+    def remove_task(self, task: str) -> None:
+        """Drop ``task``'s index from the store (``UnknownTaskError`` for a task not stored; the last task
+        stays). Data kept outside the store's generations (a Milvus collection) stays until
+        ``discard_removed``, so that a crash before the gallery records the removal loses nothing."""
+        ...
+
+    def discard_removed(self) -> None:
+        """Delete the data of the tasks removed since the last call (faiss: none is left to delete)."""
+        ...
+
     def search(
         self, task: str, queries: np.ndarray, k: int, filter: np.ndarray | None = None
     ) -> SearchResult: ...
@@ -185,6 +202,20 @@ def check_add(
     for task, vectors in vectors_by_task.items():
         if vectors.shape != (len(ids), dim):
             raise ValueError(f"vectors for {task!r} have shape {vectors.shape}, expected {(len(ids), dim)}")
+
+
+def check_same_ids(given: np.ndarray, stored: np.ndarray, task: str) -> None:
+    """``add_task``'s ids must be the stored ones, each once (shared by every backend so they fail alike)."""
+    if len(np.unique(given)) != len(given):
+        raise DuplicateIdError(f"ids for the new task {task!r} must be distinct")
+    missing = np.setdiff1d(stored, given)
+    extra = np.setdiff1d(given, stored)
+    if len(missing) or len(extra):
+        raise ValueError(
+            f"the new task {task!r} needs a vector for exactly the {len(stored)} stored ids: "
+            f"{len(missing)} missing (e.g. {missing[:5].tolist()}), {len(extra)} not stored "
+            f"(e.g. {extra[:5].tolist()})"
+        )
 
 
 def as_ids(ids: np.ndarray | Sequence[int]) -> np.ndarray:

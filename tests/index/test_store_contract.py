@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from index.store import DuplicateIdError, UnknownIdError, UnknownTaskError, VectorStore
+from index.store import DuplicateIdError, UnknownIdError, UnknownTaskError, VectorStore, open_store
 from tests.index.conftest import (
     BACKEND_CASES,
     DIM,
@@ -223,3 +223,95 @@ def test_bad_input_is_rejected(case: BackendCase, factory: StoreFactory) -> None
     with pytest.raises(ValueError, match="shape"):
         store.search("Smiling", unit_vectors(rng, 1, DIM + 1), 3)
     assert store.count("Smiling") == N
+
+
+def reopened_as_is(case: BackendCase, store: VectorStore) -> VectorStore:
+    """The store at ``store.root`` opened anew with its current tasks (and, for Milvus, collection names),
+    as a gallery whose config recorded the task change opens it."""
+    options = dict(case.options)
+    if case.backend == "milvus":
+        kept = {k: v for k, v in store.options.items() if k in ("collection_prefix", "collections")}  # type: ignore[attr-defined]
+        options |= {"uri": store.uri, **kept}  # type: ignore[attr-defined]
+    return open_store(
+        case.backend, store.root, tasks=store.tasks(), dim=DIM, model_hash=MODEL_HASH, options=options
+    )
+
+
+def test_add_task_holds_every_stored_id_and_survives_a_reopen(
+    case: BackendCase, factory: StoreFactory, milvus_uri: str
+) -> None:
+    store, oracle, rng = filled(factory)
+    store.remove(np.array([101, 130]))  # HNSW tombstones them: the new task must not count them
+    oracle.remove(np.array([101, 130]))
+    ids = rng.permutation(oracle.ids())  # any order
+    bald = unit_vectors(rng, len(ids))
+    store.add_task("Bald", ids, bald)
+    for i, vector in zip(ids, bald, strict=True):
+        oracle.vectors[int(i)]["Bald"] = vector
+    assert store.tasks() == [*TASKS, "Bald"]
+    assert {task: store.count(task) for task in store.tasks()} == {t: N - 2 for t in store.tasks()}
+    np.testing.assert_array_equal(store.ids("Bald"), oracle.ids())
+    check_search(case, store, oracle, "Bald", unit_vectors(rng, 3), 5)
+    check_get(case, store, oracle, "Bald", ids[:7])
+    more = {**vectors_by_task(rng, 2), "Bald": unit_vectors(rng, 2)}  # later adds carry every task
+    store.add(np.array([600, 601], dtype=np.int64), more)
+    for row, i in enumerate((600, 601)):
+        oracle.vectors[i] = {task: more[task][row] for task in more}
+    manifest = store.save()
+    assert manifest.tasks == [*TASKS, "Bald"] and manifest.counts["Bald"] == N
+    store.close()
+    end_process_state(milvus_uri)
+    reopened = reopened_as_is(case, store)
+    try:
+        assert reopened.tasks() == [*TASKS, "Bald"]
+        for task in reopened.tasks():
+            np.testing.assert_array_equal(reopened.ids(task), oracle.ids())
+            check_search(case, reopened, oracle, task, unit_vectors(rng, 3), 5)
+        check_get(case, reopened, oracle, "Bald", np.array([600, 100, 139], dtype=np.int64))
+    finally:
+        reopened.close()
+
+
+def test_add_task_refuses_what_does_not_fit(case: BackendCase, factory: StoreFactory) -> None:
+    store, oracle, rng = filled(factory)
+    ids = oracle.ids()
+    with pytest.raises(ValueError, match=r"exactly the 40 stored ids: 1 missing \(e.g. \[139\]\), 0 not"):
+        store.add_task("Bald", ids[:-1], unit_vectors(rng, N - 1))
+    with pytest.raises(ValueError, match=r"0 missing .* 1 not stored \(e.g. \[7\]\)"):
+        store.add_task("Bald", np.append(ids, 7), unit_vectors(rng, N + 1))
+    with pytest.raises(DuplicateIdError, match="distinct"):
+        store.add_task("Bald", np.append(ids, 100), unit_vectors(rng, N + 1))
+    with pytest.raises(ValueError, match="shape"):
+        store.add_task("Bald", ids, unit_vectors(rng, N, DIM + 1))
+    with pytest.raises(ValueError, match="'Smiling' is already in the index"):
+        store.add_task("Smiling", ids, unit_vectors(rng, N))
+    assert store.tasks() == TASKS
+    with pytest.raises(UnknownTaskError):
+        store.count("Bald")
+
+
+def test_remove_task_drops_one_index_and_keeps_the_others(
+    case: BackendCase, factory: StoreFactory, milvus_uri: str
+) -> None:
+    store, oracle, rng = filled(factory)
+    store.remove_task("Smiling")
+    assert store.tasks() == ["Eyeglasses"]
+    with pytest.raises(UnknownTaskError):
+        store.search("Smiling", unit_vectors(rng, 1), 3)
+    with pytest.raises(UnknownTaskError):
+        store.remove_task("Smiling")
+    check_search(case, store, oracle, "Eyeglasses", unit_vectors(rng, 3), 5)
+    store.add(np.array([700], dtype=np.int64), {"Eyeglasses": unit_vectors(rng, 1)})
+    assert store.count("Eyeglasses") == N + 1
+    with pytest.raises(ValueError, match="only task"):
+        store.remove_task("Eyeglasses")
+    store.save()
+    store.discard_removed()
+    store.close()
+    end_process_state(milvus_uri)
+    reopened = reopened_as_is(case, store)
+    try:
+        assert reopened.tasks() == ["Eyeglasses"] and reopened.count("Eyeglasses") == N + 1
+        check_get(case, reopened, oracle, "Eyeglasses", oracle.ids()[:5])
+    finally:
+        reopened.close()
