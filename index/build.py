@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,8 @@ from PIL import Image
 
 from index.gallery import Gallery
 from index.metadata import NewItem, content_hash
+from model.data.base import LabelValue
+from model.data.folder import CSV_NAME, read_labels
 from model.run import LoadedRun
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,7 @@ class SourceImage:
     source: str  # path relative to the folder / data dir, or the dataset's synthetic id
     image: Image.Image  # RGB
     data: bytes  # encoded image (``image_bytes``): hashed, and kept as a blob unless the build says not
-    labels: dict[str, int] = field(default_factory=dict)
+    labels: dict[str, LabelValue] = field(default_factory=dict)
 
     @property
     def content_hash(self) -> str:
@@ -83,6 +85,8 @@ class ImageSource:
     total: int
     items: Iterator[SourceImage]
     skipped: list[str] = field(default_factory=list)  # "source: reason", filled while iterating
+    labels_from: Path | None = None  # the CSV the labels came from (a folder with labels.csv)
+    labelled: int = 0  # how many of the images it labels
 
 
 @dataclass
@@ -108,14 +112,27 @@ class BuildReport:
         return self.images * len(self.tasks) / self.timings.embed_s if self.timings.embed_s else 0.0
 
 
-def folder_source(directory: Path) -> ImageSource:
-    """Every image file under ``directory`` (recursively, sorted), without labels."""
+def folder_source(directory: Path, labels_csv: Path | None = None) -> ImageSource:
+    """Every image file under ``directory`` (recursively, sorted), labelled by ``labels_csv`` (default:
+    ``directory/labels.csv`` when it exists; the format of ``model.data.folder``: a ``filename`` column of
+    paths relative to ``directory`` and one column per attribute). Labels keep the CSV's names
+    (``filter=colour:green``); files the CSV does not list have none. A malformed CSV raises
+    ``DataFormatError`` (a ``ValueError``) before anything is read."""
     paths = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    source = ImageSource(total=len(paths), items=iter(()))
+    csv_path = labels_csv if labels_csv is not None else directory / CSV_NAME
+    by_file: dict[str, dict[str, LabelValue]] = {}
+    if labels_csv is not None or csv_path.is_file():
+        by_file = {PurePosixPath(k).as_posix(): v for k, v in read_labels(csv_path).items()}
+    names = [path.relative_to(directory).as_posix() for path in paths]
+    source = ImageSource(
+        total=len(paths),
+        items=iter(()),
+        labels_from=csv_path if by_file else None,
+        labelled=sum(1 for name in names if by_file.get(name)),
+    )
 
     def items() -> Iterator[SourceImage]:
-        for path in paths:
-            name = path.relative_to(directory).as_posix()
+        for path, name in zip(paths, names, strict=True):
             try:
                 data = path.read_bytes()
                 with Image.open(path) as opened:
@@ -123,7 +140,7 @@ def folder_source(directory: Path) -> ImageSource:
             except (OSError, Image.DecompressionBombError) as e:
                 source.skipped.append(f"{name}: {e}")
                 continue
-            yield SourceImage(name, image, image_bytes(image, data))
+            yield SourceImage(name, image, image_bytes(image, data), dict(by_file.get(name, {})))
 
     source.items = items()
     return source
@@ -140,14 +157,17 @@ def dataset_source(
     from model.data import load_dataset
 
     dataset = load_dataset(name, data_dir, image_size=image_size, num_images=num_images)
-    names = dataset.task_names
 
     def items() -> Iterator[SourceImage]:
         for i, source in enumerate(dataset.sources):
             image = dataset.load_image(i).convert("RGB")
             path = data_dir / source if data_dir is not None else None
             file_data = path.read_bytes() if path is not None and path.is_file() else None
-            labels = {n: int(v) for n, v in zip(names, dataset.labels[i], strict=True) if v >= 0}
+            labels = {
+                t.name: t.label_value(int(v))
+                for t, v in zip(dataset.tasks, dataset.labels[i], strict=True)
+                if v >= 0
+            }
             yield SourceImage(source, image, image_bytes(image, file_data), labels)
 
     return ImageSource(total=len(dataset), items=items())

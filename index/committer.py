@@ -43,6 +43,7 @@ from index.generations import Manifest
 from index.metadata import Metadata, NewItem
 from index.store import VectorStore
 from index.wal import ADD, REMOVE, ItemRecord, Record, WriteAheadLog, encode_add, encode_remove
+from model.data.base import as_label_value
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +299,8 @@ class Committer:
                     logged.append(
                         ItemRecord(
                             item_id, item.source, digest, item.width, item.height,
-                            {k: int(v) for k, v in item.labels.items()}, item.data is not None, added_at,
+                            {k: as_label_value(v) for k, v in item.labels.items()},
+                            item.data is not None, added_at,
                         )
                     )  # fmt: skip
                 if logged or blob_ids:

@@ -64,6 +64,7 @@ from index.generations import GenerationError, Generations, Manifest
 from index.metadata import DB_NAME, ItemRecord, Metadata, MetadataError, NewItem
 from index.store import SearchResult, VectorStore, as_ids, open_store, store_class
 from index.wal import LogCorruptError, LogScan, WriteAheadLog
+from model.data.base import LabelValue
 from model.durable import FileLock, LockHeld, atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -447,7 +448,7 @@ class Gallery:
     # --- reading -------------------------------------------------------------------------------------
 
     def search(
-        self, task: str, queries: np.ndarray, k: int, filter: Mapping[str, int] | None = None
+        self, task: str, queries: np.ndarray, k: int, filter: Mapping[str, LabelValue] | None = None
     ) -> SearchResult:
         """Top ``k`` gallery ids and cosine scores under ``task``; ``filter`` restricts to items whose
         labels equal the given values (e.g. ``{"Male": 1}``)."""

@@ -6,9 +6,11 @@ even after its item is removed), the source path or uploaded file name, the sha2
 height of the original image, its known attribute labels, and when it was added (ISO-8601, UTC).
 
 Labels are kept twice on purpose: as JSON on the item (to show them) and as rows of a ``labels`` table
-indexed by (name, value), so that a filter such as ``{"Male": 1, "Smiling": 0}`` resolves to the allowed id
-set with one indexed query per condition. A label value is the dataset's integer label (an index into
-the task's values; binary attributes are 0/1); unknown labels are simply absent.
+indexed by (name, value), so that a filter such as ``{"Male": 1, "colour": "green"}`` resolves to the
+allowed id set with one indexed query per condition. A label value is its name as the dataset or the
+uploader spells it (``model.data.base.LabelValue``): an integer when it spells one (binary attributes are
+0/1), else the text; the ``value`` column's integer affinity keeps ``1`` and ``"1"`` one value. Unknown
+labels are simply absent.
 
 The bytes of gallery images (uploads, and images indexed by ``modret index build`` unless it was told
 ``--no-store-images``) live in ``blobs/<first 2 hex>/<sha256>``, written through a temporary file, fsync
@@ -49,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from index.wal import ItemRecord
+from model.data.base import LabelValue, as_label_value
 from model.durable import atomic_write_bytes, bytes_sha256, fsync_path
 
 _SCHEMA = """
@@ -95,7 +98,7 @@ class NewItem:
     content_hash: str
     width: int
     height: int
-    labels: dict[str, int] = field(default_factory=dict)
+    labels: dict[str, LabelValue] = field(default_factory=dict)
     data: bytes | None = None
 
 
@@ -244,7 +247,7 @@ class Metadata:
             )  # fmt: skip
             db.executemany(
                 "INSERT INTO labels (item_id, name, value) VALUES (?, ?, ?)",
-                [(i.id, name, int(value)) for i in items for name, value in i.labels.items()],
+                [(i.id, name, as_label_value(value)) for i in items for name, value in i.labels.items()],
             )
             db.executemany("UPDATE items SET has_blob = 1 WHERE id = ?", [(int(i),) for i in blob_ids])
             db.execute("UPDATE log_state SET applied = ? WHERE id = 0", (position,))
@@ -286,6 +289,7 @@ class Metadata:
                     ids.append(int(row[0]))
                     new.append(False)
                     continue
+                labels = {name: as_label_value(value) for name, value in item.labels.items()}
                 cursor = db.execute(
                     "INSERT INTO items (source, content_hash, width, height, labels, has_blob, added_at)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -294,7 +298,7 @@ class Metadata:
                         item.content_hash,
                         item.width,
                         item.height,
-                        json.dumps(item.labels, sort_keys=True),
+                        json.dumps(labels, sort_keys=True),
                         item.data is not None,
                         added_at,
                     ),
@@ -302,7 +306,7 @@ class Metadata:
                 item_id = int(cursor.lastrowid or 0)
                 db.executemany(
                     "INSERT INTO labels (item_id, name, value) VALUES (?, ?, ?)",
-                    [(item_id, name, int(value)) for name, value in item.labels.items()],
+                    [(item_id, name, value) for name, value in labels.items()],
                 )
                 ids.append(item_id)
                 new.append(True)
@@ -348,7 +352,7 @@ class Metadata:
         with self._lock:
             return [r[0] for r in self._db.execute("SELECT DISTINCT name FROM labels ORDER BY name")]
 
-    def matching(self, conditions: Mapping[str, int]) -> np.ndarray:
+    def matching(self, conditions: Mapping[str, LabelValue]) -> np.ndarray:
         """Sorted ids of the items whose labels satisfy every ``name == value`` condition."""
         known = set(self.label_names())
         unknown = [name for name in conditions if name not in known]
@@ -360,7 +364,7 @@ class Metadata:
         query = " INTERSECT ".join(
             "SELECT item_id FROM labels WHERE name = ? AND value = ?" for _ in conditions
         )
-        params = [p for name, value in conditions.items() for p in (name, int(value))]
+        params = [p for name, value in conditions.items() for p in (name, as_label_value(value))]
         with self._lock:
             rows = self._db.execute(query, params).fetchall()
         return np.array(sorted(r[0] for r in rows), dtype=np.int64)

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from model.data.base import LabelValue
 from model.durable import fsync_path
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class ItemRecord:
     content_hash: str
     width: int
     height: int
-    labels: dict[str, int]
+    labels: dict[str, LabelValue]
     has_blob: bool
     added_at: str
 

@@ -182,13 +182,21 @@ def _test_block(tasks: dict[str, Any], model: MultiTaskEmbedder) -> dict[str, An
 
 
 def _write_child(
-    parent: LoadedRun, model: MultiTaskEmbedder, out: Path, entry: dict[str, Any], metrics: dict[str, Any]
+    parent: LoadedRun,
+    model: MultiTaskEmbedder,
+    out: Path,
+    entry: dict[str, Any],
+    metrics: dict[str, Any],
+    new_values: dict[str, list[str]] | None = None,
 ) -> None:
-    """Write the child run into a new directory beside ``out``, then rename it to ``out``."""
+    """Write the child run into a new directory beside ``out``, then rename it to ``out``;
+    ``new_values``: the label names of tasks the child adds (``task_values`` keeps the kept tasks')."""
     lineage = [*parent.config.get("lineage", []), entry]
     # The parent's settings, its preprocessing among them (save_run's own default may differ from it).
     extra = {k: v for k, v in parent.config.items() if k not in ("format_version", "model")}
     extra["lineage"] = lineage
+    values = {**parent.config.get("task_values", {}), **(new_values or {})}
+    extra["task_values"] = {t: values[t] for t in model.config.task_names if t in values}
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -265,7 +273,8 @@ def add_task_run(
         "data": {**asdict(data), "tasks": [name]},
         "train": asdict(cfg),
     }
-    _write_child(parent, child, out, entry, {"test": _test_block(tasks, child), "added_task": report})
+    metrics = {"test": _test_block(tasks, child), "added_task": report}
+    _write_child(parent, child, out, entry, metrics, {name: list(dataset.tasks[0].values)})
     return report
 
 

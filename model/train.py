@@ -346,7 +346,13 @@ def train(
     if say is not None:
         say(describe(cfg, task_names, len(train_idx), device, step, total_steps))
 
-    extra = {"train": cfg.to_dict(), "dataset": asdict(cfg.data), "pretrained": provenance}
+    extra = {
+        "train": cfg.to_dict(),
+        "dataset": asdict(cfg.data),
+        "pretrained": provenance,
+        # label id -> name per task (what a gallery stores and filters by: ``TaskSpec.label_value``)
+        "task_values": {t.name: list(t.values) for t in dataset.tasks},
+    }
     pixels = PixelCache(dataset, np.concatenate([train_idx, val_idx]), preprocess, progress)
     val = fixed_triplets(dataset.labels, val_idx, cfg.val_triplets_per_task, seed=cfg.seed)
     label_means = class_label_means(dataset.labels[train_idx]) if cfg.decorrelation else None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from model.data.base import LabelValue
+
 
 class ModelInfo(BaseModel):
     name: str
@@ -19,7 +21,7 @@ class SearchHit(BaseModel):
     id: int
     rank: int
     score: float
-    labels: dict[str, int]
+    labels: dict[str, LabelValue]
     image_url: str | None = Field(None, description="the image's bytes, when the gallery stores them")
     similarities: dict[str, float] | None = Field(
         None, description="with explain=true: similarity to the query under every task"
@@ -70,7 +72,7 @@ class ImageInfo(BaseModel):
     source: str
     width: int
     height: int
-    labels: dict[str, int]
+    labels: dict[str, LabelValue]
     added_at: str
     image_url: str | None
 

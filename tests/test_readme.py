@@ -98,14 +98,18 @@ def test_the_own_data_walk_through_runs_as_written(tmp_path: Path) -> None:
                 ["bash", "-c", shown], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
             )
             assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
-            outputs[command.split()[0] if command.startswith("curl") else command] = done.stdout
+            outputs[command] = done.stdout
     finally:
         if server is not None and server.poll() is None:
             os.killpg(server.pid, signal.SIGINT)  # Ctrl-C, as the README says
             server.wait(timeout=60)
     assert server is not None and server.returncode == 0  # Ctrl-C is a clean stop
 
-    answer = json.loads(outputs["curl"])
-    assert answer["task"] == "colour" and len(answer["results"]) == 5
+    first, filtered = (json.loads(out) for command, out in outputs.items() if command.startswith("curl"))
+    assert first["task"] == "colour" and len(first["results"]) == 5
+    # the gallery kept labels.csv's names: shown on every result, and the filter matches them
+    assert {r["labels"]["colour"] for r in first["results"]} <= {"red", "green", "blue"}
+    assert filtered["task"] == "sleeves" and len(filtered["results"]) == 5
+    assert all(r["labels"]["colour"] == "green" for r in filtered["results"])
     assert (tmp_path / "runs" / "mine" / "model.safetensors").is_file()
     assert not (tmp_path / "runs" / "mine" / "checkpoint.pt").exists()

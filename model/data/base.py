@@ -3,6 +3,10 @@
 A dataset is a list of images with one integer label per task. Tasks are attributes (CelebA's
 ``Smiling``) or categorical conditions (UT-Zappos50K's ``closure``); a label is an index into the
 task's ``values``; ``-1`` marks an item whose value for that task is unknown (never used in triplets).
+
+Outside training a label is shown and stored by its *name* (``label_value``): the value as the dataset
+spells it, an ``int`` when that spelling is an integer (binary attributes are 0/1), else the string
+(``"green"``), so that a gallery filters and shows a user's own categories as they wrote them.
 """
 
 from __future__ import annotations
@@ -17,6 +21,38 @@ from PIL import Image
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
 UNKNOWN = -1
+MAX_LABEL_TEXT = 200  # longest label name or value a gallery keeps
+
+LabelValue = int | str  # a label as a gallery stores and shows it: see ``label_value``
+
+
+def as_label_value(value: str | int | np.integer) -> LabelValue:
+    """A label value from its spelling: an integer when it spells one (``"1"``, ``" -3"``), else the
+    stripped text; integers (numpy's too) as plain ``int``. The one normalisation every writer and every
+    filter applies, so ``1`` and ``"1"`` never name two different values."""
+    if not isinstance(value, str):
+        return int(value)
+    text = value.strip()
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def label_problem(value: object) -> str | None:
+    """Why ``value`` cannot be a stored label value (None: it can): an integer within 64 bits, or a
+    non-empty printable text of at most ``MAX_LABEL_TEXT`` characters."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        return "a label value is an integer or a text"
+    if isinstance(value, int):
+        return None if -(2**63) <= value < 2**63 else "an integer label value must fit in 64 bits"
+    if not value:
+        return "a label value must not be empty"
+    if len(value) > MAX_LABEL_TEXT:
+        return f"a label value is at most {MAX_LABEL_TEXT} characters"
+    if not value.isprintable():
+        return "a label value must not contain control characters"
+    return None
 
 
 class DataFormatError(ValueError):
@@ -31,6 +67,10 @@ class TaskSpec:
     @property
     def num_values(self) -> int:
         return len(self.values)
+
+    def label_value(self, label: int) -> LabelValue:
+        """The name of label id ``label`` (an index into ``values``), as a gallery stores it."""
+        return as_label_value(self.values[label])
 
 
 class AttributeDataset(abc.ABC):

@@ -17,7 +17,7 @@ from typing import Final
 import numpy as np
 from PIL import Image
 
-from model.data.base import UNKNOWN, AttributeDataset, DataFormatError, TaskSpec
+from model.data.base import UNKNOWN, AttributeDataset, DataFormatError, LabelValue, TaskSpec
 from model.data.reading import (
     check_images_exist,
     encode_categorical,
@@ -77,6 +77,18 @@ def _encode(name: str, column: list[str]) -> tuple[TaskSpec, np.ndarray]:
         return TaskSpec(name, ("0", "1")), np.array(binary, dtype=np.int64)
     values, labels = encode_categorical(column)
     return TaskSpec(name, values), labels
+
+
+def read_labels(path: Path) -> dict[str, dict[str, LabelValue]]:
+    """Each listed file's known labels by name, as a gallery stores them (``TaskSpec.label_value``):
+    binary columns as 0/1, categorical ones by the value the CSV spells, blank cells left out. The same
+    parsing and encoding as training on the folder, so a gallery's labels and a run's tasks agree."""
+    columns, files, cells = _read_csv(path)
+    encoded = [_encode(name, [row[c] for row in cells]) for c, name in enumerate(columns)]
+    return {
+        file: {spec.name: spec.label_value(int(ids[r])) for spec, ids in encoded if ids[r] != UNKNOWN}
+        for r, file in enumerate(files)
+    }
 
 
 class ImageFolder(AttributeDataset):

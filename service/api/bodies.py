@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import Request
 from starlette.datastructures import FormData, UploadFile
 
+from model.data.base import LabelValue, as_label_value, label_problem
 from service.api.errors import ApiError
 from service.runtime.uploads import Upload
 from service.settings import Settings
@@ -95,20 +96,24 @@ async def _empty_or_error(request: Request, hint: str) -> Any:
     raise ApiError(400, "missing_content_type", f"the body has no Content-Type; {hint}")
 
 
-def parse_labels(text: str) -> dict[str, int]:
+def parse_labels(text: str) -> dict[str, LabelValue]:
     try:
         value = json.loads(text)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than the decoder can go
-        raise ApiError(400, "bad_labels", 'labels must be a JSON object such as {"Smiling": 1}') from None
+        raise ApiError(
+            400, "bad_labels", 'labels must be a JSON object such as {"Smiling": 1, "colour": "green"}'
+        ) from None
     if not isinstance(value, dict) or len(value) > MAX_LABELS:
         raise ApiError(400, "bad_labels", f"labels must be a JSON object of at most {MAX_LABELS} entries")
-    labels: dict[str, int] = {}
-    for name, number in value.items():
-        if not _LABEL_NAME.match(name) or isinstance(number, bool) or not isinstance(number, int):
-            raise ApiError(400, "bad_labels", f"label {name!r}: names are [A-Za-z0-9_.-], values integers")
-        if abs(number) > 2**31:
-            raise ApiError(400, "bad_labels", f"label {name!r}: value out of range")
-        labels[name] = number
+    labels: dict[str, LabelValue] = {}
+    for name, given in value.items():
+        if not _LABEL_NAME.match(name):
+            raise ApiError(400, "bad_labels", f"label {name!r}: names are 1-64 of [A-Za-z0-9_.-]")
+        label = as_label_value(given) if isinstance(given, str) else given
+        problem = label_problem(label)
+        if problem is not None:
+            raise ApiError(400, "bad_labels", f"label {name!r}: {problem}")
+        labels[name] = label
     return labels
 
 

@@ -45,6 +45,9 @@ def build(
     run: Path = typer.Option(..., "--run", help="Trained run directory (model.safetensors + config.json)."),
     out: Path = typer.Option(..., "--out", help="New directory for the gallery index."),
     images: Path | None = typer.Option(None, "--images", help="Folder of gallery images (recursive)."),
+    labels: Path | None = typer.Option(
+        None, "--labels", help="CSV of the images' labels (filename, a column each); default DIR/labels.csv."
+    ),
     dataset: str | None = typer.Option(None, "--dataset", help="Dataset name, e.g. synthfaces or celeba."),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="The dataset's files."),
     num_images: int | None = typer.Option(None, "--num-images", help="Dataset size or subsample."),
@@ -66,8 +69,15 @@ def build(
     except ValueError as e:
         raise fail(str(e)) from e
     image_size = loaded.preprocess.image_size
+    if labels is not None and images is None:
+        raise fail("--labels goes with --images DIR (a dataset brings its own labels)")
     if images is not None:
-        source = folder_source(images)
+        try:
+            source = folder_source(images, labels)
+        except ValueError as e:  # a malformed labels CSV: the message names the file and line
+            raise fail(str(e)) from e
+        if source.labels_from is not None:
+            console.print(f"labels for {source.labelled} of {source.total} images from {source.labels_from}")
     else:
         assert dataset is not None
         source = dataset_source(dataset, data_dir, image_size=image_size, num_images=num_images)

@@ -2,8 +2,9 @@
 
 ``task`` repeats: ``Smiling``, ``Smiling:1``, ``Black_Hair:0.5``, ``Eyeglasses:-1``. Names match
 case-insensitively; an unknown name is ``UnknownTask`` with the valid ones listed; a name given twice, a
-missing or non-finite or zero weight is ``InvalidQuery``. ``filter`` repeats as ``Label:value`` with an
-integer value.
+missing or non-finite or zero weight is ``InvalidQuery``. ``filter`` repeats as ``Label:value``; the value
+is a label's name as the gallery stores it (``model.data.base.as_label_value``: ``Smiling:1``,
+``colour:green``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from model.data.base import LabelValue, as_label_value, label_problem
 from service.runtime.errors import InvalidQuery, UnknownTask
 
 _LABEL = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -71,19 +73,17 @@ def describe(tasks: Sequence[WeightedTask]) -> str:
     return ",".join(f"{t.name}:{t.weight:g}" for t in tasks)
 
 
-def parse_filters(specs: Sequence[str]) -> dict[str, int]:
-    conditions: dict[str, int] = {}
+def parse_filters(specs: Sequence[str]) -> dict[str, LabelValue]:
+    conditions: dict[str, LabelValue] = {}
     for spec in specs:
-        name, sep, value = spec.partition(":")
+        name, sep, text = spec.partition(":")
         if not sep or not _LABEL.match(name):
-            raise _invalid(f"filter must look like Label:1, got {spec!r}")
-        try:
-            number = int(value)
-        except ValueError:
-            raise _invalid(f"filter value must be an integer: {spec!r}") from None
-        if abs(number) > 2**31:
-            raise _invalid(f"filter value out of range: {spec!r}")
-        if name in conditions and conditions[name] != number:
+            raise _invalid(f"filter must look like Label:value (Smiling:1, colour:green), got {spec!r}")
+        value = as_label_value(text)
+        problem = label_problem(value)
+        if problem is not None:
+            raise _invalid(f"filter {spec!r}: {problem}")
+        if name in conditions and conditions[name] != value:
             raise _invalid(f"label {name!r} filtered with two different values")
-        conditions[name] = number
+        conditions[name] = value
     return conditions

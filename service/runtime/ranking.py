@@ -25,6 +25,7 @@ import numpy as np
 from index.gallery import Gallery
 from index.metadata import ItemRecord, UnknownLabelError
 from index.store import PAD_ID, UnknownIdError
+from model.data.base import LabelValue
 from service.runtime.errors import InvalidQuery
 from service.runtime.queries import WeightedTask
 
@@ -39,7 +40,7 @@ class Hit:
     similarities: dict[str, float] | None  # every task's similarity, when explained
 
 
-def allowed_ids(gallery: Gallery, conditions: Mapping[str, int]) -> np.ndarray | None:
+def allowed_ids(gallery: Gallery, conditions: Mapping[str, LabelValue]) -> np.ndarray | None:
     """Ids satisfying the label filter (label names case-insensitive), None for no filter."""
     if not conditions:
         return None

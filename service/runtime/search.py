@@ -22,6 +22,7 @@ import numpy as np
 
 from index.gallery import Gallery
 from index.store import UnknownIdError
+from model.data.base import LabelValue
 from service.runtime import ranking
 from service.runtime.embedding import embed, prepare, split_by_task
 from service.runtime.errors import ImageNotFound, VectorUnavailable
@@ -38,7 +39,7 @@ class SearchParams:
     k: int
     offset: int
     min_score: float | None
-    filters: dict[str, int]
+    filters: dict[str, LabelValue]
     explain: bool
     by_id: int | None
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from anyio.to_thread import run_sync
 
 from index.metadata import NewItem, content_hash
+from model.data.base import LabelValue
 from service.runtime.embedding import embed, prepare
 from service.runtime.loaded import Loaded
 from service.schemas import AddedImage, AddImagesResponse
@@ -18,7 +19,7 @@ class Upload:
 
     filename: str
     data: bytes
-    labels: dict[str, int] = field(default_factory=dict)
+    labels: dict[str, LabelValue] = field(default_factory=dict)
 
 
 async def add_uploads(

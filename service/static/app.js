@@ -100,6 +100,20 @@ function bars(similarities, queried = []) {
   return box;
 }
 
+// An item's labels as the gallery keeps them (names, e.g. "colour: green"), the queried tasks' first.
+function labelsLine(labels, queried = []) {
+  const line = document.createElement("div"); line.className = "labels";
+  const names = Object.keys(labels || {});
+  const first = new Set(queried);
+  names.sort((a, b) => (first.has(b) - first.has(a)) || a.localeCompare(b));
+  for (const name of names) {
+    const chip = document.createElement("span"); chip.className = "label" + (first.has(name) ? " queried" : "");
+    chip.textContent = `${name}: ${labels[name]}`;
+    line.append(chip);
+  }
+  return line;
+}
+
 function showResults(data) {
   const grid = $("results"); grid.textContent = "";
   const queried = data.tasks.map((t) => t.task);
@@ -109,7 +123,7 @@ function showResults(data) {
     img.addEventListener("click", () => setQueryId(hit.id, hit.image_url));
     const score = document.createElement("div"); score.className = "score";
     score.textContent = `#${hit.rank}  score ${hit.score.toFixed(3)}`;
-    card.append(img, score, bars(hit.similarities, queried));
+    card.append(img, score, labelsLine(hit.labels, queried), bars(hit.similarities, queried));
     grid.append(card);
   }
   const t = data.timing_ms;
@@ -159,6 +173,7 @@ async function loadGallery({ last = false } = {}) {
       if (state.fresh.has(item.id)) cell.classList.add("fresh");
       const img = document.createElement("img"); loadImage(img, item.image_url);
       cell.append(img, `#${item.id}`);
+      cell.title = Object.entries(item.labels || {}).map(([k, v]) => `${k}: ${v}`).join(", ");
       cell.addEventListener("click", () => setQueryId(item.id, item.image_url));
       grid.append(cell);
     }

@@ -153,3 +153,45 @@ def test_build_without_image_bytes(tiny_run: LoadedRun, tmp_path: Path) -> None:
     faces = dataset_source("synthfaces", image_size=32, num_images=4).items
     assert [r.content_hash for r in records] == [content_hash(f.data) for f in faces]
     gallery.close()
+
+
+def _labelled_folder(root: Path, csv: str | None = "filename,colour,Smiling\n0.png,green,1\n1.png,red,0\n"):
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i in range(3):  # 2.png is not in the CSV
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    if csv is not None:
+        (root / "labels.csv").write_text(csv)
+    return root
+
+
+def test_build_from_a_folder_keeps_its_csv_labels_by_name(tiny_run: LoadedRun, tmp_path: Path) -> None:
+    """``--images DIR`` with DIR/labels.csv: categorical values stay names, binary ones 0/1, files the
+    CSV does not list get none; filters match the names."""
+    source = folder_source(_labelled_folder(tmp_path / "images"))
+    assert (source.labelled, source.total) == (2, 3)
+    build_gallery(tiny_run, source, tmp_path / "index")
+    gallery = Gallery.open(tmp_path / "index", read_only=True)
+    try:
+        items = gallery.items([1, 2, 3])
+        assert items[1].labels == {"colour": "green", "Smiling": 1}
+        assert items[2].labels == {"colour": "red", "Smiling": 0}
+        assert items[3].labels == {}
+        assert gallery.metadata.matching({"colour": "green"}).tolist() == [1]
+        assert gallery.metadata.matching({"colour": "red", "Smiling": 0}).tolist() == [2]
+        assert gallery.metadata.matching({"Smiling": "1"}).tolist() == [1]  # "1" and 1 are one value
+        assert gallery.metadata.matching({"colour": "blue"}).tolist() == []
+    finally:
+        gallery.close()
+
+
+def test_a_labels_csv_given_explicitly_or_malformed(tmp_path: Path) -> None:
+    folder = _labelled_folder(tmp_path / "images", csv=None)
+    other = tmp_path / "elsewhere.csv"
+    other.write_text("filename,size\n./2.png,large\n")
+    source = folder_source(folder, other)
+    assert [item.labels for item in source.items] == [{}, {}, {"size": "large"}]
+    assert folder_source(folder).labels_from is None  # no labels.csv: no labels, no error
+    (folder / "labels.csv").write_text("name,size\n0.png,1\n")
+    with pytest.raises(ValueError, match=r"labels.csv:1: no 'filename' column"):
+        folder_source(folder)

@@ -35,7 +35,10 @@ _UPLOAD_BODY: dict[str, Any] = {
                         "labels": {
                             "type": "array",
                             "items": {"type": "string"},
-                            "description": 'JSON object per image (or one for all), e.g. {"Smiling": 1}',
+                            "description": (
+                                "JSON object per image (or one for all): label name to an integer or a "
+                                'name, e.g. {"Smiling": 1, "colour": "green"}'
+                            ),
                         },
                     },
                     "required": ["images"],

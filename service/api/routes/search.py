@@ -60,7 +60,10 @@ async def search(
     k: Annotated[int, Query(ge=1, le=1000, description="results per page")] = 10,
     offset: Annotated[int, Query(ge=0, le=10_000)] = 0,
     min_score: Annotated[float | None, Query(ge=-1e6, le=1e6, allow_inf_nan=False)] = None,
-    filters: Annotated[list[str], Query(alias="filter", description="Label:value, repeatable")] = [],  # noqa: B006
+    filters: Annotated[
+        list[str],
+        Query(alias="filter", description="Label:value (Smiling:1, colour:green), repeatable; all must hold"),
+    ] = [],  # noqa: B006
     explain: Annotated[bool, Query(description="each result's similarity under every task")] = False,
     by_id: Annotated[
         int | None, Query(ge=0, le=2**63 - 1, description="query with this gallery image")

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from model.data.base import DataFormatError
-from model.data.folder import ImageFolder
+from model.data.folder import ImageFolder, read_labels
 
 HEADER = "filename,smiling,glasses,hat,mood,colour"
 ROWS = (
@@ -46,6 +46,13 @@ def test_binary_spellings_categorical_and_blank(tmp_path: Path) -> None:
     assert data.sources == ["a.jpg", "sub/b.png", "c.jpg", "d.jpg"]
     assert data.load_image(1).mode == "RGB"
     assert data.groups is None
+
+
+def test_read_labels_by_name_as_a_gallery_stores_them(tmp_path: Path) -> None:
+    labels = read_labels(write_folder(tmp_path) / "labels.csv")
+    assert labels["a.jpg"] == {"smiling": 1, "glasses": 0, "hat": 1, "mood": "happy", "colour": "red"}
+    assert labels["sub/b.png"] == {"smiling": 0, "glasses": 1, "hat": 0, "mood": "sad"}  # blank: unknown
+    assert labels["c.jpg"] == {"glasses": 1, "hat": 1, "mood": "calm", "colour": "blue"}
 
 
 def test_crlf_and_csv_path_override(tmp_path: Path) -> None:

@@ -72,6 +72,49 @@ def test_add_read_list_delete_and_persist(run_dir: Path, index_dir: Path) -> Non
         reopened.close()
 
 
+def test_label_names_survive_upload_filter_and_display(run_dir: Path, index_dir: Path) -> None:
+    """A category's name is stored, shown and filtered as the uploader spelt it; integers stay integers."""
+    green, red = face(1100)[0], face(1101)[0]
+    with running_server(settings_for(run_dir, index_dir)) as server, server.client() as client:
+        ids = []
+        for data, colour in ((green, "green"), (red, "dark red")):
+            labels = json.dumps({"colour": colour, "Smiling": "1"})
+            added = client.post(
+                "/images", files=[("images", ("x.png", data, "image/png"))], data={"labels": labels}
+            )
+            assert added.status_code == 201, added.text
+            ids.append(added.json()["items"][0]["id"])
+        assert client.get(f"/images/{ids[0]}").json()["labels"] == {"Smiling": 1, "colour": "green"}
+
+        def search(*filters: str) -> list[int]:
+            response = client.post(
+                "/search",
+                params=[("task", "Smiling"), ("k", "50"), *(("filter", f) for f in filters)],
+                files={"image": ("q.png", green, "image/png")},
+            )
+            assert response.status_code == 200, response.text
+            return [h["id"] for h in response.json()["results"]]
+
+        assert search("colour:green") == [ids[0]]
+        assert search("colour:dark red") == [ids[1]]
+        assert search("colour:blue") == []
+        assert set(search("colour:green", "Smiling:1")) == {ids[0]}
+        hits = client.post("/search", params={"task": "Smiling", "k": 1, "filter": "colour:green"},
+                           files={"image": ("q.png", green, "image/png")}).json()["results"]  # fmt: skip
+        assert hits[0]["labels"] == {"Smiling": 1, "colour": "green"}
+        page = client.get("/images", params={"offset": 24, "limit": 5}).json()["items"]
+        assert [i["labels"]["colour"] for i in page] == ["green", "dark red"]
+
+        for bad in ("colour:", "colour:a\x01b", "colour:" + "x" * 201):
+            response = client.post(
+                "/search",
+                params={"task": "Smiling", "filter": bad},
+                files={"image": ("q.png", green, "image/png")},
+            )
+            assert response.status_code == 422, (bad, response.text)
+            assert "filter" in error_of(response)["message"]
+
+
 def test_bad_gallery_uploads(run_dir: Path, index_dir: Path) -> None:
     with (
         running_server(settings_for(run_dir, index_dir, max_upload_files=2)) as server,
@@ -83,6 +126,14 @@ def test_bad_gallery_uploads(run_dir: Path, index_dir: Path) -> None:
             ({"files": [("images", ("e.png", b"", "image/png"))]}, 400),
             ({"files": [("images", ("x.png", png, "image/png"))], "data": {"labels": "[1]"}}, 400),
             ({"files": [("images", ("x.png", png, "image/png"))], "data": {"labels": '{"a b": 1}'}}, 400),
+            ({"files": [("images", ("x.png", png, "image/png"))], "data": {"labels": '{"a": 1.5}'}}, 400),
+            ({"files": [("images", ("x.png", png, "image/png"))], "data": {"labels": '{"a": ""}'}}, 400),
+            (
+                {"files": [("images", ("x.png", png, "image/png"))], "data": {"labels": '{"a": "x\\u0000"}'}},
+                400,
+            ),
+            ({"files": [("images", ("x.png", png, "image/png"))], "data": {"labels": '{"a": 1e400}'}}, 400),
+            ({"files": [("images", ("x.png", png, "image/png"))], "data": {"labels": '{"a": [1]}'}}, 400),
             ({"files": [("images", ("x.png", png, "image/png"))] * 3}, 413),
             ({"content": b"{}", "headers": {"content-type": "application/json"}}, 415),
             ({"files": [("other", ("x.png", png, "image/png"))]}, 400),

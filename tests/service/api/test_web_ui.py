@@ -203,6 +203,15 @@ def test_search_from_the_web_ui(browser: Browser, ui_server: Server, tmp_path: P
         "          track: b.querySelector('.track').getBoundingClientRect().width}; })"
     )
     assert len(bars) == 12 * 4  # why-similar bars, every task
+    chips = browser.script(
+        "return [...document.querySelectorAll('#results .result')].map(c =>"
+        "  [...c.querySelectorAll('.labels .label')]"
+        "    .map(l => [l.textContent, l.classList.contains('queried')]))"
+    )
+    for card in chips:  # each result's labels by name, the queried task's first and marked
+        assert card[0] in (["Eyeglasses: 0", True], ["Eyeglasses: 1", True]), card
+        for text, queried in card:
+            assert re.fullmatch(r"\w+: [01]", text) and queried == text.startswith("Eyeglasses"), card
     for bar in bars:
         assert bar["name"] == bar["task"].replace("_", " ") and not bar["clipped"], bar  # full names
         assert bar["queried"] == (bar["task"] == "Eyeglasses"), bar

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from service.cli.index import index_app
 from tests.factories import make_run
+from tests.folders import write_shirts
 
 runner = CliRunner()
 
@@ -64,3 +65,34 @@ def test_usage_errors(run_dir: Path, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "holds no gallery" in " ".join(result.output.split())
     result = runner.invoke(index_app, ["verify", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "does not exist" in " ".join(result.output.split())
+
+
+def test_build_from_a_labelled_folder(run_dir: Path, tmp_path: Path) -> None:
+    write_shirts(tmp_path / "shirts", count=6)
+    out = tmp_path / "index"
+    build = ["build", "--run", str(run_dir), "--images", str(tmp_path / "shirts"), "--device", "cpu"]
+    result = runner.invoke(index_app, [*build, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "labels for 6 of 6 images from" in " ".join(result.output.split())
+    (tmp_path / "bad.csv").write_text("filename,colour\nshirt-001.jpg,red,extra\n")
+    result = runner.invoke(
+        index_app, [*build, "--out", str(tmp_path / "x"), "--labels", str(tmp_path / "bad.csv")]
+    )
+    assert result.exit_code == 2 and "bad.csv:2: expected 2 fields, found 3" in " ".join(
+        result.output.split()
+    )
+    result = runner.invoke(
+        index_app,
+        [
+            "build",
+            "--run",
+            str(run_dir),
+            "--dataset",
+            "synthfaces",
+            "--out",
+            str(tmp_path / "y"),
+            "--labels",
+            "x.csv",
+        ],
+    )
+    assert result.exit_code == 2 and "--labels goes with --images" in " ".join(result.output.split())
