@@ -226,6 +226,7 @@ def build_gallery(
         model_hash=run.model_hash,
         backend=backend,
         store_options=store_options,
+        fingerprints=run.fingerprints,
     )
     batches: queue.Queue[Any] = queue.Queue(maxsize=_PREFETCH)
     reader = threading.Thread(target=_batches, args=(source.items, batch_size, batches, timings), daemon=True)

@@ -5,9 +5,9 @@ against its manifest's checksums, and in a logged gallery its metadata copy (a r
 log position is at least the generation's) and its config copy (equal to gallery.json); the log
 (continuity from the oldest kept generation on, so a fall-back would lose nothing; an incomplete last
 record is noted, not a problem: it is a write in progress beside a live service, or a crash's torn tail
-that the next open drops); the model hash; every metadata id in every task and no vector without
-metadata (a read-only open replays the log up to the metadata's position, so both describe one moment);
-and every blob the metadata refers to.
+that the next open drops); the model (per task when gallery.json records fingerprints, else its hash);
+every metadata id in every task and no vector without metadata (a read-only open replays the log up to
+the metadata's position, so both describe one moment); and every blob the metadata refers to.
 """
 
 from __future__ import annotations
@@ -19,12 +19,16 @@ import numpy as np
 from index.gallery_files import CONFIG, METADATA_COPY, VerifyReport, parse_config
 from index.generations import GenerationError, Manifest
 from index.metadata import Metadata, MetadataError
+from index.tasks import check_run, recorded_fingerprints
+from model.tasks import Fingerprints
 
 if TYPE_CHECKING:
     from index.gallery import Gallery
 
 
-def check_gallery(gallery: Gallery, model_hash: str | None) -> VerifyReport:
+def check_gallery(
+    gallery: Gallery, model_hash: str | None, fingerprints: Fingerprints | None = None
+) -> VerifyReport:
     report = VerifyReport()
     generations = gallery.store.generations
     rejected = list(generations.rejected)
@@ -90,7 +94,17 @@ def check_gallery(gallery: Gallery, model_hash: str | None) -> VerifyReport:
                 f"log starts at record {scan.first}: falling back to the generation at record {oldest} "
                 f"would miss records {oldest + 1}..{scan.first - 1}"
             )
-    if model_hash is not None and model_hash != gallery.model_hash:
+    recorded = recorded_fingerprints(gallery.config)
+    if recorded is not None and fingerprints is not None:
+        check = check_run(recorded.shared, recorded.tasks, fingerprints)
+        if check.problem is not None:
+            report.problems.append(f"model mismatch: {check.problem}")
+        else:
+            report.checked.append(
+                f"task fingerprints: the run embeds {', '.join(check.valid) or 'none'} as indexed"
+                + (f"; not indexed: {', '.join(check.missing)}" if check.missing else "")
+            )
+    elif model_hash is not None and model_hash != gallery.model_hash:
         report.problems.append(
             f"model mismatch: gallery built with {gallery.model_hash[:12]}…, run has {model_hash[:12]}…"
         )

@@ -2,7 +2,7 @@
 
 Layout of a gallery directory::
 
-    gallery.json     backend, store options, task list, embedding size, model hash (written once, last)
+    gallery.json     backend, store options, tasks, embedding size, model hash, fingerprints (written last)
     gallery.sqlite   metadata (index.metadata), WAL mode
     blobs/           uploaded image bytes, content-addressed
     log/             the write-ahead log (index.wal): faiss galleries only
@@ -30,6 +30,14 @@ Read-only opens (``info``, ``verify`` beside a running service) hold the generat
 they read, so a snapshot cannot delete log segments under them, and replay only up to the position the
 metadata shows, so both halves describe the same moment.
 
+Opening with a run: a gallery that records per-task fingerprints (``model.tasks.fingerprints``) accepts a
+run that embeds its tasks as when they were indexed (``index.tasks.check_model``: a child run of ``modret
+task add``/``remove``, its new tasks in ``task_check.missing``) and refuses other shared weights or a task
+embedded differently; one without fingerprints needs the exact model hash. ``change_tasks`` (``index
+add-task``/``remove-task``), writes paused: the store gains or drops a task's index, a snapshot with the new
+config is committed, gallery.json replaced atomically, a second snapshot committed (a fall-back of the new
+tasks). A crash before the replace leaves the old tasks, served from the previous generation.
+
 Milvus galleries persist through Milvus' own log: the metadata commits first on add and last on remove,
 so a crash can only leave rows whose vectors are (partly) missing, which opening for writing rolls back;
 vectors without a row are never deleted: opening refuses instead (the metadata must be restored).
@@ -41,7 +49,7 @@ import contextlib
 import json
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,9 +71,12 @@ from index.gallery_files import (
 from index.generations import GenerationError, Generations, Manifest
 from index.metadata import DB_NAME, ItemRecord, Metadata, MetadataError, NewItem
 from index.store import SearchResult, VectorStore, as_ids, open_store, store_class
+from index.tasks import TaskCheck, check_model, recorded_fingerprints
 from index.wal import LogCorruptError, LogScan, WriteAheadLog
 from model.data.base import LabelValue
 from model.durable import FileLock, LockHeld, atomic_write_bytes
+from model.run import LoadedRun
+from model.tasks import Fingerprints
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +95,7 @@ class GalleryInfo:
     sizes: dict[str, int]  # bytes: store, metadata, blobs, log
     rejected_generations: list[str]
     log_records: int = 0  # records after the newest snapshot
+    fingerprints: bool = False  # per-task fingerprints recorded (a child run can serve it)
 
 
 def _tree_size(path: Path) -> int:
@@ -126,6 +138,9 @@ class Gallery:
         self.wal: WriteAheadLog | None = None
         self.scan: LogScan | None = None
         self._config_bytes = b""
+        self.task_check: TaskCheck | None = None  # how the run it was opened with relates to its tasks
+        self._policy = (10_000, 300.0)  # snapshot_every_records, snapshot_every_s
+        self._unusable: str | None = None  # why writes are refused after a failed task change
 
     @property
     def tasks(self) -> list[str]:
@@ -151,10 +166,12 @@ class Gallery:
         model_hash: str,
         backend: str = "faiss",
         store_options: dict[str, Any] | None = None,
+        fingerprints: Fingerprints | None = None,
         **policy: Any,
     ) -> Gallery:
         """Create an empty gallery in ``root`` (which must not hold one yet) and open it for writing.
-        gallery.json is written last: a crash before it leaves no gallery, only files to overwrite."""
+        gallery.json is written last: a crash before it leaves no gallery, only files to overwrite.
+        ``fingerprints`` (the run's) are recorded for ``tasks`` so that a child run can serve it."""
         if (root / CONFIG).exists():
             raise GalleryError(f"{root} already holds a gallery; open it or choose another directory")
         logged = logs_writes(backend)  # an unknown name fails here, before gallery.json records it
@@ -170,8 +187,13 @@ class Gallery:
             "embedding_dim": dim,
             "model_hash": model_hash,
         }
+        if fingerprints is not None:
+            config["fingerprints"] = {
+                "shared": fingerprints.shared,
+                "tasks": {task: fingerprints.tasks[task] for task in tasks},
+            }
         atomic_write_bytes(root / CONFIG, json.dumps(config, indent=2).encode())
-        return cls.open(root, model_hash=model_hash, **policy)
+        return cls.open(root, model_hash=model_hash, fingerprints=fingerprints, **policy)
 
     @classmethod
     def open(
@@ -179,18 +201,16 @@ class Gallery:
         root: Path,
         *,
         model_hash: str | None = None,
+        fingerprints: Fingerprints | None = None,
         read_only: bool = False,
         snapshot_every_records: int = 10_000,
         snapshot_every_s: float = 300.0,
     ) -> Gallery:
-        """Open the gallery in ``root``; ``model_hash`` (the run's) must match the one it was built with.
+        """Open the gallery in ``root`` for a run (``model_hash``, ``fingerprints``: the run's; see the
+        module docstring for what is accepted; ``task_check`` says which tasks the run can search).
         The two ``snapshot_every`` settings say when a writer snapshots in the background."""
         config, config_bytes = _read_config(root)
-        if model_hash is not None and model_hash != config["model_hash"]:
-            raise GalleryError(
-                f"{root} was built with model {config['model_hash'][:12]}…, the run's model is "
-                f"{model_hash[:12]}…; rebuild the index with this run"
-            )
+        task_check = check_model(root, config, model_hash, fingerprints)
         lock_file = None
         if not read_only:
             try:
@@ -219,8 +239,10 @@ class Gallery:
                 )
                 gallery = cls(root, config, store, metadata, lock_file)
                 gallery._config_bytes = config_bytes
+                gallery.task_check = task_check
+                gallery._policy = (snapshot_every_records, snapshot_every_s)
                 if logged:
-                    gallery._recover_from_log(snapshot_every_records, snapshot_every_s)
+                    gallery._recover_from_log()
                 elif not read_only:
                     gallery._repair_unlogged()
         except BaseException as e:  # whatever failed, the writer lock and the database are let go
@@ -254,7 +276,7 @@ class Gallery:
             except LogCorruptError as e:
                 raise DamagedGalleryError(root, "log", str(e)) from None
 
-    def _recover_from_log(self, every_records: int, every_s: float) -> None:
+    def _recover_from_log(self) -> None:
         """Newest verified generation + the log records after it; see the module docstring."""
         manifest = self.store.manifest
         snapshot_at = manifest.log_position if manifest else 0
@@ -312,6 +334,10 @@ class Gallery:
         if self.read_only:
             return
         self.wal.open_for_append(scan, end + 1)
+        self._start_committer(end, -1 if legacy else snapshot_at)  # a legacy gallery snapshots on close
+
+    def _start_committer(self, position: int, snapshot_position: int) -> None:
+        assert self.wal is not None
         self.committer = Committer(
             wal=self.wal,
             metadata=self.metadata,
@@ -319,10 +345,10 @@ class Gallery:
             tasks=self.tasks,
             capture=self.store.capture,  # type: ignore[attr-defined]  # logs_writes checked it exists
             write_snapshot=self._write_snapshot,
-            position=end,
-            snapshot_position=-1 if legacy else snapshot_at,  # a legacy gallery snapshots on close
-            every_records=every_records,
-            every_s=every_s,
+            position=position,
+            snapshot_position=snapshot_position,
+            every_records=self._policy[0],
+            every_s=self._policy[1],
         )
 
     def _check_agreement(self) -> None:
@@ -376,6 +402,8 @@ class Gallery:
     def _check_writable(self) -> None:
         if self.read_only:
             raise GalleryError(f"{self.root} is open read-only")
+        if self._unusable is not None:
+            raise GalleryError(self._unusable)
 
     def insert(self, items: Sequence[NewItem], vectors: np.ndarray) -> AddResult:
         """Add ``items`` with their embeddings ``vectors`` (N, T, D) in task order: durable and visible
@@ -427,6 +455,65 @@ class Gallery:
             return self.committer.snapshot() or self.store.manifest
         except CommitterError as e:
             raise GalleryError(str(e)) from e
+
+    # --- changing the task list (driven by index.tasks; see the module docstring) ----------------------
+
+    def add_task(
+        self, task: str, run: LoadedRun, *, images: Mapping[str, Path] | None = None, progress: Any = None
+    ) -> int:
+        """Index every item under the run's ``task`` (``index.tasks.add_task``); how many were embedded."""
+        from index.tasks import add_task
+
+        return add_task(self, task, run, images=images, progress=progress)
+
+    def remove_task(self, task: str) -> None:
+        """Drop ``task``'s index durably (``index.tasks.remove_task``)."""
+        from index.tasks import remove_task
+
+        remove_task(self, task)
+
+    def change_tasks(
+        self, config: dict[str, Any], change: Callable[[], None], undo: Callable[[], None]
+    ) -> None:
+        """With writes paused: ``change`` the store (one task's index added or dropped), snapshot it with
+        ``config``, replace gallery.json, snapshot again. If the first snapshot fails, ``undo`` reverts
+        the store (raising: the gallery then takes no more writes; reopen it, its files are unchanged)."""
+        self._check_writable()
+        with self._write_lock:
+            committer, self.committer = self.committer, None
+            position = committer.position if committer is not None else 0
+            if committer is not None:
+                committer.close(snapshot=False)  # answers what is queued, lets a running snapshot finish
+            if self.store.manifest is None:
+                self._snapshot_now(position)  # a generation of the old task list to fall back to
+            old_bytes = self._config_bytes
+            try:
+                change()
+                names = getattr(self.store, "options", {}).get("collections")  # Milvus: kept by name
+                if names is not None:
+                    config["store_options"] = {**config["store_options"], "collections": dict(names)}
+                self._config_bytes = json.dumps(config, indent=2).encode()
+                self._snapshot_now(position)
+            except BaseException:
+                self._config_bytes = old_bytes
+                self._unusable = f"{self.root}: a task change failed; reopen the gallery (it is unchanged)"
+                undo()  # when this raises too, the gallery stays unusable
+                self._unusable = None
+                if committer is not None:
+                    self._start_committer(position, committer.snapshot_position)
+                raise
+            atomic_write_bytes(self.root / CONFIG, self._config_bytes)
+            self.config = config
+            self._snapshot_now(position)  # the fall-back generation of the new task list
+            self.store.discard_removed()
+            if committer is not None:
+                self._start_committer(position, position)
+
+    def _snapshot_now(self, position: int) -> None:
+        if self.wal is None:
+            self.store.save()
+        else:
+            self._write_snapshot(self.store.capture(), position)  # type: ignore[attr-defined]
 
     def _write_snapshot(self, capture: Any, position: int) -> Manifest:
         """The snapshot thread's work: vectors, metadata and config as one generation, then the log
@@ -491,12 +578,13 @@ class Gallery:
             },
             rejected_generations=list(self.store.generations.rejected),
             log_records=max(0, position - at) if self.wal is not None else 0,
+            fingerprints=recorded_fingerprints(self.config) is not None,
         )
 
-    def verify(self, model_hash: str | None = None) -> VerifyReport:
+    def verify(self, model_hash: str | None = None, fingerprints: Fingerprints | None = None) -> VerifyReport:
         """Checksums of every kept generation (and its metadata and config copies), the log, the model
-        match, every metadata id in every task, and the blobs (``index.checks``)."""
-        return check_gallery(self, model_hash)
+        match (per task with fingerprints), every metadata id in every task, the blobs (``index.checks``)."""
+        return check_gallery(self, model_hash, fingerprints)
 
     def close(self, *, snapshot: bool = True) -> None:
         """Stop writing (answering queued writes first); with ``snapshot``, snapshot what the log holds."""

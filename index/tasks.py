@@ -1,43 +1,57 @@
 """A gallery and a run whose tasks changed: which of the gallery's task indices the run can still serve,
-and the gallery's stored images embedded under a new task only.
+the gallery's stored images embedded under a new task only, and the task changes themselves.
 
 A gallery built under task ``t`` stays valid for any run that embeds ``t`` bit for bit as the run it was
 built with. ``model.tasks.fingerprints`` names exactly that (one digest per task, covering the shared
 weights and the task's own rows), so a gallery that records the per-task fingerprints it was built
-under can accept a child run (``modret task add``/``remove``) for its old tasks, ask for an index of each
-new one, and still refuse a different model. ``check_run`` makes that decision from the recorded digests;
-``embed_stored`` and ``stored_batches`` produce the new task's vectors from the images the gallery kept.
+under (gallery.json ``fingerprints``) can accept a child run (``modret task add``/``remove``) for its old
+tasks, ask for an index of each new one, and still refuse a different model. ``check_run`` makes that
+decision from the recorded digests and ``check_model`` applies it when a gallery opens (a gallery
+without fingerprints needs the exact model hash). ``embed_stored`` and ``stored_batches`` produce a new
+task's vectors from the images the gallery kept (or, for items whose bytes were not kept, from the
+original files, found by content hash); ``add_task``/``remove_task`` (``Gallery.add_task``,
+``modret index add-task``/``remove-task``) change a gallery's task list through ``Gallery.change_tasks``.
 
-Not wired yet: the gallery does not record per-task fingerprints and its stores have no way to add a task
-to an existing gallery; ``modret index add-task`` will drive these functions once they do.
+A gallery without fingerprints (built before they were recorded) gets them on its first task change when
+the run is the one it was built with or descends from it (its lineage names that model hash): a child's
+old tasks embed bit for bit as its parent's (``modret task add`` checks it).
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from index.gallery_files import GalleryError
 from index.metadata import Metadata
 from model.run import LoadedRun
 from model.tasks import Fingerprints
+
+if TYPE_CHECKING:
+    from index.gallery import Gallery
 
 BATCH = 64
 
 
 class ImagesNotStoredError(LookupError):
-    """Gallery items whose image bytes were not kept, so they cannot be embedded under a new task."""
+    """Gallery items whose image bytes were not kept (nor given), so they cannot be embedded anew."""
 
-    def __init__(self, missing: int, total: int, first: list[int]) -> None:
+    def __init__(self, missing: int, total: int, first: list[int], given: int | None = None) -> None:
         self.missing, self.total, self.first = missing, total, first
-        super().__init__(
-            f"{missing} of {total} gallery images were not stored (built with --no-store-images; first ids "
-            f"{first}): pass the original images with --images DIR to embed them under the new task"
-        )
+        if given is None:
+            what = "were not stored (built with --no-store-images"
+            fix = "pass the original images with --images DIR to embed them under the new task"
+        else:
+            what = f"were not stored nor among the {given} images given (matched by content hash"
+            fix = "pass the folder the gallery was built from (the same files, unchanged)"
+        super().__init__(f"{missing} of {total} gallery images {what}; first ids {first}): {fix}")
 
 
 @dataclass(frozen=True)
@@ -74,24 +88,34 @@ def check_run(shared: str, tasks: Mapping[str, str], run: Fingerprints) -> TaskC
     )
 
 
-def stored_batches(metadata: Metadata, batch: int = BATCH) -> Iterator[tuple[np.ndarray, list[Image.Image]]]:
-    """The gallery's items in id order as (ids, decoded RGB images) batches, from their stored bytes.
+def stored_batches(
+    metadata: Metadata, batch: int = BATCH, images: Mapping[str, Path] | None = None
+) -> Iterator[tuple[np.ndarray, list[Image.Image]]]:
+    """The gallery's items in id order as (ids, decoded RGB images) batches, from their stored bytes or,
+    for items without, from ``images[content_hash]`` (a file).
 
-    Raises ``ImagesNotStoredError`` before yielding anything when any item has no stored bytes.
+    Raises ``ImagesNotStoredError`` before yielding anything when any item has neither.
     """
     ids = np.sort(metadata.ids())
     records = metadata.get(ids)
-    missing = [int(i) for i in ids if not records[int(i)].has_blob]
+    given = images or {}
+    missing = [
+        int(i) for i in ids if not records[int(i)].has_blob and records[int(i)].content_hash not in given
+    ]
     if missing:
-        raise ImagesNotStoredError(len(missing), len(ids), missing[:5])
+        raise ImagesNotStoredError(
+            len(missing), len(ids), missing[:5], None if images is None else len(given)
+        )
     for start in range(0, len(ids), batch):
         chunk = ids[start : start + batch]
-        images = []
+        decoded = []
         for i in chunk:
-            path = metadata.blob_path(records[int(i)].content_hash)
-            with Image.open(io.BytesIO(path.read_bytes())) as image:
-                images.append(image.convert("RGB"))
-        yield chunk, images
+            record = records[int(i)]
+            path = given.get(record.content_hash) if not record.has_blob else None
+            data = (path or metadata.blob_path(record.content_hash)).read_bytes()
+            with Image.open(io.BytesIO(data)) as image:
+                decoded.append(image.convert("RGB"))
+        yield chunk, decoded
 
 
 @torch.no_grad()
@@ -105,3 +129,112 @@ def embed_stored(
     for ids, images in batches:
         vectors = run.model.embed_tasks(run.preprocess.stack(images), [position])  # (b, 1, D)
         yield ids, vectors[:, 0].float().cpu().numpy()
+
+
+def recorded_fingerprints(config: Mapping[str, Any]) -> Fingerprints | None:
+    """The fingerprints a gallery's config records for its tasks, None for a gallery without."""
+    recorded = config.get("fingerprints")
+    if not isinstance(recorded, dict):
+        return None
+    return Fingerprints(str(recorded["shared"]), {str(t): str(d) for t, d in recorded["tasks"].items()})
+
+
+def check_model(
+    root: Path, config: Mapping[str, Any], model_hash: str | None, run: Fingerprints | None
+) -> TaskCheck | None:
+    """Whether a run may open the gallery (``GalleryError`` saying why not); None when not asked."""
+    recorded = recorded_fingerprints(config)
+    if recorded is not None and run is not None:
+        check = check_run(recorded.shared, recorded.tasks, run)
+        if check.problem is not None:
+            raise GalleryError(f"{root}: {check.problem}")
+        return check
+    if model_hash is not None and model_hash != config["model_hash"]:
+        raise GalleryError(
+            f"{root} was built with model {config['model_hash'][:12]}…, the run's model is "
+            f"{model_hash[:12]}…; rebuild the index with this run"
+        )
+    if run is None or model_hash is None:
+        return None
+    tasks = list(config["tasks"])  # same model: every task valid
+    return TaskCheck(
+        [t for t in tasks if t in run.tasks], [t for t in run.tasks if t not in tasks], [], [], True
+    )
+
+
+def _fingerprints_for(gallery: Gallery, run: LoadedRun) -> Fingerprints:
+    """The gallery's recorded fingerprints, or (a gallery without) the run's for its tasks when the run is
+    the one it was built with or descends from it."""
+    recorded = recorded_fingerprints(gallery.config)
+    if recorded is not None:
+        return recorded
+    ancestors = {run.model_hash, *(entry.get("parent_model_hash") for entry in run.lineage)}
+    if gallery.model_hash not in ancestors:
+        raise GalleryError(
+            f"{gallery.root} records no per-task fingerprints and was built with model "
+            f"{gallery.model_hash[:12]}…, which is neither {run.run_dir}'s nor one of its parents': "
+            "rebuild the index with this run"
+        )
+    own = run.fingerprints
+    return Fingerprints(own.shared, {t: own.tasks.get(t, "") for t in gallery.tasks})
+
+
+def add_task(
+    gallery: Gallery,
+    task: str,
+    run: LoadedRun,
+    *,
+    images: Mapping[str, Path] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Embed every item of ``gallery`` under the run's ``task`` only and add the task's index durably
+    (``Gallery.change_tasks``); returns how many items were embedded."""
+    if task in gallery.tasks:
+        raise GalleryError(
+            f"{gallery.root} already indexes {task}; to index it anew, remove it first "
+            f"(modret index remove-task --index {gallery.root} --task {task})"
+        )
+    if task not in run.task_names:
+        raise GalleryError(f"task {task} is not in {run.run_dir} (its tasks: {', '.join(run.task_names)})")
+    recorded = _fingerprints_for(gallery, run)
+    check = check_run(recorded.shared, recorded.tasks, run.fingerprints)
+    if check.problem is not None:
+        raise GalleryError(f"{gallery.root}: {check.problem}")
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
+    for ids, vectors in embed_stored(run, task, stored_batches(gallery.metadata, images=images)):
+        parts.append((ids, vectors))
+        if progress is not None:
+            progress(len(ids))
+    dim = gallery.embedding_dim
+    ids = np.concatenate([i for i, _ in parts]) if parts else np.empty(0, dtype=np.int64)
+    vectors = np.concatenate([v for _, v in parts]) if parts else np.empty((0, dim), dtype=np.float32)
+    fingerprints = {
+        "shared": recorded.shared,
+        "tasks": {**recorded.tasks, task: run.fingerprints.tasks[task]},
+    }
+    config = {**gallery.config, "tasks": [*gallery.tasks, task], "fingerprints": fingerprints}
+
+    def undo() -> None:
+        gallery.store.remove_task(task)
+        gallery.store.discard_removed()
+
+    gallery.change_tasks(config, lambda: gallery.store.add_task(task, ids, vectors), undo)
+    return len(ids)
+
+
+def remove_task(gallery: Gallery, task: str) -> None:
+    """Drop ``task``'s index from ``gallery`` durably (``Gallery.change_tasks``); the last task stays."""
+    if task not in gallery.tasks:
+        raise GalleryError(f"{gallery.root} has no index for {task} (its tasks: {', '.join(gallery.tasks)})")
+    if len(gallery.tasks) == 1:
+        raise GalleryError(f"{task} is the only task of {gallery.root}: a gallery keeps at least one")
+    config: dict[str, Any] = {**gallery.config, "tasks": [t for t in gallery.tasks if t != task]}
+    recorded = recorded_fingerprints(gallery.config)
+    if recorded is not None:
+        kept = {t: d for t, d in recorded.tasks.items() if t != task}
+        config["fingerprints"] = {"shared": recorded.shared, "tasks": kept}
+
+    def undo() -> None:  # the dropped index is gone from memory: the gallery must be reopened
+        raise GalleryError(f"{gallery.root}: removing {task} failed; reopen the gallery (it is unchanged)")
+
+    gallery.change_tasks(config, lambda: gallery.store.remove_task(task), undo)

@@ -23,6 +23,7 @@ The root ``tests/conftest.py`` turns these into the session fixtures ``run_dir``
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +38,7 @@ from index.metadata import NewItem, content_hash
 from model.data.synthfaces import render_face
 from model.network import ModelConfig, MultiTaskEmbedder, create_model
 from model.run import METRICS, load_run, save_run, write_json
+from model.tasks import append_tasks, new_task
 from model.train import TrainConfig
 
 TASKS = ["Smiling", "Eyeglasses", "Black_Hair", "Wearing_Hat"]
@@ -101,6 +103,20 @@ def make_run(run_dir: Path, *, seed: int = 0, perturb: float = RUN_PERTURB, **ov
     return run_dir
 
 
+def make_child_run(parent_dir: Path, run_dir: Path, task: str = "Bald", *, seed: int = 2) -> Path:
+    """What ``modret task add`` writes, in a fraction of a second: the run at ``parent_dir`` with ``task``
+    appended (fresh rows, untrained: its old tasks embed bit for bit as the parent's), its lineage
+    and a ``metrics.json`` giving ``task`` a test accuracy of 0.77; returns ``run_dir``."""
+    parent = load_run(parent_dir)
+    child = append_tasks(parent.model, new_task(parent.model, task, seed=seed))
+    lineage = {"operation": "add_task", "task": task, "parent_model_hash": parent.model_hash}
+    save_run(run_dir, child, extra={"lineage": [lineage]})
+    metrics = json.loads((parent_dir / METRICS).read_text())
+    metrics["test"]["tasks"][task] = {"triplet_accuracy": 0.77, "map": 0.4}
+    write_json(run_dir / METRICS, metrics)
+    return run_dir
+
+
 def encode(image: Image.Image, fmt: str = "PNG", **options: Any) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **options)
@@ -115,11 +131,23 @@ def face(
     return encode(image), {name: labels[name] for name in tasks}
 
 
-def make_gallery(run_dir: Path, index_dir: Path, size: int = GALLERY_SIZE, seed: int = GALLERY_SEED) -> Path:
-    """A gallery at ``index_dir`` of ``size`` faces embedded by the run at ``run_dir``; returns it."""
+def make_gallery(
+    run_dir: Path,
+    index_dir: Path,
+    size: int = GALLERY_SIZE,
+    seed: int = GALLERY_SEED,
+    *,
+    fingerprints: bool = True,
+) -> Path:
+    """A gallery at ``index_dir`` of ``size`` faces embedded by the run at ``run_dir``; returns it. Without
+    ``fingerprints``, as galleries were built before they recorded the run's per-task fingerprints."""
     run = load_run(run_dir)
     gallery = Gallery.create(
-        index_dir, tasks=run.task_names, dim=run.embedding_dim, model_hash=run.model_hash
+        index_dir,
+        tasks=run.task_names,
+        dim=run.embedding_dim,
+        model_hash=run.model_hash,
+        fingerprints=run.fingerprints if fingerprints else None,
     )
     try:
         items, images = [], []

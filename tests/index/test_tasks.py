@@ -1,31 +1,33 @@
-"""index.tasks (not yet wired): a child run checked against a gallery's per-task fingerprints, and a
-gallery's stored images embedded under a new task only."""
+"""index.tasks: a child run checked against a gallery's per-task fingerprints, a gallery's stored images
+embedded under a new task only, and ``Gallery.add_task``/``remove_task`` (durable, replayable after)."""
 
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from index.gallery import Gallery
-from index.metadata import NewItem
+from index.build import embed_images
+from index.gallery import Gallery, GalleryError
+from index.metadata import NewItem, content_hash
+from index.store import UnknownTaskError
 from index.tasks import ImagesNotStoredError, check_run, embed_stored, stored_batches
 from model.run import load_run, save_run
-from model.tasks import append_tasks, fingerprints, new_task
-from tests.factories import GALLERY_SIZE, TASKS, face, tiny_model
+from model.tasks import fingerprints
+from tests.factories import GALLERY_SIZE, TASKS, face, make_child_run, make_gallery, tiny_model
 
 NEW = "Bald"
 
 
 @pytest.fixture(scope="module")
 def child_dir(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    parent = load_run(run_dir).model
-    grown = append_tasks(parent, new_task(parent, NEW, seed=2))
-    out = tmp_path_factory.mktemp("child")
-    save_run(out, grown)
-    return out
+    return make_child_run(run_dir, tmp_path_factory.mktemp("child") / "run", NEW)
 
 
 def test_check_run_accepts_a_child_for_old_tasks_and_asks_for_the_new_one(
@@ -89,3 +91,167 @@ def test_a_gallery_without_stored_images_says_to_pass_them(run_dir: Path, tmp_pa
             next(stored_batches(gallery.metadata))
     finally:
         gallery.close()
+
+
+# --- wired: the gallery records fingerprints, accepts a child run, adds and removes a task ---------------
+
+
+def open_for(root: Path, run_path: Path, **kwargs: Any) -> Gallery:
+    run = load_run(run_path)
+    return Gallery.open(root, model_hash=run.model_hash, fingerprints=run.fingerprints, **kwargs)
+
+
+def test_a_gallery_records_fingerprints_and_a_child_run_opens_it_for_its_old_tasks(
+    index_dir: Path, run_dir: Path, child_dir: Path
+) -> None:
+    config = json.loads((index_dir / "gallery.json").read_text())
+    assert config["fingerprints"] == load_run(run_dir).fingerprints.to_dict()
+    gallery = open_for(index_dir, child_dir)
+    try:
+        assert gallery.task_check is not None
+        assert gallery.task_check.valid == TASKS and gallery.task_check.missing == [NEW]
+        assert gallery.info().fingerprints
+    finally:
+        gallery.close()
+    other = tmp_run(index_dir.parent / "other", tiny_model(seed=1, perturb=0.6))
+    with pytest.raises(GalleryError, match="shared weights are not the ones the gallery was built with"):
+        open_for(index_dir, other)
+
+
+def test_a_gallery_without_fingerprints_keeps_the_model_hash_check(
+    run_dir: Path, child_dir: Path, tmp_path: Path
+) -> None:
+    index_dir = make_gallery(run_dir, tmp_path / "old", size=4, fingerprints=False)
+    with pytest.raises(GalleryError, match="rebuild the index with this run"):
+        open_for(index_dir, child_dir, read_only=True)
+    open_for(index_dir, run_dir, read_only=True).close()
+
+
+def tmp_run(path: Path, model: Any) -> Path:
+    save_run(path, model)
+    return path
+
+
+def test_add_task_indexes_the_stored_images_durably_and_later_adds_replay(
+    index_dir: Path, child_dir: Path
+) -> None:
+    child = load_run(child_dir)
+    gallery = open_for(index_dir, child_dir)
+    seen: list[int] = []
+    try:
+        old = {task: gallery.vectors(gallery.metadata.ids(), task) for task in TASKS}
+        assert gallery.add_task(NEW, child, progress=seen.append) == GALLERY_SIZE
+        assert sum(seen) == GALLERY_SIZE and gallery.tasks == [*TASKS, NEW]
+        ids = gallery.metadata.ids()
+        for task in TASKS:  # untouched
+            np.testing.assert_array_equal(gallery.vectors(ids, task), old[task])
+        expected = np.concatenate([v for _, v in embed_stored(child, NEW, stored_batches(gallery.metadata))])
+        np.testing.assert_array_equal(gallery.vectors(ids, NEW), expected)
+        # An add after the change carries a vector for every task, the new one included; it stays in
+        # the log only (no snapshot on close), so reopening replays it onto the generation of the change.
+        data, labels = face(900)
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        item = NewItem("late.png", content_hash(data), image.width, image.height, labels, data)
+        (late,) = gallery.add([item], embed_images(child, [image]))
+        late_vector = gallery.vectors([late], NEW)
+    finally:
+        gallery.close(snapshot=False)
+    config = json.loads((index_dir / "gallery.json").read_text())
+    assert config["tasks"] == [*TASKS, NEW]
+    assert config["fingerprints"]["tasks"] == child.fingerprints.tasks
+    manifests = [json.loads(p.read_text()) for p in (index_dir / "store").glob("manifest-*.json")]
+    assert len(manifests) == 2 and all(m["tasks"] == [*TASKS, NEW] for m in manifests)  # both fall-backs
+    reopened = open_for(index_dir, child_dir)
+    try:
+        assert reopened.task_check is not None and reopened.task_check.valid == [*TASKS, NEW]
+        assert reopened.store.count(NEW) == GALLERY_SIZE + 1
+        np.testing.assert_array_equal(reopened.vectors([late], NEW), late_vector)
+        np.testing.assert_array_equal(reopened.vectors(ids, NEW), expected)
+        report = reopened.verify(fingerprints=child.fingerprints)
+        assert report.ok, report.problems
+        assert any("task fingerprints" in line for line in report.checked)
+        with pytest.raises(GalleryError, match=r"already indexes Bald.*remove-task"):
+            reopened.add_task(NEW, child)
+    finally:
+        reopened.close()
+
+
+def test_add_task_on_a_gallery_without_stored_images_needs_them_given(
+    run_dir: Path, child_dir: Path, tmp_path: Path
+) -> None:
+    parent, child = load_run(run_dir), load_run(child_dir)
+    root, folder = tmp_path / "g", tmp_path / "originals"
+    folder.mkdir()
+    gallery = Gallery.create(
+        root,
+        tasks=TASKS,
+        dim=parent.embedding_dim,
+        model_hash=parent.model_hash,
+        fingerprints=parent.fingerprints,
+    )
+    images: dict[str, Path] = {}
+    try:
+        items, decoded = [], []
+        for i in range(5):
+            data, labels = face(i)
+            (folder / f"{i}.png").write_bytes(data)
+            images[content_hash(data)] = folder / f"{i}.png"
+            decoded.append(Image.open(io.BytesIO(data)).convert("RGB"))
+            items.append(NewItem(f"{i}.png", content_hash(data), 48, 48, labels, None))
+        gallery.add(items, embed_images(parent, decoded))
+    finally:
+        gallery.close()
+    gallery = open_for(root, child_dir)
+    try:
+        with pytest.raises(
+            ImagesNotStoredError, match=r"5 of 5 gallery images were not stored.*--images DIR"
+        ):
+            gallery.add_task(NEW, child)
+        partial = dict(list(images.items())[:3])
+        with pytest.raises(
+            ImagesNotStoredError, match="2 of 5 gallery images were not stored nor among the 3"
+        ):
+            gallery.add_task(NEW, child, images=partial)
+        assert gallery.tasks == TASKS  # nothing changed
+        assert gallery.add_task(NEW, child, images=images) == 5
+        assert gallery.store.count(NEW) == 5
+    finally:
+        gallery.close()
+
+
+def test_remove_task_drops_one_index_durably(index_dir: Path, run_dir: Path) -> None:
+    gallery = open_for(index_dir, run_dir)
+    try:
+        gallery.remove_task("Eyeglasses")
+        assert gallery.tasks == [t for t in TASKS if t != "Eyeglasses"]
+        with pytest.raises(GalleryError, match="has no index for Eyeglasses"):
+            gallery.remove_task("Eyeglasses")
+    finally:
+        gallery.close()
+    config = json.loads((index_dir / "gallery.json").read_text())
+    assert "Eyeglasses" not in config["tasks"] and "Eyeglasses" not in config["fingerprints"]["tasks"]
+    reopened = open_for(index_dir, run_dir)  # the run still has the task: it is reported, not refused
+    try:
+        assert reopened.task_check is not None and reopened.task_check.missing == ["Eyeglasses"]
+        assert reopened.store.tasks() == config["tasks"]
+        with pytest.raises(UnknownTaskError):
+            reopened.vectors([0], "Eyeglasses")
+        assert reopened.verify().ok
+    finally:
+        reopened.close()
+
+
+def test_a_child_of_the_gallerys_model_gives_an_old_gallery_its_fingerprints(
+    run_dir: Path, child_dir: Path, tmp_path: Path
+) -> None:
+    index_dir = make_gallery(run_dir, tmp_path / "old", size=4, fingerprints=False)
+    gallery = Gallery.open(index_dir)  # no run given: opens as before
+    try:
+        gallery.add_task(NEW, load_run(child_dir))  # the child's lineage names the gallery's model
+    finally:
+        gallery.close()
+    reopened = open_for(index_dir, child_dir)
+    try:
+        assert reopened.task_check is not None and reopened.task_check.valid == [*TASKS, NEW]
+    finally:
+        reopened.close()
