@@ -217,6 +217,11 @@ class Metadata:
         """Durably write the image bytes of ``items`` (before any record refers to them)."""
         self._store_blobs(items)
 
+    def read_blob(self, digest: str) -> bytes | None:
+        """The stored bytes of content ``digest``, None when none are stored."""
+        path = self.blob_path(digest)
+        return path.read_bytes() if path.is_file() else None
+
     def ids_by_hash(self, hashes: Sequence[str]) -> dict[str, tuple[int, bool]]:
         """``content_hash -> (id, has_blob)`` of the items already holding those contents."""
         out: dict[str, tuple[int, bool]] = {}

@@ -1,13 +1,16 @@
 """Fixtures every test package can use, built by ``tests.factories``: one tiny run and one gallery of
-rendered faces per session, and a fresh copy of that gallery for each test that changes it."""
+rendered faces per session, and a fresh copy of that gallery for each test that changes it; one real
+PostgreSQL server per session (``tests.postgres_server``) and a fresh database on it for each test."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.factories import copy_gallery, make_gallery, make_run
+from tests.postgres_server import PostgresServer, PostgresUnavailable
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +29,25 @@ def gallery_template(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def index_dir(gallery_template: Path, tmp_path: Path) -> Path:
     """A fresh copy of the template gallery for tests that change it."""
     return copy_gallery(gallery_template, tmp_path / "index")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the session, stopped at its end; skips (with the reason and how to fix
+    it) the tests that need it where none can start."""
+    try:
+        server = PostgresServer.start()
+    except PostgresUnavailable as e:
+        pytest.skip(f"no PostgreSQL server: {e}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """The URL of a new, empty database for this test alone, dropped after it."""
+    url = postgres_server.create_database()
+    yield url
+    postgres_server.drop_database(url)
