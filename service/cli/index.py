@@ -13,6 +13,14 @@
   background; run it with the service stopped, e.g. before a backup).
 - ``recover INDEX_DIR``: for a gallery that refuses to open, restore gallery.json and rebuild
   gallery.sqlite from the newest snapshot's copies and the log, keeping the damaged files beside them.
+- ``add-task --run NEWRUN --index INDEX_DIR --task NAME [--images DIR]``: embed the gallery's images under
+  one task of a child run (``modret task add``) only and add its index durably (``Gallery.add_task``);
+  images the gallery did not store are read from ``--images`` (matched by content hash).
+- ``remove-task --index INDEX_DIR --task NAME``: drop one task's index (the gallery counterpart of
+  ``modret task remove``).
+
+``add-task`` and ``remove-task`` open the gallery for writing: stop the service that serves it first, then
+start it again (or ``POST /admin/reload`` a service started after the change) to serve the new task list.
 
 ``info`` and ``verify`` open the gallery read-only, so they can run beside a service that serves it.
 """
@@ -146,12 +154,13 @@ def verify(
     ),
 ) -> None:
     """Checksums, model match, every id present in every task; exit status 1 on any problem."""
-    model_hash = None
+    model_hash = fingerprints = None
     if run is not None:
         try:
-            model_hash = load_run(run).model_hash
+            loaded = load_run(run)
         except ValueError as e:
             raise fail(str(e)) from e
+        model_hash, fingerprints = loaded.model_hash, loaded.fingerprints
     if not index_dir.is_dir():
         raise fail(f"{index_dir} does not exist")
     try:
@@ -160,7 +169,7 @@ def verify(
         console.print(f"[red]problem[/red] {e}", soft_wrap=True)
         raise problems_found() from e
     try:
-        report = gallery.verify(model_hash)
+        report = gallery.verify(model_hash, fingerprints)
     finally:
         gallery.close()
     for line in report.checked:
@@ -203,3 +212,70 @@ def recover(index_dir: Path = typer.Argument(..., help="Gallery index directory.
         raise fail(str(e)) from e
     for line in done or ["nothing to recover: the gallery opens as it is"]:
         console.print(f"[green]ok[/green] {line}", soft_wrap=True)
+
+
+def _open_for_writing(index_dir: Path, **run: Any) -> Gallery:
+    if not (index_dir / "gallery.json").is_file():
+        raise fail(f"{index_dir} holds no gallery (gallery.json not found)")
+    try:
+        return Gallery.open(index_dir, **run)
+    except GalleryError as e:
+        hint = "; stop the service that serves it first" if "another process" in str(e) else ""
+        raise fail(f"{e}{hint}") from e
+
+
+@index_app.command("add-task")
+def add_task(
+    run: Path = typer.Option(..., "--run", help="The run with the new task (from `modret task add`)."),
+    index_dir: Path = typer.Option(..., "--index", help="Gallery index directory."),
+    task: str = typer.Option(..., "--task", help="The run's task to index."),
+    images: Path | None = typer.Option(
+        None, "--images", help="The gallery's original images, for a gallery built with --no-store-images."
+    ),
+    device: DeviceOpt = "auto",
+) -> None:
+    """Embed the gallery's images under one new task of the run only and add its index."""
+    from index.tasks import ImagesNotStoredError
+
+    try:
+        loaded = load_run(run, device=device)
+    except ValueError as e:
+        raise fail(str(e)) from e
+    by_hash = None
+    if images is not None:
+        if not images.is_dir():
+            raise fail(f"--images {images} is not a directory")
+        by_hash = {item.content_hash: images / item.source for item in folder_source(images).items}
+    gallery = _open_for_writing(index_dir, model_hash=loaded.model_hash, fingerprints=loaded.fingerprints)
+    try:
+        name = next((t for t in loaded.task_names if t.casefold() == task.casefold()), task)
+        with progress_bar(total=gallery.metadata.count(), unit=" images", desc=f"embedding {name}") as bar:
+            added = gallery.add_task(name, loaded, images=by_hash, progress=bar.update)
+        tasks = gallery.tasks
+    except (GalleryError, ImagesNotStoredError, ValueError) as e:
+        raise fail(str(e).strip("'\"")) from e
+    finally:
+        gallery.close(snapshot=False)
+    console.print(
+        f"{name}: {added} images embedded and indexed in {index_dir} (tasks now {', '.join(tasks)}); "
+        "restart the service, or POST /admin/reload, to serve it",
+        soft_wrap=True,
+    )
+
+
+@index_app.command("remove-task")
+def remove_task(
+    index_dir: Path = typer.Option(..., "--index", help="Gallery index directory."),
+    task: str = typer.Option(..., "--task", help="The task whose index to drop."),
+) -> None:
+    """Drop one task's index from the gallery (the gallery counterpart of `modret task remove`)."""
+    gallery = _open_for_writing(index_dir)
+    try:
+        name = next((t for t in gallery.tasks if t.casefold() == task.casefold()), task)
+        gallery.remove_task(name)
+        tasks = gallery.tasks
+    except GalleryError as e:
+        raise fail(str(e)) from e
+    finally:
+        gallery.close(snapshot=False)
+    console.print(f"{name}: index removed from {index_dir} (tasks now {', '.join(tasks)})", soft_wrap=True)

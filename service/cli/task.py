@@ -3,7 +3,9 @@
 - ``add --run RUN --task NAME --dataset folder|celeba|synthfaces [--data-dir DIR] --out NEWRUN
   [--steps N]`` trains only the new task's module rows (``model.task_runs``); the other tasks of NEWRUN
   embed bit for bit as in RUN, so every index built under them stays valid.
-- ``remove --run RUN --task NAME --out NEWRUN`` writes RUN without the task.
+- ``remove --run RUN --task NAME --out NEWRUN`` writes RUN without the task; ``modret index remove-task``
+  drops the task's index from a gallery (until then a service of NEWRUN serves the gallery but refuses
+  uploads, which cannot be embedded under the removed task).
 
 Exit codes: ``service.cli.common`` (2 for any error: a missing run, an unknown task column, a task
 already in the run, an --out that holds files).
@@ -87,3 +89,8 @@ def remove(
     except (RunError, ValueError) as exc:
         raise fail(str(exc)) from exc
     console.print(f"wrote {out} with tasks {', '.join(kept)}")
+    console.print(
+        f"a gallery that indexes {task}: drop its index with "
+        f"`modret index remove-task --index INDEX_DIR --task {task}` before serving it with {out}",
+        soft_wrap=True,
+    )

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from service.cli.index import index_app
-from tests.factories import make_run
+from tests.factories import face, make_child_run, make_run
 from tests.folders import write_shirts
 
 runner = CliRunner()
@@ -96,3 +96,49 @@ def test_build_from_a_labelled_folder(run_dir: Path, tmp_path: Path) -> None:
         ],
     )
     assert result.exit_code == 2 and "--labels goes with --images" in " ".join(result.output.split())
+
+
+def test_add_task_and_remove_task(run_dir: Path, tmp_path: Path) -> None:
+    child = make_child_run(run_dir, tmp_path / "child", "Bald")
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"{i}.png").write_bytes(face(i)[0])
+    out = tmp_path / "index"
+    built = runner.invoke(
+        index_app,
+        ["build", "--run", str(run_dir), "--images", str(folder), "--out", str(out), "--no-store-images"],
+    )
+    assert built.exit_code == 0, built.output
+    add = ["add-task", "--run", str(child), "--index", str(out), "--task", "bald", "--device", "cpu"]
+
+    result = runner.invoke(index_app, add)  # the images were not kept: it says so, and what to pass
+    assert result.exit_code == 2
+    assert "6 of 6 gallery images were not stored" in result.output and "--images DIR" in result.output
+
+    result = runner.invoke(index_app, [*add, "--images", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert (
+        "Bald: 6 images embedded and indexed" in result.output
+        and "Smiling, Eyeglasses, Bald" in result.output
+    )
+    assert "POST /admin/reload" in result.output
+
+    result = runner.invoke(index_app, ["verify", str(out), "--run", str(child)])
+    assert result.exit_code == 0, result.output
+    assert "the run embeds Smiling, Eyeglasses, Bald as indexed" in result.output
+    result = runner.invoke(index_app, ["verify", str(out), "--run", str(run_dir)])  # the parent: one missing
+    assert result.exit_code == 0 and "Smiling, Eyeglasses as indexed" in result.output
+
+    result = runner.invoke(index_app, [*add, "--images", str(folder)])
+    assert result.exit_code == 2 and "already indexes Bald" in result.output
+
+    result = runner.invoke(index_app, ["remove-task", "--index", str(out), "--task", "Eyeglasses"])
+    assert result.exit_code == 0, result.output
+    assert "tasks now Smiling, Bald" in result.output
+    result = runner.invoke(index_app, ["info", str(out)])
+    assert "task Bald" in result.output and "task Eyeglasses" not in result.output
+    result = runner.invoke(index_app, ["remove-task", "--index", str(out), "--task", "Eyeglasses"])
+    assert result.exit_code == 2 and "has no index for Eyeglasses" in result.output
+    result = runner.invoke(index_app, ["remove-task", "--index", str(tmp_path / "nowhere"), "--task", "Bald"])
+    assert result.exit_code == 2 and "holds no gallery" in result.output

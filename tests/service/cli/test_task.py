@@ -102,6 +102,7 @@ def test_remove_round_trip_gives_back_the_parent(run_dir: Path, child: Path, tmp
         app, ["task", "remove", "--run", str(child), "--task", "bald", "--out", str(tmp_path / "back")]
     )
     assert result.exit_code == 0, result.output
+    assert "modret index remove-task --index INDEX_DIR --task bald" in " ".join(result.output.split())
     back, parent = load_run(tmp_path / "back"), load_run(run_dir)
     assert back.task_names == TASKS and back.fingerprints == parent.fingerprints
     assert [e["operation"] for e in back.lineage] == ["add_task", "remove_task"]
