@@ -53,7 +53,7 @@ import numpy as np
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from index.metadata import MetadataError, NewItem, UnknownLabelError
 from index.wal import ItemRecord
@@ -180,6 +180,7 @@ class PostgresMetadata:
             max_size=pool_size,
             open=False,
             kwargs={"connect_timeout": timeout},
+            timeout=connect_timeout_s,  # a call waits this long for a connection (the server is down)
             configure=self._configure,
             check=ConnectionPool.check_connection,
             name=f"modret-metadata-{self.schema}",
@@ -243,9 +244,23 @@ class PostgresMetadata:
                         f"{_describe(e)}"
                     ) from None
                 time.sleep(0.005 * 2**attempt)
+            except PoolTimeout:
+                raise MetadataError(
+                    f"PostgreSQL metadata at {self.where}: {self._why_no_connection()}"
+                ) from None
             except psycopg.Error as e:
                 raise MetadataError(f"PostgreSQL metadata at {self.where}: {_describe(e)}") from None
         raise AssertionError("unreachable")
+
+    def _why_no_connection(self) -> str:
+        """Why the pool lent no connection in time: the server's refusal, or every connection busy."""
+        waited = f"no connection within {self._pool.timeout:g} s"
+        try:
+            with psycopg.connect(self._conninfo, connect_timeout=2):
+                pass
+        except psycopg.Error as e:
+            return f"{waited}: {_describe(e)}"
+        return f"{waited}: all {self._pool.max_size} pooled connections are busy"
 
     # --- writing -------------------------------------------------------------------------------------
 

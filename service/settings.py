@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from PIL import Image
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -108,6 +109,21 @@ class Settings(BaseSettings):
     )
     log_level: str = "INFO"
 
+    # Replicas (#14)
+    metadata_url: str | None = Field(
+        default=None,
+        description="PostgreSQL database for gallery metadata shared by replicas: "
+        "postgresql://user[:password]@host:port/database[?schema=name] (index.postgres_metadata); unset: "
+        "SQLite in INDEX_DIR. Not read by the service yet: the gallery wiring is the next step of #14",
+    )
+
+    @field_validator("metadata_url")
+    @classmethod
+    def _postgres_url(cls, url: str | None) -> str | None:
+        if url is not None and urlsplit(url).scheme.lower() not in ("postgresql", "postgres"):
+            raise ValueError("the metadata URL must be postgresql://user@host:port/database (or unset)")
+        return url
+
     @property
     def queue_delay_budget_s(self) -> float:
         """The batcher's shedding delay: ``max_queue_delay_s``, never more than half the request timeout."""
@@ -119,6 +135,11 @@ class Settings(BaseSettings):
         for name, value in self.model_dump().items():
             if isinstance(value, SecretStr):
                 out[name] = "***"
+            elif name == "metadata_url" and value is not None and urlsplit(value).password is not None:
+                parts = urlsplit(value)  # the password in the URL is a secret too
+                out[name] = urlunsplit(
+                    parts._replace(netloc=f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}")
+                )
             elif isinstance(value, Path):
                 out[name] = str(value)
             else:

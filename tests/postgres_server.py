@@ -22,7 +22,6 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,9 +91,7 @@ class PostgresServer:
             for attempt in range(attempts):  # a free port can be taken before the server binds it
                 server.port = free_port()
                 try:
-                    server._pg_ctl(
-                        "start", "-w", "-t", "60", "-l", str(directory / "log"), "-o", server._options()
-                    )
+                    server.resume()
                     return server
                 except PostgresUnavailable:
                     if attempt == attempts - 1:
@@ -103,6 +100,14 @@ class PostgresServer:
             shutil.rmtree(directory, ignore_errors=True)
             raise
         raise AssertionError("unreachable")
+
+    def resume(self) -> None:
+        """Start the server (again, on the same port and data)."""
+        self._pg_ctl("start", "-w", "-t", "60", "-l", str(self.directory / "log"), "-o", self._options())
+
+    def pause(self) -> None:
+        """Stop the server, keeping its data (``resume`` starts it again): a database outage."""
+        self._pg_ctl("stop", "-m", "fast", "-w", "-t", "60")
 
     def _options(self) -> str:
         return (
@@ -142,9 +147,9 @@ class PostgresServer:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     def stop(self) -> None:
+        """Stop the server and remove its directory."""
         try:
-            self._pg_ctl("stop", "-m", "fast", "-w", "-t", "60")
-        except PostgresUnavailable:
-            time.sleep(0.5)  # stopping failed: the directory goes anyway, the server with its socket
+            if (self.data_dir / "postmaster.pid").exists():
+                self._pg_ctl("stop", "-m", "immediate", "-w", "-t", "60")
         finally:
             shutil.rmtree(self.directory, ignore_errors=True)

@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -447,6 +448,32 @@ def test_refusals_are_metadata_errors(postgres_url: str, postgres_server: Postgr
             reader.add([item(1)])
     finally:
         reader.close()
+
+
+@pg
+def test_a_database_outage_is_a_metadata_error_and_service_resumes_after_it() -> None:
+    """A server of its own (stopped and started again): calls during the outage fail with a
+    ``MetadataError`` within the timeout; once it is back, the next call works (no stale connection)."""
+    from index.postgres_metadata import PostgresMetadata
+
+    server = PostgresServer.start()
+    try:
+        store = PostgresMetadata(server.create_database(), create=True, connect_timeout_s=2)
+        try:
+            (i,), _ = store.add([item(1)])
+            server.pause()
+            started = time.monotonic()
+            with pytest.raises(MetadataError, match=r"no connection within 2 s: .*refused") as down:
+                store.get([i])
+            assert down.value.__cause__ is None and time.monotonic() - started < 10
+            server.resume()
+            assert store.get([i])[i].content_hash == item(1).content_hash
+            (j,), (new,) = store.add([item(2)])
+            assert new and j > i
+        finally:
+            store.close()
+    finally:
+        server.stop()
 
 
 def _closed_port() -> int:
