@@ -1,12 +1,16 @@
 """The Milvus backend: one collection per task through pymilvus' ``MilvusClient``.
 
-``uri`` is a Milvus Lite file (default ``<root>/gallery.db``, one process, no server) or a cluster address
-such as ``http://host:19530`` for galleries that outgrow one machine; the client API is the same. Each
+Two modes, one client API. Milvus Lite: ``uri`` is a ``.db`` file (default ``<root>/gallery.db``), served
+inside the process that opens it. Server mode: ``uri`` is a Milvus server's address (standalone or
+cluster, e.g. ``http://host:19530``; ``token`` is its ``user:password`` or API key when it checks them),
+for galleries that outgrow one machine or replicas that share one set of vectors; no local database file
+exists then, and several stores (processes, replicas) may open the same collections at once. Each
 collection has an ``INT64`` primary key ``id`` and a ``FLOAT_VECTOR`` field ``vector`` indexed for inner
 product (``index_type`` ``FLAT`` by default: exact, so it passes the same exactness contract as faiss
 flat). Collections are created with ``Strong`` consistency so that a search sees every acknowledged add
 and remove. Collection names are ``<collection_prefix>_<position>_<task, sanitised>``, so several galleries
-can share one cluster under different prefixes. The backend needs the ``milvus`` extra (pymilvus, and
+share one server under different prefixes (a prefix names one gallery's collections: two galleries under
+one prefix would be one set of vectors). The backend needs the ``milvus`` extra (pymilvus, and
 milvus-lite for a ``.db`` uri); without it, opening a store raises ``BackendUnavailableError`` naming it.
 This module imports neither faiss nor, until a store is opened, pymilvus.
 
@@ -14,19 +18,24 @@ Filters become a primary-key expression ``id in [...]`` evaluated inside Milvus.
 sets on a cluster, the labels would better be scalar fields of the collection; the metadata layer keeps
 them in SQLite for now so every backend filters the same way.)
 
-What a generation means here: Milvus persists its own data (its write-ahead log, flushed segments), so
-writes are durable once acknowledged, and a generation cannot roll Milvus back. ``save`` flushes every
-collection and then commits a generation (``index.generations``) whose only file, ``collections.json``,
-records the uri and collection names; its manifest records model hash, embedding size, metric and the count
-per task. Opening a store loads every collection into memory (``load_collection``): collections of a
-Milvus Lite file opened by another process, or of a restarted cluster, start out released and refuse
-searches until loaded. ``load`` serves the newest manifest that verifies and matches the model (falling
-back as for faiss) and checks that every collection exists; counts may legitimately have moved on since
-the last save, so ``Gallery.verify`` compares them against the metadata rather than the manifest. With a
-Milvus Lite file ``save`` excludes searches while it flushes (Lite's flush is not isolated from a
-concurrent search, which can miss the rows being flushed). Milvus does not apply one insert to several
-collections atomically: a crash inside ``add`` can leave an id in some tasks only, which ``Gallery``
-repairs on open (see ``index.gallery``).
+What a generation means here: Milvus persists its own data (its write-ahead log, flushed segments), so writes
+are durable once acknowledged, and a generation cannot roll Milvus back. ``save`` flushes every collection and
+then commits a generation (``index.generations``) whose only file, ``collections.json``, records the uri
+(without credentials) and collection names; its manifest records model hash, embedding size, metric and the
+count per task. In server mode the generations stay files under ``root`` (the gallery directory) while the
+vectors live on the server: a generation is then a checkpoint of which collections the gallery uses and how
+many vectors each held, not a copy of them. Opening a store loads every collection into memory
+(``load_collection``): collections of a Milvus Lite file opened by another process, or of a restarted cluster,
+start out released and refuse searches until loaded. ``load`` serves the newest manifest that verifies and
+matches the model (falling back as for faiss) and checks that every collection exists; counts may legitimately
+have moved on since the last save, so ``Gallery.verify`` compares them against the metadata rather than the
+manifest. A collection that does not exist is created when the store opens, so a new gallery starts empty; a
+generation that counted vectors in a collection this open had to create is refused (the uri or prefix points
+at another server or gallery, or the collections were dropped), so that a typo in the address can never make
+the gallery's repair roll back its metadata against empty collections. With a Milvus Lite file ``save``
+excludes searches while it flushes (Lite's flush is not isolated from a concurrent search, which can miss the
+rows being flushed). Milvus does not apply one insert to several collections atomically: a crash inside
+``add`` can leave an id in some tasks only, which ``Gallery`` repairs on open (see ``index.gallery``).
 
 ``get`` (stored vectors by id) is Milvus' primary-key ``get`` with the ``vector`` field: exact copies.
 """
@@ -36,8 +45,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
@@ -59,6 +71,16 @@ INSTALL_HINT = "pip install modret[milvus]"
 MAX_LIMIT = 16384  # Milvus' cap on topk
 _CHUNK = 10_000  # rows per insert / ids per expression, well under Milvus' message size limit
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+T = TypeVar("T")
+
+
+def _safe_uri(uri: str) -> str:
+    """``uri`` without any ``user:password@`` (what gets written to files and error messages)."""
+    parts = urlsplit(uri)
+    if parts.scheme and parts.password is not None:
+        host = parts.hostname or ""
+        return urlunsplit(parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")))
+    return uri
 
 
 def _id_expr(ids: np.ndarray) -> str:
@@ -76,6 +98,7 @@ class MilvusStore:
         dim: int,
         model_hash: str,
         uri: str | None = None,
+        token: str | None = None,
         collection_prefix: str = "modret",
         index_type: str = "FLAT",
     ) -> None:
@@ -98,21 +121,54 @@ class MilvusStore:
             raise BackendUnavailableError(
                 f"the Milvus Lite file {self.uri} needs milvus-lite, which is not installed: {INSTALL_HINT}"
             )
+        # What the manifest records: no uri (it is where the gallery is served from, which a deployment
+        # may change: see service.settings) and never the token.
         self.options: dict[str, Any] = {"collection_prefix": collection_prefix, "index_type": index_type}
-        self.collections = {
-            task: f"{collection_prefix}_{i:03d}_{re.sub(r'[^A-Za-z0-9_]', '_', task)}"[:255]
-            for i, task in enumerate(self._tasks)
-        }
+        self.collections = {task: self.collection_name(i, task) for i, task in enumerate(self._tasks)}
         self.generations = Generations(root)
         self.manifest: Manifest | None = None
         self._lock = RWLock()
-        self._client = MilvusClient(self.uri)
-        for collection in self.collections.values():
-            if not self._client.has_collection(collection):
+        try:
+            self._client = MilvusClient(uri=self.uri, token=token or "")
+        except Exception as e:  # pymilvus raises MilvusException (or grpc's errors) when it cannot connect
+            if self.lite:
+                raise
+            raise ConnectionError(f"cannot reach the Milvus server at {_safe_uri(self.uri)}: {e}") from e
+        # Creating and loading a collection takes seconds on a server (index build, channel assignment):
+        # there the collections open side by side; a Lite file serves one request at a time anyway.
+        created = self._each_collection(self._open_collection)
+        # The collections this open created: no generation can have counted vectors in them.
+        self._created = {c for c, new in zip(self.collections.values(), created, strict=True) if new}
+
+    def _each_collection(self, call: Callable[[str], T]) -> list[T]:
+        """``call(collection)`` for every collection in task order: one after another on a Lite file
+        (which serves one request at a time anyway), side by side on a server."""
+        names = list(self.collections.values())
+        if self.lite or len(names) < 2:
+            return [call(c) for c in names]
+        with ThreadPoolExecutor(max_workers=min(8, len(names))) as pool:
+            return list(pool.map(call, names))
+
+    def _open_collection(self, collection: str) -> bool:
+        """Create ``collection`` when it does not exist, then load it; whether this call created it."""
+        created = False
+        if not self._client.has_collection(collection):
+            try:
                 self._create(collection)
-            # A collection that exists from an earlier process (or a restarted server) starts released:
-            # searches, queries and gets fail until it is loaded. Loading a loaded collection is a no-op.
-            self._client.load_collection(collection)
+                created = True
+            except Exception:
+                if not self._client.has_collection(collection):
+                    raise
+                # another store (a replica opening the same new gallery) created it meanwhile
+        # A collection that exists from an earlier process (or a restarted server) starts released:
+        # searches, queries and gets fail until it is loaded. Loading a loaded collection is a no-op.
+        self._client.load_collection(collection)
+        return created
+
+    def collection_name(self, position: int, task: str) -> str:
+        """The collection of ``task`` at ``position`` in task order: ``<prefix>_<position>_<task>``."""
+        prefix = self.options["collection_prefix"]
+        return f"{prefix}_{position:03d}_{re.sub(r'[^A-Za-z0-9_]', '_', task)}"[:255]
 
     def _create(self, collection: str) -> None:
         from pymilvus import DataType, MilvusClient
@@ -240,11 +296,11 @@ class MilvusStore:
     def save(self) -> Manifest:
         # Milvus Lite's flush is not isolated from searches that run meanwhile: one can miss the rows
         # being flushed (tests/index/test_concurrency.py caught it). With a Lite file the save therefore
-        # excludes searches (it takes milliseconds there); a cluster's flush runs beside them.
+        # excludes searches (it takes milliseconds there); a server's flush runs beside them, and its
+        # collections flush side by side (a second or so each: it seals segments into object storage).
         lock = self._lock.write if self.lite else self._lock.read
         with lock():
-            for collection in self.collections.values():
-                self._client.flush(collection)
+            self._each_collection(self._client.flush)
             self.manifest = self.generations.commit(
                 self._write_files,
                 model_hash=self.model_hash,
@@ -257,7 +313,7 @@ class MilvusStore:
         return self.manifest
 
     def _write_files(self, directory: Path) -> None:
-        record = {"uri": self.uri, "collections": self.collections}
+        record = {"uri": _safe_uri(self.uri), "collections": self.collections}
         (directory / "collections.json").write_text(json.dumps(record, indent=2))
 
     def load(self) -> Manifest | None:
@@ -278,6 +334,17 @@ class MilvusStore:
         if missing:
             raise GenerationError(
                 f"generation {manifest.generation}: collections missing in Milvus: {missing}"
+            )
+        emptied = {
+            c: manifest.counts.get(task, 0)
+            for task, c in self.collections.items()
+            if c in self._created and manifest.counts.get(task, 0)
+        }
+        if emptied:
+            raise GenerationError(
+                f"generation {manifest.generation} counted vectors in collections that do not exist at "
+                f"{_safe_uri(self.uri)} (created empty now): {emptied}; is the uri or collection prefix "
+                "the gallery's?"
             )
 
     def close(self) -> None:

@@ -5,7 +5,9 @@ Backends under contract (``BACKEND_CASES``): one or more variants of every name 
 search and the torch matmul path on CPU), faiss HNSW (exact in practice on these tiny galleries:
 ``ef_search`` exceeds the gallery size, so the graph walk visits every vector), faiss IVF-PQ (approximate:
 only the checks that do not need exactness) and Milvus Lite (one database file per test module; each store
-gets its own collection prefix). A test parametrised with a case whose backend's optional dependencies are
+gets its own collection prefix). ``CONTRACT_CASES`` adds the Milvus server (``tests.milvus_server``: one
+server per session, marked ``cluster``; each store gets its own collection prefix, dropped after the
+test) for the contract suite. A test parametrised with a case whose backend's optional dependencies are
 missing (Milvus without pymilvus and milvus-lite) is skipped with the reason; ``needs_milvus_lite`` marks
 the Milvus tests that are not parametrised.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +26,9 @@ import numpy as np
 import pytest
 
 from index.store import BACKENDS, VectorStore, open_store
+from tests.milvus_server import MilvusServer, drop_collections
+from tests.milvus_server import milvus_prefix as milvus_prefix  # the fixtures, registered here
+from tests.milvus_server import milvus_server as milvus_server
 
 DIM = 8
 TASKS = ["Smiling", "Eyeglasses"]
@@ -37,11 +43,13 @@ class BackendCase:
     options: dict[str, Any] = field(default_factory=dict)
     exact: bool = True
     persists_unsaved: bool = False  # Milvus keeps acknowledged writes without save()
+    server: bool = False  # a Milvus server (the session's ``milvus_server``) rather than a Lite file
 
     @property
     def skip_reason(self) -> str | None:
-        """Why this case cannot run here (its backend's optional dependencies are missing), else None."""
-        return MISSING_MODULES.get(self.backend)
+        """Why this case cannot run here (its backend's optional dependencies are missing), else None.
+        A server case needs no milvus-lite: the ``milvus_server`` fixture skips, saying why, on its own."""
+        return None if self.server else MISSING_MODULES.get(self.backend)
 
 
 MILVUS_LITE = all(importlib.util.find_spec(name) is not None for name in ("pymilvus", "milvus_lite"))
@@ -60,6 +68,15 @@ VARIANTS: dict[str, list[BackendCase]] = {
 }
 BACKEND_CASES = [case for name in BACKENDS for case in VARIANTS.get(name, [BackendCase(name, name)])]
 EXACT_CASES = [case for case in BACKEND_CASES if case.exact]
+MILVUS_SERVER_CASE = BackendCase("milvus-server", "milvus", persists_unsaved=True, server=True)
+
+
+def case_params(cases: Sequence[BackendCase]) -> list[Any]:
+    """``cases`` as ``pytest.param``s named by case, server cases marked ``cluster``."""
+    return [pytest.param(c, id=c.name, marks=[pytest.mark.cluster] if c.server else []) for c in cases]
+
+
+CONTRACT_CASES = case_params([*BACKEND_CASES, MILVUS_SERVER_CASE])
 
 
 @pytest.fixture(autouse=True)
@@ -108,15 +125,23 @@ class MakeStore(Protocol):
 
 
 @pytest.fixture
-def make_store_for(tmp_path: Path, milvus_uri: str) -> Iterator[MakeStore]:
+def make_store_for(tmp_path: Path, milvus_uri: str, request: pytest.FixtureRequest) -> Iterator[MakeStore]:
     """``make_store_for(case)`` returns a factory; each call of the factory opens the same store anew.
-    ``tasks`` defaults to ``TASKS``."""
+    ``tasks`` defaults to ``TASKS``. A server case starts (or reuses) the session's Milvus server."""
     opened: list[VectorStore] = []
+    server: MilvusServer | None = None
+    server_prefix = f"t{uuid.uuid4().hex[:12]}"  # this test's collections on the shared server
 
     def for_case(case: BackendCase, tasks: Sequence[str] = TASKS) -> StoreFactory:
+        nonlocal server
         root = tmp_path / f"store-{next(_prefixes)}"
         options = dict(case.options)
-        if case.backend == "milvus":
+        if case.server:
+            server = request.getfixturevalue("milvus_server")
+            assert server is not None
+            prefix = f"{server_prefix}_{root.name.replace('-', '_')}"
+            options |= {"uri": server.uri, "collection_prefix": prefix}
+        elif case.backend == "milvus":
             options |= {"uri": milvus_uri, "collection_prefix": f"t{root.name.replace('-', '_')}"}
 
         def make() -> VectorStore:
@@ -131,6 +156,8 @@ def make_store_for(tmp_path: Path, milvus_uri: str) -> Iterator[MakeStore]:
     yield for_case
     for store in opened:
         store.close()
+    if server is not None and server.running:
+        drop_collections(server, server_prefix)
 
 
 class Oracle:

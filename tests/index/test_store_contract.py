@@ -1,4 +1,5 @@
-"""The VectorStore contract, run unchanged against every backend in BACKEND_CASES."""
+"""The VectorStore contract, run unchanged against every backend in CONTRACT_CASES (BACKEND_CASES and the
+Milvus server, marked ``cluster``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from index.store import DuplicateIdError, UnknownIdError, UnknownTaskError, VectorStore, open_store
 from tests.index.conftest import (
-    BACKEND_CASES,
+    CONTRACT_CASES,
     DIM,
     MODEL_HASH,
     TASKS,
@@ -24,7 +25,7 @@ from tests.index.conftest import (
 
 N = 40  # ≥ the IVF-PQ training minimum, small enough for HNSW to be exact
 
-pytestmark = pytest.mark.parametrize("case", BACKEND_CASES, ids=[c.name for c in BACKEND_CASES])
+pytestmark = pytest.mark.parametrize("case", CONTRACT_CASES)
 
 
 @pytest.fixture
