@@ -53,6 +53,9 @@ class TaskInfo(BaseModel):
     index: int
     description: str
     gallery_size: int
+    indexed: bool = Field(
+        True, description="whether the gallery has an index for it (false: `modret index add-task`)"
+    )
     accuracy: float | None = Field(None, description="the model's test triplet accuracy, when known")
     leakage: float | None = Field(
         None,
@@ -65,6 +68,12 @@ class TaskInfo(BaseModel):
 class TaskList(BaseModel):
     tasks: list[TaskInfo]
     model: ModelInfo
+
+
+class ReloadResponse(BaseModel):
+    model: ModelInfo
+    tasks: list[str] = Field(description="the tasks searchable now")
+    not_indexed: list[str] = Field(description="the run's tasks the gallery has no index for")
 
 
 class ImageInfo(BaseModel):

@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from service.api.deps import ServiceState
 from service.api.errors import install_error_handlers
 from service.api.middleware import BodyLimitMiddleware, RequestLogMiddleware, RequestTimeoutMiddleware
-from service.api.routes import docs, health, images, metrics, search, tasks, ui
+from service.api.routes import admin, docs, health, images, metrics, search, tasks, ui
 from service.runtime.loaded import load, shut_down, warm_up
 from service.settings import Settings
 from service.telemetry import ServiceMetrics
@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             state.draining = True
             state.stopped = True
-            await run_in_threadpool(shut_down, loaded, settings)
+            await run_in_threadpool(shut_down, state.loaded or loaded, settings)  # the reloaded one
             log.info("stopped")
 
     app = FastAPI(
@@ -63,7 +63,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.modret = state
     install_error_handlers(app)
-    for router in (search.router, tasks.router, images.router, health.router, metrics.router, ui.router):
+    routers = (
+        search.router,
+        tasks.router,
+        images.router,
+        admin.router,
+        health.router,
+        metrics.router,
+        ui.router,
+    )
+    for router in routers:
         app.include_router(router)
     docs.mount_docs(app, keyed=settings.api_key is not None and not settings.public_docs)
     if settings.cors_origins:

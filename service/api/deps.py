@@ -7,7 +7,8 @@ gallery, 503 until ready and once shutdown began); keys are checked by ``ReaderK
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -26,6 +27,7 @@ class ServiceState:
     ready: bool = False  # startup (load + warm-up) finished
     draining: bool = False  # shutdown requested: readiness reports 503, requests are still served
     stopped: bool = False  # lifespan shutdown began: no new work
+    reloading: asyncio.Lock = field(default_factory=asyncio.Lock)  # one POST /admin/reload at a time
 
     def require(self) -> Loaded:
         """The loaded model and gallery, or ``Unavailable`` while starting or after shutdown began."""

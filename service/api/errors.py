@@ -60,6 +60,7 @@ STATUS: dict[type[domain.ServiceError], int] = {
     domain.NotFound: 404,
     domain.UnknownTask: 404,
     domain.VectorUnavailable: 409,
+    domain.Conflict: 409,  # TaskNotIndexed, GalleryOutOfDate, ReloadFailed
     domain.InvalidQuery: 422,
     domain.Unavailable: 503,
 }
@@ -167,6 +168,7 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         401: "Missing or wrong API key",
         403: "API key lacks the admin right",
         404: "Unknown task or image",
+        409: "Task not indexed in the gallery, gallery out of date for the model, or a failed reload",
         413: "Body, image or pixel count too large",
         415: "Image type not allowed",
         422: "Invalid parameters",

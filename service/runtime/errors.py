@@ -69,6 +69,47 @@ class VectorUnavailable(ServiceError):
     code = "vector_unavailable"
 
 
+class Conflict(ServiceError):
+    """The request is valid but the model and gallery as they stand cannot answer it."""
+
+    code = "conflict"
+
+
+class TaskNotIndexed(Conflict):
+    """A task the model serves but the gallery has no index for (added to the run after the gallery)."""
+
+    code = "task_not_indexed"
+
+    def __init__(self, name: str, indexed: Sequence[str]) -> None:
+        super().__init__(
+            f"task {name!r} is in the model but the gallery has no index for it yet: stop the service, run "
+            f"`modret index add-task --run RUN --index INDEX_DIR --task {name}`, start it again; "
+            f"searchable now: {', '.join(indexed)}",
+            {"task": name, "indexed_tasks": list(indexed)},
+        )
+
+
+class GalleryOutOfDate(Conflict):
+    """The gallery indexes a task the model no longer has, so new images cannot be embedded for it."""
+
+    code = "gallery_out_of_date"
+
+    def __init__(self, dropped: Sequence[str]) -> None:
+        names = ", ".join(dropped)
+        super().__init__(
+            f"the gallery indexes {names}, which the model no longer has, so it cannot add images: drop "
+            f"the index with `modret index remove-task --index INDEX_DIR --task {dropped[0]}` (service "
+            "stopped) or serve a run that has it; searches go on",
+            {"tasks": list(dropped)},
+        )
+
+
+class ReloadFailed(Conflict):
+    """``POST /admin/reload`` could not load the run, or serve the gallery with it; the old one serves on."""
+
+    code = "reload_failed"
+
+
 class ImageRejected(ServiceError):
     """Image bytes that cannot be decoded: empty, truncated or corrupt."""
 

@@ -6,6 +6,14 @@ task; ``shut_down`` stops the batcher and closes the gallery, which answers the 
 ``save_on_shutdown``, snapshots what the log holds. All three block: the app calls them in a worker
 thread. ``preflight`` is the cheap part of opening, for ``modret serve`` to refuse a damaged gallery with
 one line before the server starts.
+
+The run and the gallery need not have the same tasks: a gallery records per-task fingerprints, so a child
+run (``modret task add``/``remove``) serves it for every task it embeds as when it was indexed
+(``indexed``); a run task without an index is logged, listed as not indexed by ``GET /tasks`` and
+refused by a search (``TaskNotIndexed``), and a gallery task the run no longer has makes uploads refuse
+(``GalleryOutOfDate``: nothing could embed them under it). ``reload`` (``POST /admin/reload``) loads the
+run from the settings again and checks it against the open gallery (the service holds the gallery's
+writer lock, so nothing else changed it), for the app to swap in.
 """
 
 from __future__ import annotations
@@ -19,8 +27,10 @@ import numpy as np
 import torch
 
 from index.gallery import Gallery, GalleryError
+from index.tasks import check_model
 from model.run import METRICS, LoadedRun, load_run
 from service.runtime.batcher import Batcher
+from service.runtime.errors import GalleryOutOfDate, TaskNotIndexed
 from service.runtime.images import DecodeBudget
 from service.runtime.writes import GalleryWriter
 from service.settings import Settings
@@ -37,10 +47,29 @@ class Loaded:
     batcher: Batcher
     decode_budget: DecodeBudget
     task_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    indexed: list[str] = field(default_factory=list)  # run tasks the gallery has a valid index for
 
     @property
     def tasks(self) -> list[str]:
+        """The run's tasks (positions in its embeddings), indexed or not."""
         return self.run.task_names
+
+    @property
+    def not_indexed(self) -> list[str]:
+        return [task for task in self.tasks if task not in self.indexed]
+
+    def check_indexed(self, names: list[str]) -> None:
+        """``TaskNotIndexed`` for the first of ``names`` the gallery cannot search."""
+        for name in names:
+            if name not in self.indexed:
+                raise TaskNotIndexed(name, self.indexed)
+
+    def gallery_vectors(self, vectors: np.ndarray) -> np.ndarray:
+        """The run's (N, T_run, D) embeddings as the gallery stores them: its tasks, in its order."""
+        dropped = [task for task in self.gallery.tasks if task not in self.tasks]
+        if dropped:
+            raise GalleryOutOfDate(dropped)
+        return vectors[:, [self.tasks.index(task) for task in self.gallery.tasks]]
 
     @property
     def model_name(self) -> str:
@@ -61,25 +90,53 @@ def read_task_metrics(run: LoadedRun) -> dict[str, dict[str, float]]:
         return {}
 
 
-def open_gallery(settings: Settings, model_hash: str, tasks: list[str], dim: int) -> Gallery:
+def served_tasks(gallery: Gallery, run: LoadedRun) -> list[str]:
+    """The run's tasks (in its order) that ``gallery`` has a valid index for; logs the others."""
+    check = check_model(gallery.root, gallery.config, run.model_hash, run.fingerprints)
+    valid = check.valid if check is not None else gallery.tasks
+    indexed = [task for task in run.task_names if task in valid]
+    for task in run.task_names:
+        if task not in indexed:
+            log.warning(
+                "task not indexed: run `modret index add-task` to search it",
+                extra={"fields": {"task": task, "index_dir": str(gallery.root)}},
+            )
+    dropped = [task for task in gallery.tasks if task not in run.task_names]
+    if dropped:
+        log.warning(
+            "the gallery indexes tasks the run lacks: uploads are refused until `modret index remove-task`",
+            extra={"fields": {"tasks": dropped, "index_dir": str(gallery.root)}},
+        )
+    return indexed
+
+
+def open_gallery(settings: Settings, run: LoadedRun) -> Gallery:
     policy: dict[str, Any] = {
         "snapshot_every_records": settings.snapshot_every_records,
         "snapshot_every_s": settings.snapshot_every_s,
     }
+    fingerprints = run.fingerprints
     if settings.create_index and not (settings.index_dir / "gallery.json").exists():
         log.info("creating an empty gallery", extra={"fields": {"index_dir": str(settings.index_dir)}})
-        return Gallery.create(settings.index_dir, tasks=tasks, dim=dim, model_hash=model_hash, **policy)
-    gallery = Gallery.open(settings.index_dir, model_hash=model_hash, **policy)
-    if gallery.tasks != tasks:
+        return Gallery.create(
+            settings.index_dir,
+            tasks=run.task_names,
+            dim=run.embedding_dim,
+            model_hash=run.model_hash,
+            fingerprints=fingerprints,
+            **policy,
+        )
+    gallery = Gallery.open(settings.index_dir, model_hash=run.model_hash, fingerprints=fingerprints, **policy)
+    if gallery.embedding_dim != run.embedding_dim:
         gallery.close()
-        raise GalleryError(f"{settings.index_dir} was built for tasks {gallery.tasks}, the model has {tasks}")
+        raise GalleryError(
+            f"{settings.index_dir} holds {gallery.embedding_dim}-dimensional vectors, the model makes "
+            f"{run.embedding_dim}: rebuild the index with this run"
+        )
     return gallery
 
 
-def load(settings: Settings, service_metrics: ServiceMetrics) -> Loaded:
-    """Load the run, open the gallery, start the batcher (blocking)."""
-    run = load_run(settings.run_dir, device=settings.device)
-    gallery = open_gallery(settings, run.model_hash, run.task_names, run.embedding_dim)
+def _batcher(run: LoadedRun, settings: Settings, service_metrics: ServiceMetrics) -> Batcher:
     batcher = Batcher(
         run.model,
         max_batch_size=settings.max_batch_size,
@@ -89,10 +146,54 @@ def load(settings: Settings, service_metrics: ServiceMetrics) -> Loaded:
         normalize=run.preprocess.normalize,
         max_queue_delay_s=settings.queue_delay_budget_s,
         max_queued_rows=settings.max_queued_rows,
+        threads=settings.model_threads,
     )
     batcher.start()
+    return batcher
+
+
+def load(settings: Settings, service_metrics: ServiceMetrics) -> Loaded:
+    """Load the run, open the gallery, start the batcher (blocking)."""
+    run = load_run(settings.run_dir, device=settings.device)
+    gallery = open_gallery(settings, run)
+    try:
+        indexed = served_tasks(gallery, run)
+    except GalleryError:
+        gallery.close()
+        raise
+    batcher = _batcher(run, settings, service_metrics)
     budget = DecodeBudget(settings.max_decode_bytes)
-    return Loaded(run, gallery, GalleryWriter(gallery), batcher, budget, read_task_metrics(run))
+    writer = GalleryWriter(gallery)
+    return Loaded(run, gallery, writer, batcher, budget, read_task_metrics(run), indexed)
+
+
+def reload(current: Loaded, settings: Settings, service_metrics: ServiceMetrics) -> Loaded:
+    """The run loaded again from ``settings.run_dir`` over the open gallery, warmed up, for the caller
+    to swap in (blocking). Raises (``RunError``, ``GalleryError``, ``OSError``) with the old state
+    untouched when the run cannot be loaded or cannot serve the gallery."""
+    run = load_run(settings.run_dir, device=settings.device)
+    if run.embedding_dim != current.gallery.embedding_dim:
+        raise GalleryError(
+            f"the run at {settings.run_dir} makes {run.embedding_dim}-dimensional vectors, the gallery holds "
+            f"{current.gallery.embedding_dim}"
+        )
+    indexed = served_tasks(current.gallery, run)
+    loaded = Loaded(
+        run,
+        current.gallery,
+        current.writer,
+        _batcher(run, settings, service_metrics),
+        current.decode_budget,
+        read_task_metrics(run),
+        indexed,
+    )
+    try:
+        if settings.warmup:
+            warm_up(loaded)
+    except BaseException:
+        loaded.batcher.stop()
+        raise
+    return loaded
 
 
 def warm_up(loaded: Loaded) -> None:
@@ -100,7 +201,8 @@ def warm_up(loaded: Loaded) -> None:
     size = loaded.run.preprocess.image_size
     pixels = torch.zeros((1, 3, size, size), dtype=torch.uint8)  # what requests send: uint8 pixels
     vectors = loaded.batcher.submit(pixels, None).result(timeout=300)
-    for position, task in enumerate(loaded.tasks):
+    for task in loaded.indexed:
+        position = loaded.tasks.index(task)
         query = np.ascontiguousarray(vectors.vectors[0, position][None, :], dtype=np.float32)
         loaded.gallery.store.search(task, query, 1)
 

@@ -100,7 +100,10 @@ def _rank_and_explain(
         exclude=[params.by_id] if params.by_id is not None else [],
         candidate_factor=candidate_factor,
     )
-    explained = ranking.explain(loaded.gallery, vectors, [i for i, _ in ranked]) if params.explain else None
+    explained = None
+    if params.explain:  # under the tasks the gallery can search (a run task may have no index yet)
+        searchable = {task: vector for task, vector in vectors.items() if task in loaded.indexed}
+        explained = ranking.explain(loaded.gallery, searchable, [i for i, _ in ranked])
     return ranked, explained
 
 
@@ -142,7 +145,7 @@ def answer(
     start = time.perf_counter()
     if vectors is None:
         assert params.by_id is not None
-        wanted = loaded.tasks if params.explain else [t.name for t in params.tasks]
+        wanted = loaded.indexed if params.explain else [t.name for t in params.tasks]
         vectors = stored_vectors(loaded.gallery, params.by_id, wanted)
     ranked, explained = _rank_and_explain(loaded, params, vectors, candidate_factor)
     ranked_at = time.perf_counter()

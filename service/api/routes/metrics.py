@@ -17,7 +17,7 @@ router = APIRouter(tags=["metrics"], dependencies=[ReaderKey])
 def render(state: ServiceState) -> bytes:
     loaded = state.loaded
     if loaded is not None:
-        for task in loaded.tasks:
+        for task in loaded.indexed:
             state.metrics.gallery_size.labels(task).set(loaded.gallery.store.count(task))
         state.metrics.queue_depth.set(loaded.batcher.queue_depth())
     return state.metrics.render()

@@ -70,6 +70,7 @@ async def search(
     ] = None,
 ) -> Response:
     tasks = parse_tasks(task, loaded.tasks)
+    loaded.check_indexed([t.name for t in tasks])
     note_task(request, tasks[0].name if len(tasks) == 1 else "combined")
     params = SearchParams(tasks, k, offset, min_score, parse_filters(filters), explain, by_id)
     image = None if by_id is not None else await read_query_image(request, state.settings)

@@ -1,4 +1,5 @@
-"""``GET /tasks`` and ``GET /tasks/{task}``: what the model can search by."""
+"""``GET /tasks`` and ``GET /tasks/{task}``: what the model can search by (a task of the run that the
+gallery has no index for yet is listed with ``indexed: false``)."""
 
 from __future__ import annotations
 
@@ -23,11 +24,13 @@ def describe_task(name: str) -> str:
 
 def task_info(loaded: Loaded, name: str) -> TaskInfo:
     metrics = loaded.task_metrics.get(name)
+    indexed = name in loaded.indexed
     return TaskInfo(
         name=name,
         index=loaded.tasks.index(name),
         description=describe_task(name),
-        gallery_size=loaded.gallery.store.count(name),
+        gallery_size=loaded.gallery.store.count(name) if indexed else 0,
+        indexed=indexed,
         accuracy=metrics.get("triplet_accuracy") if metrics else None,
         leakage=metrics.get("leakage") if metrics else None,
         metrics=metrics,
