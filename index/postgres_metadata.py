@@ -483,8 +483,11 @@ class PostgresMetadata:
         row = self._run(lambda conn: conn.execute(statement, [digest]).fetchone())
         return None if row is None else bytes(row[0])
 
-    def ids(self) -> np.ndarray:
-        statement = self._sql("SELECT id FROM {s}.items WHERE state = 'committed' ORDER BY id")
+    def ids(self, *, include_pending: bool = False) -> np.ndarray:
+        """Sorted ids of the committed items (and of the pending ones too, with ``include_pending``: every
+        id that has a row, read at one moment, for a repair pass looking for vectors without one)."""
+        where = "" if include_pending else " WHERE state = 'committed'"
+        statement = self._sql(f"SELECT id FROM {{s}}.items{where} ORDER BY id")
         rows = self._run(lambda conn: conn.execute(statement).fetchall())
         return np.array([r[0] for r in rows], dtype=np.int64)
 
