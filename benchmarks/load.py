@@ -11,7 +11,8 @@ PNG to ``POST /search?task=…&k=10``. Each level is bounded by ``--requests`` a
 Average batch size comes from the server's ``modret_batch_size`` histogram (sum/count) over the level.
 A 503 (shed under overload) is counted in ``shed``, any other failure in ``errors``; latencies and
 throughput are of the 200s. ``model_only_ms`` is one image under one task through the loaded model in
-this process (``embed_tasks``, median of 50 after warm-up): the floor a search's latency is compared with.
+this process (``embed_tasks``, median of 50 after warm-up, with the server's model threads,
+``MODRET_TORCH_THREADS``): the floor a search's latency is compared with.
 
 ``--json PATH`` writes ``{"model_only_ms", "machine", "command", "levels": [...]}``, one object per level
 with ``batching`` (bool), ``concurrency``, ``requests``, ``throughput_rps``, ``p50_ms``, ``p99_ms``,
@@ -98,6 +99,7 @@ def model_only_ms(run_dir: Path, device: str = "cpu", repeats: int = 50) -> floa
 
     from model.run import load_run
 
+    torch.set_num_threads(model_threads())  # as the server's model worker runs (MODRET_TORCH_THREADS)
     run = load_run(run_dir, device=device)
     size = run.preprocess.image_size
     pixels = run.preprocess.normalize(torch.zeros((1, 3, size, size), dtype=torch.uint8)).to(run.model.device)
@@ -313,6 +315,7 @@ def main() -> None:
         "model_only_ms": model_ms,
         "machine": f"{platform.processor() or platform.machine()}, {mp.cpu_count()} CPUs, "
         f"Python {platform.python_version()}, torch {torch_version()}",
+        "model_threads": model_threads(),
         "command": " ".join(sys.argv),
         "levels": rows,
     }
@@ -321,6 +324,12 @@ def main() -> None:
     print("\n".join(ratios(report)))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def model_threads() -> int:
+    from service.settings import Settings
+
+    return Settings().model_threads
 
 
 def torch_version() -> str:

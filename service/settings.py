@@ -6,6 +6,7 @@ start: secrets (the API keys) appear as ``"***"`` when set.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -30,6 +31,13 @@ class Settings(BaseSettings):
     device: str = Field(
         default="auto",
         description="torch device for the model: auto (CUDA when available, else CPU), cpu, cuda",
+    )
+    torch_threads: int = Field(
+        default=0,
+        ge=0,
+        le=1024,
+        description="intra-op threads of the model worker; 0: half the CPUs the process may use (at least "
+        "1), leaving the rest to the event loop and image decoding",
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -123,6 +131,13 @@ class Settings(BaseSettings):
         if url is not None and urlsplit(url).scheme.lower() not in ("postgresql", "postgres"):
             raise ValueError("the metadata URL must be postgresql://user@host:port/database (or unset)")
         return url
+
+    @property
+    def model_threads(self) -> int:
+        """``torch_threads``, with 0 resolved to half the CPUs this process may run on (at least 1)."""
+        if self.torch_threads:
+            return self.torch_threads
+        return max(1, len(os.sched_getaffinity(0)) // 2) if hasattr(os, "sched_getaffinity") else 1
 
     @property
     def queue_delay_budget_s(self) -> float:

@@ -20,6 +20,10 @@ with Retry-After), so under overload latency stays bounded instead of growing wi
 ``max_queued_rows`` fixes the bound instead of measuring it. A job arriving at an empty queue is always
 taken, however large.
 
+``threads`` sets the worker's torch intra-op threads (``Settings.model_threads``: half the CPUs by default):
+one image through a small CNN gains little from a second thread, and spinning OpenMP threads take the
+cores that the event loop and image decoding need.
+
 On CUDA the worker runs the model in bf16 autocast on channels-last input (the model is converted to
 channels-last once); on the CPU it runs in float32 exactly as called.
 """
@@ -93,6 +97,7 @@ class Batcher:
         max_queue_delay_s: float | None = 1.0,
         max_queued_rows: int | None = None,
         mixed_precision: bool = True,
+        threads: int | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("need max_batch_size >= 1, max_queue >= 1 and max_wait_ms >= 0")
@@ -109,6 +114,7 @@ class Batcher:
         self.max_queue_delay_s = max_queue_delay_s
         self._fixed_bound = max_queued_rows
         self.rows_per_second: float | None = None  # measured model throughput, image-task rows
+        self.threads = threads  # torch intra-op threads of the worker (None: torch's default)
         self.cuda = model.device.type == "cuda"
         self._autocast = self.cuda and mixed_precision
         if self.cuda:
@@ -236,6 +242,10 @@ class Batcher:
         return item
 
     def _run(self) -> None:
+        if self.threads is not None:
+            # Set on the worker itself: OpenMP keeps the thread count per calling thread. On a small CPU
+            # the model's parallel regions otherwise spin on the cores the event loop and decoding need.
+            torch.set_num_threads(self.threads)
         if self._fixed_bound is None and self.max_queue_delay_s is not None:
             self._calibrate()
         carried: _Job | None = None

@@ -1,9 +1,11 @@
 """Untrusted image bytes to vectors: one worker-thread hop to uint8 pixels, then the batcher.
 
 ``prepare`` decodes (hardened, within the shared decode budget), orients, converts and resizes each image to
-the model's input size in one hop off the event loop; only the small uint8 pixels leave it, and each image's
-decode memory is given back as soon as its pixels exist. ``embed`` hands the pixels to the batcher, whose
-worker normalises them on the model's device.
+the model's input size off the event loop; only the small uint8 pixels leave it, and each image's decode
+memory is given back as soon as its pixels exist. ``embed`` (awaited on the event loop) and
+``embed_blocking`` (called from the worker thread that prepared the pixels, so a search needs no hop back
+to the loop between decoding and ranking) hand the pixels to the batcher, whose worker normalises them on
+the model's device.
 """
 
 from __future__ import annotations
@@ -51,6 +53,28 @@ async def embed(
         return await loaded.batcher.embed(pixels, task_ids)
     except QueueFull as exc:
         raise Overloaded(f"{exc}; retry shortly", retry_after_s=retry_after_s) from None
+    except BatcherStopped:
+        raise Overloaded("the model worker is stopping", retry_after_s=retry_after_s) from None
+
+
+def embed_blocking(
+    loaded: Loaded, pixels: Tensor, task_ids: tuple[int, ...] | None, retry_after_s: int, timeout_s: float
+) -> EmbedResult:
+    """Blocking ``embed``, for a worker thread: the batcher's result within ``timeout_s`` (the request's
+    own limit, after which its answer is discarded anyway), else the job is cancelled if not started."""
+    try:
+        future = loaded.batcher.submit(pixels, task_ids)
+    except QueueFull as exc:
+        raise Overloaded(f"{exc}; retry shortly", retry_after_s=retry_after_s) from None
+    except BatcherStopped:
+        raise Overloaded("the model worker is stopping", retry_after_s=retry_after_s) from None
+    try:
+        return future.result(timeout=timeout_s)
+    except TimeoutError:
+        future.cancel()
+        raise Overloaded(
+            f"the model did not answer within {timeout_s:g} s", retry_after_s=retry_after_s
+        ) from None
     except BatcherStopped:
         raise Overloaded("the model worker is stopping", retry_after_s=retry_after_s) from None
 

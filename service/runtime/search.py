@@ -1,9 +1,11 @@
 """One search request from parameters to response: decode, embed (batched), rank, explain, respond.
 
-A search crosses threads as few times as it can: one worker-thread hop turns the untrusted bytes into uint8
-pixels (``embedding.prepare``), the batcher's model thread embeds them, and one more hop ranks, explains,
-reads the hits' metadata and encodes the JSON body (a ``?by_id=`` query needs only that last hop). The event
-loop only awaits. Each stage's time goes into the response's ``timing_ms`` and the ``/metrics`` histograms.
+A search crosses threads as few times as it can: one worker-thread hop (``run``) turns the untrusted bytes
+into uint8 pixels (``embedding.prepare``), hands them to the batcher's model thread and waits for their
+vectors there, then ranks, explains, reads the hits' metadata and encodes the JSON body. The event loop only
+awaits that one hop; each cross-thread wake-up costs a scheduling delay on a busy machine, so the vectors do
+not come back to the loop in between. Each stage's time goes into the response's ``timing_ms`` and the
+``/metrics`` histograms.
 
 A ``?by_id=`` query takes the item's stored embeddings straight from the store (``Gallery.vectors``): exact
 copies for exact indexes, the decoded approximation for an IVF-PQ index (re-normalised here, as queries
@@ -24,7 +26,7 @@ from index.gallery import Gallery
 from index.store import UnknownIdError
 from model.data.base import LabelValue
 from service.runtime import ranking
-from service.runtime.embedding import embed, prepare, split_by_task
+from service.runtime.embedding import embed_blocking, prepare, split_by_task
 from service.runtime.errors import ImageNotFound, VectorUnavailable
 from service.runtime.loaded import Loaded
 from service.runtime.queries import WeightedTask, describe
@@ -66,19 +68,18 @@ def stored_vectors(gallery: Gallery, item_id: int, tasks: Sequence[str]) -> dict
     return out
 
 
-async def embedded_query(
+def embedded_query(
     loaded: Loaded, params: SearchParams, image: bytes, settings: Settings, timing: dict[str, float]
 ) -> dict[str, np.ndarray]:
-    """The query image's vector under each needed task (every task when explaining): one hop to uint8
-    pixels, then the batcher."""
+    """Blocking: the query image's vector under each needed task (every task when explaining)."""
     start = time.perf_counter()
     with loaded.batcher.expecting():  # a batch forming now may wait for this request's pixels
-        prepared = await anyio.to_thread.run_sync(
-            prepare, [image], settings.max_image_pixels, loaded.decode_budget, loaded.run.preprocess
-        )
+        prepared = prepare([image], settings.max_image_pixels, loaded.decode_budget, loaded.run.preprocess)
     timing["decode"] = (time.perf_counter() - start) * 1000
     task_ids = None if params.explain else tuple(t.index for t in params.tasks)
-    result = await embed(loaded, prepared.pixels, task_ids, settings.retry_after_s)
+    result = embed_blocking(
+        loaded, prepared.pixels, task_ids, settings.retry_after_s, settings.request_timeout_s
+    )
     timing["queue"] = result.queue_s * 1000
     timing["embed"] = result.embed_s * 1000
     wanted = loaded.tasks if params.explain else [t.name for t in params.tasks]
@@ -157,6 +158,18 @@ def answer(
     return body
 
 
+def run(
+    loaded: Loaded, params: SearchParams, image: bytes | None, settings: Settings
+) -> tuple[bytes, dict[str, float]]:
+    """Blocking, the search's one hop: the response body and its stage timings."""
+    timing = {"decode": 0.0, "queue": 0.0, "embed": 0.0, "search": 0.0, "respond": 0.0}
+    vectors = None
+    if params.by_id is None:
+        assert image is not None
+        vectors = embedded_query(loaded, params, image, settings, timing)
+    return answer(loaded, params, vectors, settings.candidate_factor, timing), timing
+
+
 async def search(
     loaded: Loaded,
     params: SearchParams,
@@ -165,12 +178,7 @@ async def search(
     metrics: ServiceMetrics | None = None,
 ) -> bytes:
     """The search's JSON response body (a ``SearchResponse``)."""
-    timing = {"decode": 0.0, "queue": 0.0, "embed": 0.0, "search": 0.0, "respond": 0.0}
-    vectors = None
-    if params.by_id is None:
-        assert image is not None
-        vectors = await embedded_query(loaded, params, image, settings, timing)
-    body = await anyio.to_thread.run_sync(answer, loaded, params, vectors, settings.candidate_factor, timing)
+    body, timing = await anyio.to_thread.run_sync(run, loaded, params, image, settings)
     if metrics is not None:
         metrics.observe_stages(timing)
     return body

@@ -195,3 +195,10 @@ def test_a_labels_csv_given_explicitly_or_malformed(tmp_path: Path) -> None:
     (folder / "labels.csv").write_text("name,size\n0.png,1\n")
     with pytest.raises(ValueError, match=r"labels.csv:1: no 'filename' column"):
         folder_source(folder)
+
+
+def test_a_folder_dataset_source_stores_names_not_label_ids(tmp_path: Path) -> None:
+    """``index build --dataset folder`` (the training view of a folder) stores the same names."""
+    folder = _labelled_folder(tmp_path / "images", csv="filename,colour,Smiling\n0.png,green,1\n1.png,red,\n")
+    labels = [item.labels for item in dataset_source("folder", folder, image_size=16).items]
+    assert labels == [{"colour": "green", "Smiling": 1}, {"colour": "red"}]

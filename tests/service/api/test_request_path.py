@@ -99,21 +99,21 @@ class HopCounter:
         return counted
 
 
-def test_a_search_crosses_threads_once_each_way(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_search_crosses_threads_once(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
     loaded = loaded_of(server)
     counter = HopCounter()
     monkeypatch.setattr(anyio.to_thread, "run_sync", counter.wrap(anyio.to_thread.run_sync))
     batches = loaded.batcher.batches_run
     search(server, {"task": "Smiling", "k": 5}, face(301)[0])
     runtime = [c for c in counter.calls if c.startswith("service.runtime.")]
-    # bytes -> pixels, then (after the batcher) rank + explain + metadata + JSON: two hops of our own
-    assert runtime == ["service.runtime.embedding.prepare", "service.runtime.search.answer"], counter.calls
+    # one hop of our own: bytes -> pixels -> the batcher's vectors -> rank + explain + metadata + JSON
+    assert runtime == ["service.runtime.search.run"], counter.calls
     # The dependencies (state, loaded model, key check) are async: no other hop at all.
     assert counter.calls == runtime, counter.calls
     assert loaded.batcher.batches_run == batches + 1
     counter.calls.clear()
     search(server, {"task": "Smiling", "k": 5, "by_id": 2, "explain": "true"})
-    assert counter.calls == ["service.runtime.search.answer"]
+    assert counter.calls == ["service.runtime.search.run"]
     assert loaded.batcher.batches_run == batches + 1  # a stored vector needs no model
 
 
