@@ -30,13 +30,12 @@ Read-only opens (``info``, ``verify`` beside a running service) hold the generat
 they read, so a snapshot cannot delete log segments under them, and replay only up to the position the
 metadata shows, so both halves describe the same moment.
 
-Opening with a run: a gallery that records per-task fingerprints (``model.tasks.fingerprints``) accepts a
-run that embeds its tasks as when they were indexed (``index.tasks.check_model``: a child run of ``modret
-task add``/``remove``, its new tasks in ``task_check.missing``) and refuses other shared weights or a task
-embedded differently; one without fingerprints needs the exact model hash. ``change_tasks`` (``index
-add-task``/``remove-task``), writes paused: the store gains or drops a task's index, a snapshot with the new
-config is committed, gallery.json replaced atomically, a second snapshot committed (a fall-back of the new
-tasks). A crash before the replace leaves the old tasks, served from the previous generation.
+Opening with a run: a gallery recording per-task fingerprints accepts a run that embeds its tasks as when
+indexed (``index.tasks.check_model``: a child run of ``modret task add``/``remove``, its new tasks in
+``task_check.missing``), refusing other shared weights or a task embedded differently; one without them
+needs the exact model hash. ``change_tasks`` (``index add-task``/``remove-task``), writes paused: the store
+gains or drops a task's index, a snapshot with the new config is committed, gallery.json replaced
+atomically, a second snapshot committed. A crash before the replace leaves the old tasks, as they were.
 
 Milvus galleries persist through Milvus' own log: the metadata commits first on add and last on remove,
 so a crash can only leave rows whose vectors are (partly) missing, which opening for writing rolls back;
@@ -66,12 +65,13 @@ from index.gallery_files import (
     DamagedGalleryError,
     GalleryError,
     VerifyReport,
+    busy,
     parse_config,
 )
 from index.generations import GenerationError, Generations, Manifest
 from index.metadata import DB_NAME, ItemRecord, Metadata, MetadataError, NewItem
 from index.store import SearchResult, VectorStore, as_ids, open_store, store_class
-from index.tasks import TaskCheck, check_model, recorded_fingerprints
+from index.tasks import TaskCheck, add_task, check_model, recorded_fingerprints, remove_task
 from index.wal import LogCorruptError, LogScan, WriteAheadLog
 from model.data.base import LabelValue
 from model.durable import FileLock, LockHeld, atomic_write_bytes
@@ -412,10 +412,11 @@ class Gallery:
         expected = (len(items), len(self.tasks), self.embedding_dim)
         if vectors.shape != expected:
             raise ValueError(f"vectors have shape {vectors.shape}, expected {expected}")
-        if self.committer is not None:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if self.wal is not None:
             self.metadata.store_blobs(items)  # durable before the record that refers to them
             try:
-                return self.committer.add(items, np.ascontiguousarray(vectors, dtype=np.float32))
+                return (self.committer or busy(self.root)).add(items, vectors)
             except CommitterError as e:
                 raise GalleryError(str(e)) from e
         with self._write_lock:
@@ -437,9 +438,9 @@ class Gallery:
     def remove(self, ids: Sequence[int] | np.ndarray) -> int:
         """Remove ``ids``; durable on return. Returns how many were in the gallery."""
         self._check_writable()
-        if self.committer is not None:
+        if self.wal is not None:
             try:
-                return self.committer.remove(np.asarray(ids, dtype=np.int64))
+                return (self.committer or busy(self.root)).remove(np.asarray(ids, dtype=np.int64))
             except CommitterError as e:
                 raise GalleryError(str(e)) from e
         with self._write_lock:  # vectors first: a crash between leaves a row to roll back, never orphans
@@ -458,18 +459,12 @@ class Gallery:
 
     # --- changing the task list (driven by index.tasks; see the module docstring) ----------------------
 
-    def add_task(
-        self, task: str, run: LoadedRun, *, images: Mapping[str, Path] | None = None, progress: Any = None
-    ) -> int:
-        """Index every item under the run's ``task`` (``index.tasks.add_task``); how many were embedded."""
-        from index.tasks import add_task
-
-        return add_task(self, task, run, images=images, progress=progress)
+    def add_task(self, task: str, run: LoadedRun, **options: Any) -> int:
+        """``index.tasks.add_task``: index every item under the run's ``task`` (``images``, ``progress``)."""
+        return add_task(self, task, run, **options)
 
     def remove_task(self, task: str) -> None:
         """Drop ``task``'s index durably (``index.tasks.remove_task``)."""
-        from index.tasks import remove_task
-
         remove_task(self, task)
 
     def change_tasks(
@@ -481,7 +476,6 @@ class Gallery:
         self._check_writable()
         with self._write_lock:
             committer, self.committer = self.committer, None
-            position = committer.position if committer is not None else 0
             if committer is not None:
                 committer.close(snapshot=False)  # answers what is queued, lets a running snapshot finish
             if self.store.manifest is None:
@@ -489,6 +483,7 @@ class Gallery:
             old_bytes = self._config_bytes
             try:
                 change()
+            position = committer.position if committer is not None else 0
                 names = getattr(self.store, "options", {}).get("collections")  # Milvus: kept by name
                 if names is not None:
                     config["store_options"] = {**config["store_options"], "collections": dict(names)}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 CONFIG = "gallery.json"
 STORE_DIR = "store"
@@ -32,6 +32,11 @@ class DamagedGalleryError(GalleryError):
         )
         super().__init__(f"{root}: {what}; {hint}")
         self.part = part
+
+
+def busy(root: Path) -> NoReturn:
+    """A write to a logged gallery while it changes its task list (``Gallery.change_tasks``)."""
+    raise GalleryError(f"{root} is changing its task list; retry in a moment")
 
 
 def parse_config(root: Path, data: bytes) -> dict[str, Any]:
