@@ -478,12 +478,12 @@ class Gallery:
             committer, self.committer = self.committer, None
             if committer is not None:
                 committer.close(snapshot=False)  # answers what is queued, lets a running snapshot finish
+            position = committer.position if committer is not None else 0
             if self.store.manifest is None:
                 self._snapshot_now(position)  # a generation of the old task list to fall back to
             old_bytes = self._config_bytes
             try:
                 change()
-            position = committer.position if committer is not None else 0
                 names = getattr(self.store, "options", {}).get("collections")  # Milvus: kept by name
                 if names is not None:
                     config["store_options"] = {**config["store_options"], "collections": dict(names)}
