@@ -63,6 +63,7 @@ from index.store import (
     as_ids,
     as_queries,
     check_add,
+    check_same_ids,
     check_task,
     padded,
 )
@@ -101,6 +102,7 @@ class MilvusStore:
         token: str | None = None,
         collection_prefix: str = "modret",
         index_type: str = "FLAT",
+        collections: dict[str, str] | None = None,
     ) -> None:
         try:  # optional dependency (the ``milvus`` extra): imported only when this backend is used
             from pymilvus import MilvusClient
@@ -125,9 +127,15 @@ class MilvusStore:
         # may change: see service.settings) and never the token.
         self.options: dict[str, Any] = {"collection_prefix": collection_prefix, "index_type": index_type}
         self.collections = {task: self.collection_name(i, task) for i, task in enumerate(self._tasks)}
+        if collections is not None:  # recorded by a task change (``add_task``/``remove_task``)
+            if list(collections) != self._tasks:
+                raise ValueError(f"collections {collections} do not name the tasks {self._tasks} in order")
+            self.collections = dict(collections)
+            self.options["collections"] = dict(collections)
         self.generations = Generations(root)
         self.manifest: Manifest | None = None
         self._lock = RWLock()
+        self._retired: list[str] = []  # collections of removed tasks, dropped by discard_removed
         try:
             self._client = MilvusClient(uri=self.uri, token=token or "")
         except Exception as e:  # pymilvus raises MilvusException (or grpc's errors) when it cannot connect
@@ -293,6 +301,57 @@ class MilvusStore:
                     self._client.delete(self.collections[task], ids=ids[start : start + _CHUNK].tolist())
             return len(present)
 
+    def add_task(self, task: str, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """A new collection for ``task`` (last in task order) holding ``vectors[i]`` under ``ids[i]``,
+        flushed before it returns. A collection of that name left by an add that crashed is dropped first.
+        The caller serialises this with writes (``Gallery`` does): the ids are compared outside the lock."""
+        if task in self._tasks:
+            raise ValueError(f"task {task!r} is already in the index")
+        ids = as_ids(ids)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.shape != (len(ids), self.dim):
+            raise ValueError(f"vectors have shape {vectors.shape}, expected {(len(ids), self.dim)}")
+        check_same_ids(ids, self.ids(self._tasks[0]), task)
+        collection = self.collection_name(len(self._tasks), task)
+        with self._lock.write():
+            if collection in self._retired:
+                self._retired.remove(collection)
+            if self._client.has_collection(collection):
+                self._client.drop_collection(collection)
+            self._create(collection)
+            self._client.load_collection(collection)
+            try:
+                for start in range(0, len(ids), _CHUNK):
+                    chunk = zip(ids[start : start + _CHUNK], vectors[start : start + _CHUNK], strict=True)
+                    self._client.insert(collection, [{"id": int(i), "vector": v} for i, v in chunk])
+                self._client.flush(collection)
+            except BaseException:
+                self._client.drop_collection(collection)
+                raise
+            self.collections[task] = collection
+            self._tasks.append(task)
+            self.options["collections"] = dict(self.collections)
+
+    def remove_task(self, task: str) -> None:
+        """Forget ``task``'s collection; it is dropped by ``discard_removed``, once the gallery's config
+        no longer names it. The other collections keep their names (recorded in ``options`` as
+        ``collections``, which the gallery keeps in its store options). The last task stays."""
+        check_task(task, self._tasks)
+        if len(self._tasks) == 1:
+            raise ValueError(f"{task!r} is the index's only task; an index keeps at least one")
+        with self._lock.write():
+            self._retired.append(self.collections.pop(task))
+            self._tasks.remove(task)
+            self.options["collections"] = dict(self.collections)
+
+    def discard_removed(self) -> None:
+        """Drop the collections of the tasks removed since the last call."""
+        with self._lock.write():
+            while self._retired:
+                collection = self._retired.pop()
+                if self._client.has_collection(collection):
+                    self._client.drop_collection(collection)
+
     def save(self) -> Manifest:
         # Milvus Lite's flush is not isolated from searches that run meanwhile: one can miss the rows
         # being flushed (tests/index/test_concurrency.py caught it). With a Lite file the save therefore
@@ -310,6 +369,7 @@ class MilvusStore:
                 counts={task: self._count(task) for task in self._tasks},
                 options=self.options,
             )
+            self._created.clear()  # the generation just committed counted them: a later load may serve it
         return self.manifest
 
     def _write_files(self, directory: Path) -> None:

@@ -21,6 +21,7 @@ from index.tasks import ImagesNotStoredError, check_run, embed_stored, stored_ba
 from model.run import load_run, save_run
 from model.tasks import fingerprints
 from tests.factories import GALLERY_SIZE, TASKS, face, make_child_run, make_gallery, tiny_model
+from tests.index.conftest import end_process_state, needs_milvus_lite
 
 NEW = "Bald"
 
@@ -253,5 +254,46 @@ def test_a_child_of_the_gallerys_model_gives_an_old_gallery_its_fingerprints(
     reopened = open_for(index_dir, child_dir)
     try:
         assert reopened.task_check is not None and reopened.task_check.valid == [*TASKS, NEW]
+    finally:
+        reopened.close()
+
+
+@needs_milvus_lite
+def test_a_milvus_gallery_adds_and_removes_a_task_and_reopens(
+    run_dir: Path, child_dir: Path, tmp_path: Path
+) -> None:
+    parent, child = load_run(run_dir), load_run(child_dir)
+    root = tmp_path / "milvus-gallery"
+    gallery = Gallery.create(
+        root,
+        tasks=TASKS,
+        dim=parent.embedding_dim,
+        model_hash=parent.model_hash,
+        backend="milvus",
+        fingerprints=parent.fingerprints,
+    )
+    try:
+        items, decoded = [], []
+        for i in range(6):
+            data, labels = face(i)
+            decoded.append(Image.open(io.BytesIO(data)).convert("RGB"))
+            items.append(NewItem(f"{i}.png", content_hash(data), 48, 48, labels, data))
+        gallery.add(items, embed_images(parent, decoded))
+        gallery.save()
+        assert gallery.add_task(NEW, child) == 6
+        gallery.remove_task("Eyeglasses")  # a middle task: the later collections keep their names
+        kept = [t for t in TASKS if t != "Eyeglasses"] + [NEW]
+        assert gallery.tasks == kept
+        bald = gallery.vectors(gallery.metadata.ids(), NEW)
+        uri = gallery.store.uri  # type: ignore[attr-defined]
+    finally:
+        gallery.close()
+    end_process_state(uri)
+    reopened = open_for(root, child_dir)
+    try:
+        assert reopened.task_check is not None and reopened.task_check.valid == kept
+        assert {t: reopened.store.count(t) for t in kept} == dict.fromkeys(kept, 6)
+        np.testing.assert_array_equal(reopened.vectors(reopened.metadata.ids(), NEW), bald)
+        assert reopened.verify(fingerprints=child.fingerprints).ok
     finally:
         reopened.close()
