@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from model.network import Arch, ModulationInit, Neck
-from model.train import Mining, TrainConfig, train
+from model.train import DecodedData, Mining, TrainConfig, train
 
 
 @dataclass(frozen=True)
@@ -51,12 +51,31 @@ def compare_budget(dataset: str) -> Budget:
     return SYNTHFACES_BUDGET if dataset == "synthfaces" else REAL_DATA_BUDGET
 
 
-def compare(base: TrainConfig, archs: list[Arch], out: Path, progress: bool = True) -> dict[str, Any]:
-    """Train ``base`` once per architecture into ``out/<arch>``; returns ``{arch: eval JSON}``."""
-    results: dict[str, Any] = {}
+def compare(
+    base: TrainConfig,
+    archs: list[Arch],
+    out: Path,
+    progress: bool = True,
+    pretrained: str | None = None,
+) -> dict[str, Any]:
+    """Train ``base`` once per architecture into ``out/<arch>``; returns ``{arch: eval JSON}``. With
+    ``pretrained`` (``TrainConfig.pretrained``: "package" or a weights file) each architecture also trains
+    from those weights into ``out/<arch>-pretrained`` (row ``<arch> pretrained``, beside its
+    from-scratch row). The dataset is decoded once, for every run."""
+    decoded = DecodedData.load(base.data, base.image_size, progress)
+    runs: list[tuple[str, str, TrainConfig]] = []  # (folder, row, config)
     for arch in archs:
-        metrics = train(replace(base, arch=arch), Path(out) / arch, progress=progress)
-        results[arch] = {**metrics["test"], "train_seconds": metrics["train_seconds"]}
+        if pretrained is None:
+            runs.append((arch, arch, replace(base, arch=arch)))
+        else:
+            runs.append((arch, arch, replace(base, arch=arch, pretrained=None)))
+            runs.append(
+                (f"{arch}-pretrained", f"{arch} pretrained", replace(base, arch=arch, pretrained=pretrained))
+            )
+    results: dict[str, Any] = {}
+    for folder, name, cfg in runs:
+        metrics = train(cfg, Path(out) / folder, progress=progress, decoded=decoded)
+        results[name] = {**metrics["test"], "train_seconds": metrics["train_seconds"]}
     (Path(out) / "compare.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 

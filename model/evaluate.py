@@ -21,6 +21,7 @@ Every test image is embedded under every task once (``MultiTaskEmbedder.embed_ta
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -177,11 +178,15 @@ def evaluate(
     split_seed: int = 0,
     split: str = "test",
     triplets_per_task: int = TRIPLETS_PER_TASK,
+    pixels: Callable[[np.ndarray], Tensor] | None = None,
 ) -> dict[str, Any]:
-    """The eval JSON: ``{"tasks": {task: {...}}, "mean": {...}, "params": {...}}``."""
+    """The eval JSON: ``{"tasks": {task: {...}}, "mean": {...}, "params": {...}}``. ``pixels``: the
+    (N, 3, S, S) uint8 images of some dataset indices, when they are decoded already (else decoded here)."""
     indices = dataset.split_indices(split, split_seed)  # type: ignore[arg-type]
-    pixels = materialize(dataset.load_image, list(indices), preprocess)
-    table = embed_all(model, pixels, preprocess)
+    images = (
+        pixels(indices) if pixels is not None else materialize(dataset.load_image, list(indices), preprocess)
+    )
+    table = embed_all(model, images, preprocess)
     row = np.full(len(dataset), -1, dtype=np.int64)
     row[indices] = np.arange(len(indices))
     official = getattr(dataset, "official_triplets", None)

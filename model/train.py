@@ -307,21 +307,52 @@ class PixelCache:
         return batch
 
 
+@dataclass
+class DecodedData:
+    """A dataset and every one of its images decoded once at one input size, for several trainings that
+    share them (``modret compare``: every architecture, from scratch and pretrained, reads the same
+    pixels). The cache holds uint8 pixels, so runs with different normalisations can share it."""
+
+    data: DataConfig
+    image_size: int
+    dataset: AttributeDataset
+    pixels: PixelCache
+
+    @classmethod
+    def load(cls, data: DataConfig, image_size: int, progress: bool = True) -> DecodedData:
+        dataset = data.load(image_size)
+        everything = np.arange(len(dataset))
+        return cls(
+            data, image_size, dataset, PixelCache(dataset, everything, Preprocess(image_size), progress)
+        )
+
+    def check(self, cfg: TrainConfig) -> None:
+        if cfg.data != self.data or cfg.image_size != self.image_size:
+            raise ValueError(
+                f"the decoded data is {self.data} at {self.image_size} px; this run wants {cfg.data} at "
+                f"{cfg.image_size} px"
+            )
+
+
 def train(
     cfg: TrainConfig,
     out: Path,
     resume: bool = False,
     progress: bool = True,
     say: Callable[[str], None] | None = None,
+    decoded: DecodedData | None = None,
 ) -> dict[str, Any]:
     """Train into ``out`` (model.safetensors, config.json, metrics.json); returns the metrics. ``say``
     gets one line saying what the run will do (``describe``) before any work starts. The checkpoint an
-    interrupted run resumes from is removed once the run is complete."""
+    interrupted run resumes from is removed once the run is complete. ``decoded``: the data already
+    decoded (``DecodedData`` of ``cfg.data`` at ``cfg.image_size``), read instead of decoding again."""
     out = Path(out)
     device = resolve_device(cfg.device)
     _warn_if_task_statistics_are_thin(cfg)
     torch.manual_seed(cfg.seed)
-    dataset = cfg.data.load(cfg.image_size)
+    if decoded is not None:
+        decoded.check(cfg)
+    dataset = decoded.dataset if decoded is not None else cfg.data.load(cfg.image_size)
     task_names = dataset.task_names
     model = create_model(cfg.model_config(task_names))
     provenance = load_pretrained(model, cfg.pretrained) if cfg.pretrained else None
@@ -353,7 +384,11 @@ def train(
         # label id -> name per task (what a gallery stores and filters by: ``TaskSpec.label_value``)
         "task_values": {t.name: list(t.values) for t in dataset.tasks},
     }
-    pixels = PixelCache(dataset, np.concatenate([train_idx, val_idx]), preprocess, progress)
+    pixels = (
+        decoded.pixels
+        if decoded is not None
+        else PixelCache(dataset, np.concatenate([train_idx, val_idx]), preprocess, progress)
+    )
     val = fixed_triplets(dataset.labels, val_idx, cfg.val_triplets_per_task, seed=cfg.seed)
     label_means = class_label_means(dataset.labels[train_idx]) if cfg.decorrelation else None
     model.train()
@@ -401,7 +436,14 @@ def train(
         "steps": total_steps,
         "device": str(device),
     }
-    metrics["test"] = evaluate(model, dataset, preprocess, seed=cfg.seed, split_seed=cfg.data.seed)
+    metrics["test"] = evaluate(
+        model,
+        dataset,
+        preprocess,
+        seed=cfg.seed,
+        split_seed=cfg.data.seed,
+        pixels=decoded.pixels.__getitem__ if decoded is not None else None,
+    )
     write_json(out / METRICS, metrics)
     checkpoint_path.unlink(missing_ok=True)  # 3x the model, and nothing left to resume
     return metrics

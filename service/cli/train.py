@@ -303,6 +303,16 @@ def compare(
     device: DeviceOpt = "auto",
     out: Annotated[Path | None, typer.Option(help="default: runs/compare-<dataset>")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print {arch: eval JSON}")] = False,
+    pretrained: Annotated[
+        bool,
+        typer.Option(
+            help="also train each architecture from the installed package's ImageNet weights "
+            "(efficientnet_lite0): its row beside the from-scratch one"
+        ),
+    ] = False,
+    pretrained_path: Annotated[
+        Path | None, typer.Option(help="as --pretrained, from a state_dict on disk (see modret train)")
+    ] = None,
 ) -> None:
     """Train each architecture under the same budget and print the comparison table.
 
@@ -310,7 +320,9 @@ def compare(
     train``: 800 steps at width 16, 4 triplets per task per step, batch-all mining, routing-initialised
     modules after every stage and on the embedding, and a 25% lr warmup (about 10 minutes for shared, mask
     and modulated on synthetic faces on 2 CPU cores); per-task statistics in the embedding's batch norm on
-    synthfaces, one batch norm on real data.
+    synthfaces, one batch norm on real data. The dataset is decoded once for every run; with
+    --pretrained or --pretrained-path each architecture trains twice, rows ``<arch>`` and
+    ``<arch> pretrained`` side by side.
     """
     from model.compare import compare as run_compare
     from model.compare import compare_budget, markdown_table
@@ -337,7 +349,12 @@ def compare(
         image_size=image_size, embedding_dim=embedding_dim, device=device, **options,
     )  # fmt: skip
     try:
-        results = run_compare(cfg, cast(Any, arch_list), out or Path("runs") / f"compare-{dataset}")
+        results = run_compare(
+            cfg,
+            cast(Any, arch_list),
+            out or Path("runs") / f"compare-{dataset}",
+            pretrained=_pretrained(pretrained, pretrained_path),
+        )
     except (DataFormatError, ValueError) as exc:
         raise fail(str(exc)) from exc
     typer.echo(json.dumps(results, indent=2) if as_json else markdown_table(results))

@@ -1,13 +1,22 @@
-"""The comparison's budgets: which recipe each dataset trains with when options are left out."""
+"""The comparison: which recipe each dataset trains with when options are left out, one decode for every
+run, pretrained rows beside from-scratch ones."""
 
 from __future__ import annotations
 
-import pytest
+import json
+from dataclasses import replace
 
-from model.compare import compare_budget, markdown_table
+import pytest
+import torch
+from PIL import Image
+
+from model.compare import compare, compare_budget, markdown_table
 from model.data import DATASETS
+from model.data.synthfaces import SynthFaces
 from model.network import BatchNeck, MultiTaskEmbedder, TaskNeck, create_model
-from model.train import TrainConfig
+from model.train import DataConfig, DecodedData, TrainConfig, train
+from tests.factories import tiny_train_config
+from tests.model.test_pretrained import tv_resnet
 
 
 def _network(dataset: str) -> MultiTaskEmbedder:
@@ -46,3 +55,47 @@ def test_markdown_table_has_one_row_per_architecture():
     assert table[2].startswith("| shared | 0.900 |") and table[3].startswith("| modulated | 0.900 |")
     assert table[2].endswith("| 0.700 | - | 1,000 | 10 | 12 |")  # compared before leakage was measured
     assert table[3].endswith("| 0.700 | 0.071 | 1,000 | 10 | 12 |")
+
+
+TASKS = ["Pale_Skin", "Wearing_Hat"]
+
+
+def _counting_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record every synthetic face the datasets decode (the real renderer still draws each)."""
+    decoded: list[int] = []
+    render = SynthFaces.load_image
+
+    def counted(self: SynthFaces, index: int) -> Image.Image:
+        decoded.append(index)
+        return render(self, index)
+
+    monkeypatch.setattr(SynthFaces, "load_image", counted)
+    return decoded
+
+
+def test_compare_decodes_the_dataset_once_for_every_run(tmp_path, monkeypatch):
+    decoded = _counting_decodes(monkeypatch)
+    path = tmp_path / "r18.pth"
+    torch.save(tv_resnet("resnet18", width=4).state_dict(), path)
+    base = tiny_train_config(data=DataConfig(tasks=TASKS, num_images=60))
+    results = compare(base, ["shared", "modulated"], tmp_path / "cmp", progress=False, pretrained=str(path))
+    # four trainings and their evaluations (train, val and test splits) read one decode of each image
+    assert sorted(decoded) == list(range(60))
+    assert list(results) == ["shared", "shared pretrained", "modulated", "modulated pretrained"]
+    for folder, weights in (("modulated", None), ("modulated-pretrained", str(path.resolve()))):
+        config = json.loads((tmp_path / "cmp" / folder / "config.json").read_text())
+        assert (config["pretrained"] or {}).get("path") == weights, folder
+    table = markdown_table(results).splitlines()
+    assert [row.split(" | ")[0] for row in table[2:]] == [f"| {name}" for name in results]
+
+
+def test_training_on_decoded_data_is_training_on_the_dataset(tmp_path):
+    cfg = tiny_train_config(data=DataConfig(tasks=TASKS, num_images=60))
+    alone = train(cfg, tmp_path / "alone", progress=False)
+    decoded = DecodedData.load(cfg.data, cfg.image_size, progress=False)
+    shared = train(cfg, tmp_path / "shared", progress=False, decoded=decoded)
+    assert shared["test"] == alone["test"] and shared["history"][-1]["loss"] == alone["history"][-1]["loss"]
+    with pytest.raises(ValueError, match="this run wants"):
+        train(
+            replace(cfg, image_size=cfg.image_size * 2), tmp_path / "other", progress=False, decoded=decoded
+        )
