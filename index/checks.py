@@ -104,6 +104,8 @@ def check_gallery(
                 f"task fingerprints: the run embeds {', '.join(check.valid) or 'none'} as indexed"
                 + (f"; not indexed: {', '.join(check.missing)}" if check.missing else "")
             )
+            if model_hash == gallery.model_hash:
+                report.checked.append("model hash matches the run")
     elif model_hash is not None and model_hash != gallery.model_hash:
         report.problems.append(
             f"model mismatch: gallery built with {gallery.model_hash[:12]}…, run has {model_hash[:12]}…"
