@@ -99,9 +99,14 @@ def recipe_options(recipe: str, dataset: str) -> dict[str, Any]:
     raise fail(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
 
 
-def _with_given(base: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with every option the user gave (not None) put over it."""
-    return {**base, **{name: value for name, value in given.items() if value is not None}}
+def _with_given(base: dict[str, Any], given: dict[str, Any], pretrained: str | None = None) -> dict[str, Any]:
+    """``base`` with every option the user gave (not None) put over it. With ``pretrained`` weights and no
+    width given, the backbone's own width: a recipe's width is for training from scratch, and ImageNet
+    weights only fit the width they were trained at."""
+    options = {**base, **{name: value for name, value in given.items() if value is not None}}
+    if pretrained is not None and given.get("width") is None:
+        options["width"] = None
+    return options
 
 
 def _train_config(
@@ -174,16 +179,17 @@ def train(
     from model.train import train as run_training
 
     _check_interrupted_run(out / CHECKPOINT, resume, overwrite)
+    weights = _pretrained(pretrained, pretrained_path)
     given = {
         "modulation_init": modulation_init, "neck": neck, "width": width, "modulate": split(modulate),
         "epochs": epochs, "steps": steps, "per_task": per_task, "mining": mining, "warmup": warmup,
-        "pretrained": _pretrained(pretrained, pretrained_path), "augment": augment,
+        "pretrained": weights, "augment": augment,
     }  # fmt: skip
     try:
         if resume:
             cfg = resume_config(out, steps, epochs if steps is None else None)
         else:
-            options = _with_given(recipe_options(recipe, dataset), given)
+            options = _with_given(recipe_options(recipe, dataset), given, weights)
             if epochs is not None and steps is None:
                 options["steps"] = None  # epochs asked for: the recipe's step count goes
             cfg = _train_config(
@@ -343,7 +349,9 @@ def compare(
         "mining": mining,
         "warmup": warmup,
     }
-    options = _with_given(compare_budget(dataset).train_options(), given)
+    weights = _pretrained(pretrained, pretrained_path)
+    # with pretrained rows, the from-scratch rows train the same (full-width) backbone
+    options = _with_given(compare_budget(dataset).train_options(), given, weights)
     cfg = _train_config(
         dataset, data_dir, tasks, num_images, seed, modulation=modulation, backbone=backbone,
         image_size=image_size, embedding_dim=embedding_dim, device=device, **options,
@@ -353,7 +361,7 @@ def compare(
             cfg,
             cast(Any, arch_list),
             out or Path("runs") / f"compare-{dataset}",
-            pretrained=_pretrained(pretrained, pretrained_path),
+            pretrained=weights,
         )
     except (DataFormatError, ValueError) as exc:
         raise fail(str(exc)) from exc

