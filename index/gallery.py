@@ -205,10 +205,15 @@ class Gallery:
         read_only: bool = False,
         snapshot_every_records: int = 10_000,
         snapshot_every_s: float = 300.0,
+        store_overrides: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> Gallery:
         """Open the gallery in ``root`` for a run (``model_hash``, ``fingerprints``: the run's; see the
         module docstring for what is accepted; ``task_check`` says which tasks the run can search).
-        The two ``snapshot_every`` settings say when a writer snapshots in the background."""
+        The two ``snapshot_every`` settings say when a writer snapshots in the background.
+        ``store_overrides[backend]`` replace gallery.json's store options of the same name when the
+        gallery has that backend, for this open only (never written back): where a deployment serves
+        the gallery from, such as a Milvus server's ``uri`` (``MODRET_MILVUS_URI``); the store still
+        refuses generations that do not match it."""
         config, config_bytes = _read_config(root)
         task_check = check_model(root, config, model_hash, fingerprints)
         lock_file = None
@@ -235,7 +240,7 @@ class Gallery:
                     tasks=config["tasks"],
                     dim=config["embedding_dim"],
                     model_hash=config["model_hash"],
-                    options=config["store_options"],
+                    options={**config["store_options"], **(store_overrides or {}).get(config["backend"], {})},
                 )
                 gallery = cls(root, config, store, metadata, lock_file)
                 gallery._config_bytes = config_bytes

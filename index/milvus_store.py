@@ -45,6 +45,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -70,6 +71,7 @@ from index.store import (
 
 INSTALL_HINT = "pip install modret[milvus]"
 MAX_LIMIT = 16384  # Milvus' cap on topk
+INDEX_WAIT_S = 10.0  # how long a store waits for another one to index a collection it created
 _CHUNK = 10_000  # rows per insert / ids per expression, well under Milvus' message size limit
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 T = TypeVar("T")
@@ -168,10 +170,27 @@ class MilvusStore:
                 if not self._client.has_collection(collection):
                     raise
                 # another store (a replica opening the same new gallery) created it meanwhile
+        if not created and not self.lite:
+            self._await_index(collection)
         # A collection that exists from an earlier process (or a restarted server) starts released:
         # searches, queries and gets fail until it is loaded. Loading a loaded collection is a no-op.
         self._client.load_collection(collection)
         return created
+
+    def _await_index(self, collection: str) -> None:
+        """A collection is created first and indexed a moment later, and cannot be loaded in between: when
+        another store (a replica) is creating it, wait for its index; when none comes (its creator
+        crashed in between), create the index here."""
+        deadline = time.monotonic() + INDEX_WAIT_S
+        while not self._client.list_indexes(collection):
+            if time.monotonic() > deadline:
+                try:
+                    self._client.create_index(collection, self._index_params())
+                except Exception:
+                    if not self._client.list_indexes(collection):
+                        raise
+                return
+            time.sleep(0.1)
 
     def collection_name(self, position: int, task: str) -> str:
         """The collection of ``task`` at ``position`` in task order: ``<prefix>_<position>_<task>``."""
@@ -184,11 +203,14 @@ class MilvusStore:
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.INT64, is_primary=True)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
+        self._client.create_collection(
+            collection, schema=schema, index_params=self._index_params(), consistency_level="Strong"
+        )
+
+    def _index_params(self) -> Any:
         index_params = self._client.prepare_index_params()
         index_params.add_index(field_name="vector", index_type=self.options["index_type"], metric_type="IP")
-        self._client.create_collection(
-            collection, schema=schema, index_params=index_params, consistency_level="Strong"
-        )
+        return index_params
 
     def tasks(self) -> list[str]:
         return list(self._tasks)

@@ -125,12 +125,57 @@ class Settings(BaseSettings):
         "SQLite in INDEX_DIR. Not read by the service yet: the gallery wiring is the next step of #14",
     )
 
+    milvus_uri: str | None = Field(
+        default=None,
+        description="Milvus server holding the vectors of a milvus gallery: http(s)://host:19530. When set "
+        "it overrides the uri in the gallery's gallery.json (store_options), and CREATE_INDEX creates a "
+        "milvus gallery on it; unset: gallery.json's uri (by default the gallery's Milvus Lite file)",
+    )
+    milvus_collection_prefix: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="names the gallery's collections on the Milvus server (one prefix per gallery); when "
+        "set it overrides gallery.json's, which must then be the same (else the gallery refuses to open)",
+    )
+    milvus_token: SecretStr | None = Field(
+        default=None, description="Milvus user:password or API key, when the server checks them"
+    )
+
     @field_validator("metadata_url")
     @classmethod
     def _postgres_url(cls, url: str | None) -> str | None:
         if url is not None and urlsplit(url).scheme.lower() not in ("postgresql", "postgres"):
             raise ValueError("the metadata URL must be postgresql://user@host:port/database (or unset)")
         return url
+
+    @field_validator("milvus_uri")
+    @classmethod
+    def _milvus_uri(cls, uri: str | None) -> str | None:
+        if uri is not None and (
+            urlsplit(uri).scheme.lower() not in ("http", "https") or not urlsplit(uri).hostname
+        ):
+            raise ValueError("the Milvus URI must be http://host:port or https://host:port (or unset)")
+        return uri
+
+    def store_overrides(self) -> dict[str, dict[str, Any]]:
+        """What ``Gallery.open`` replaces in a gallery's store options, by backend: the Milvus settings
+        that are set (an override wins over gallery.json; nothing set, nothing replaced)."""
+        milvus: dict[str, Any] = {}
+        if self.milvus_uri is not None:
+            milvus["uri"] = self.milvus_uri
+        if self.milvus_collection_prefix is not None:
+            milvus["collection_prefix"] = self.milvus_collection_prefix
+        if self.milvus_token is not None:
+            milvus["token"] = self.milvus_token.get_secret_value()
+        return {"milvus": milvus} if milvus else {}
+
+    def new_gallery_store(self) -> dict[str, Any]:
+        """``backend`` and ``store_options`` of a gallery the service creates (``create_index``): Milvus
+        on ``milvus_uri`` when that is set (its uri and prefix recorded, never the token), else faiss."""
+        if self.milvus_uri is None:
+            return {}
+        options = {"uri": self.milvus_uri, "collection_prefix": self.milvus_collection_prefix or "modret"}
+        return {"backend": "milvus", "store_options": options}
 
     @property
     def model_threads(self) -> int:
@@ -150,7 +195,7 @@ class Settings(BaseSettings):
         for name, value in self.model_dump().items():
             if isinstance(value, SecretStr):
                 out[name] = "***"
-            elif name == "metadata_url" and value is not None and urlsplit(value).password is not None:
+            elif name in ("metadata_url", "milvus_uri") and value and urlsplit(value).password is not None:
                 parts = urlsplit(value)  # the password in the URL is a secret too
                 out[name] = urlunsplit(
                     parts._replace(netloc=f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}")

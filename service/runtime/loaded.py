@@ -111,9 +111,12 @@ def served_tasks(gallery: Gallery, run: LoadedRun) -> list[str]:
 
 
 def open_gallery(settings: Settings, run: LoadedRun) -> Gallery:
+    """Open (or, with ``create_index``, create) the gallery of ``settings``; the Milvus settings, when
+    set, override the gallery's own store options (``Settings.store_overrides``)."""
     policy: dict[str, Any] = {
         "snapshot_every_records": settings.snapshot_every_records,
         "snapshot_every_s": settings.snapshot_every_s,
+        "store_overrides": settings.store_overrides(),
     }
     fingerprints = run.fingerprints
     if settings.create_index and not (settings.index_dir / "gallery.json").exists():
@@ -124,6 +127,7 @@ def open_gallery(settings: Settings, run: LoadedRun) -> Gallery:
             dim=run.embedding_dim,
             model_hash=run.model_hash,
             fingerprints=fingerprints,
+            **settings.new_gallery_store(),
             **policy,
         )
     gallery = Gallery.open(settings.index_dir, model_hash=run.model_hash, fingerprints=fingerprints, **policy)

@@ -2,7 +2,8 @@
 replicas over one server need (each store sees the others' acknowledged writes at once, from another
 process too; two opening a new gallery at once), what a server-mode store keeps on disk, and the refusal
 of a generation whose collections are not on the server. The tests that need no server (credentials kept
-out of files, an unreachable address) run everywhere pymilvus is installed."""
+out of files, an unreachable address) run everywhere pymilvus is installed, and ``Gallery.open``'s store
+overrides (what ``MODRET_MILVUS_URI`` becomes) on Milvus Lite files."""
 
 from __future__ import annotations
 
@@ -16,10 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from index import milvus_store
+from index.gallery import Gallery, GalleryError
 from index.generations import GenerationError
+from index.metadata import NewItem, content_hash
 from index.milvus_store import _safe_uri
 from index.store import VectorStore, open_store
-from tests.index.conftest import DIM, MODEL_HASH, TASKS, vectors_by_task
+from tests.index.conftest import DIM, MODEL_HASH, TASKS, needs_milvus_lite, unit_vectors, vectors_by_task
 from tests.milvus_server import MilvusServer, free_ports
 
 needs_pymilvus = pytest.mark.skipif(
@@ -155,6 +159,8 @@ def test_server_mode_keeps_only_generations_on_disk(
     vectors = vectors_by_task(np.random.default_rng(3), 4)
     store.add(np.arange(4, dtype=np.int64), vectors)
     manifest = store.save()
+    loaded = store.load()  # the open created the collections, the save counted them: servable now
+    assert loaded is not None and loaded.generation == manifest.generation
     store.close()
     assert not list(root.rglob("*.db"))
     assert manifest.counts == {task: 4 for task in TASKS}
@@ -217,3 +223,54 @@ def test_credentials_never_reach_files_or_messages() -> None:
     assert _safe_uri("https://user:pw@host") == "https://host"
     assert _safe_uri("http://host:19530") == "http://host:19530"
     assert _safe_uri("/data/gallery.db") == "/data/gallery.db"
+
+
+@needs_milvus_lite
+def test_store_overrides_replace_the_galleries_options_and_a_wrong_address_is_refused(tmp_path: Path) -> None:
+    """``Gallery.open(store_overrides=...)`` (what ``MODRET_MILVUS_URI`` becomes) replaces gallery.json's
+    option for a gallery of that backend only, is never written back, and an address without the
+    gallery's collections refuses to open instead of rolling the metadata back against empty ones."""
+    root = tmp_path / "gallery"
+    gallery = Gallery.create(root, tasks=TASKS, dim=DIM, model_hash=MODEL_HASH, backend="milvus")
+    rng = np.random.default_rng(5)
+    data = [f"image {i}".encode() for i in range(3)]
+    items = [NewItem(f"{i}.png", content_hash(d), 4, 4) for i, d in enumerate(data)]
+    gallery.insert(items, np.stack([unit_vectors(rng, 3) for _ in TASKS], axis=1))
+    gallery.save()
+    gallery.close()
+    config = (root / "gallery.json").read_bytes()
+    elsewhere = {"milvus": {"uri": str(tmp_path / "elsewhere.db")}}
+    with pytest.raises(GalleryError, match="created empty now"):
+        Gallery.open(root, model_hash=MODEL_HASH, store_overrides=elsewhere)
+    assert (root / "gallery.json").read_bytes() == config
+    other_backend = {"faiss": {"kind": "hnsw"}, "milvus": {"index_type": "FLAT"}}
+    reopened = Gallery.open(root, model_hash=MODEL_HASH, store_overrides=other_backend)
+    try:
+        assert reopened.metadata.count() == 3  # nothing was rolled back
+        assert all(reopened.store.count(task) == 3 for task in TASKS)
+    finally:
+        reopened.close()
+
+
+@pytest.mark.cluster
+def test_a_collection_left_without_its_index_is_indexed_on_open(
+    tmp_path: Path, milvus_server: MilvusServer, milvus_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store that crashed between creating a collection and indexing it left one that cannot be
+    loaded; the next open waits for the index a moment (another replica may be making it), then makes it."""
+    from pymilvus import DataType, MilvusClient
+
+    monkeypatch.setattr(milvus_store, "INDEX_WAIT_S", 0.5)
+    client = milvus_server.client()
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=DIM)
+    client.create_collection(f"{milvus_prefix}_000_Smiling", schema=schema, consistency_level="Strong")
+    client.close()
+    store = server_store(tmp_path / "store", milvus_server, milvus_prefix)
+    try:
+        vectors = vectors_by_task(np.random.default_rng(6), 2)
+        store.add(np.array([1, 2], dtype=np.int64), vectors)
+        assert store.search("Smiling", vectors["Smiling"], 1).ids[:, 0].tolist() == [1, 2]
+    finally:
+        store.close()
