@@ -1,6 +1,7 @@
 """Fixtures every test package can use, built by ``tests.factories``: one tiny run and one gallery of
 rendered faces per session, and a fresh copy of that gallery for each test that changes it; one real
-PostgreSQL server per session (``tests.postgres_server``) and a fresh database on it for each test."""
+PostgreSQL server per session (``tests.postgres_server``) and a fresh database on it for each test; one
+real Milvus server per session (``tests.milvus_server``: ``milvus_server``, ``milvus_prefix``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.factories import copy_gallery, make_gallery, make_run
+from tests.milvus_server import milvus_prefix as milvus_prefix  # Milvus server fixtures, registered
+from tests.milvus_server import milvus_server as milvus_server
 from tests.postgres_server import PostgresServer, PostgresUnavailable
 
 

@@ -1,10 +1,11 @@
 """``modret index``: build a gallery index from a trained run, describe it, verify it.
 
-- ``build --run RUN_DIR (--images DIR | --dataset NAME [--data-dir DIR]) --out INDEX_DIR
-  [--backend faiss|milvus] [--kind flat|hnsw|ivfpq] [--no-store-images]`` embeds every image under every
-  task in one pass (``index.build``) with a progress bar and writes one index per task plus the gallery
-  metadata and, unless ``--no-store-images``, a copy of each image's bytes (so that the service can show
-  them: ``GET /images/{id}/content``, the web UI's thumbnails; it never serves a file by its path).
+- ``build --run RUN_DIR (--images DIR | --dataset NAME [--data-dir DIR]) --out INDEX_DIR [--backend
+  faiss|milvus [--milvus-uri URI] [--milvus-collection-prefix P]] [--kind flat|hnsw|ivfpq]
+  [--no-store-images]`` embeds every image under every task in one pass (``index.build``) with a progress
+  bar and writes one index per task plus the gallery metadata and, unless ``--no-store-images``, a copy of
+  each image's bytes (so that the service can show them: ``GET /images/{id}/content``, the web UI's
+  thumbnails; it never serves a file by its path).
 - ``info INDEX_DIR``: tasks, counts, model hash, sizes, the served generation.
 - ``verify INDEX_DIR [--run RUN_DIR]``: checksums of every kept generation and of its metadata and config
   copies, the write-ahead log, model match, every id present in every task; exits 1 on any problem (exit
@@ -27,6 +28,7 @@ start it again (or ``POST /admin/reload`` a service started after the change) to
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,16 @@ def build(
     num_images: int | None = typer.Option(None, "--num-images", help="Dataset size or subsample."),
     backend: str = typer.Option("faiss", "--backend", help=f"Vector store: {' or '.join(BACKENDS)}."),
     kind: str = typer.Option("flat", "--kind", help="faiss index kind: flat (exact), hnsw or ivfpq."),
+    milvus_uri: str | None = typer.Option(
+        None,
+        "--milvus-uri",
+        help="Milvus server for --backend milvus, e.g. http://host:19530 (default: a Milvus Lite file).",
+    ),
+    milvus_prefix: str | None = typer.Option(
+        None,
+        "--milvus-collection-prefix",
+        help="Names this gallery's collections on the Milvus server (default: modret_<random id>).",
+    ),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     store_images: bool = typer.Option(
         True,
@@ -90,6 +102,7 @@ def build(
         assert dataset is not None
         source = dataset_source(dataset, data_dir, image_size=image_size, num_images=num_images)
     options: dict[str, Any] = {"kind": kind} if backend == "faiss" else {}
+    options |= _milvus_options(backend, milvus_uri, milvus_prefix)
     try:
         with progress_bar(total=source.total, unit=" images", desc="embedding") as bar:
             report = build_gallery(
@@ -113,6 +126,19 @@ def build(
     )
     for reason in report.skipped[:10]:
         console.print(f"[yellow]skipped[/yellow] {reason}")
+
+
+def _milvus_options(backend: str, uri: str | None, prefix: str | None) -> dict[str, Any]:
+    """The store options of ``--milvus-uri`` / ``--milvus-collection-prefix``. On a server every build
+    gets a prefix of its own unless one is given, so galleries sharing the server never share collections."""
+    if uri is None and prefix is None:
+        return {}
+    if backend != "milvus":
+        raise fail("--milvus-uri and --milvus-collection-prefix go with --backend milvus")
+    options: dict[str, Any] = {} if uri is None else {"uri": uri}
+    options["collection_prefix"] = prefix or f"modret_{uuid.uuid4().hex[:12]}"
+    console.print(f"Milvus collections: {options['collection_prefix']}_<position>_<task>")
+    return options
 
 
 def _open(index_dir: Path) -> Gallery:

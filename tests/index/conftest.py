@@ -27,8 +27,6 @@ import pytest
 
 from index.store import BACKENDS, VectorStore, open_store
 from tests.milvus_server import MilvusServer, drop_collections
-from tests.milvus_server import milvus_prefix as milvus_prefix  # the fixtures, registered here
-from tests.milvus_server import milvus_server as milvus_server
 
 DIM = 8
 TASKS = ["Smiling", "Eyeglasses"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from typer.testing import CliRunner
 from service.cli.index import index_app
 from tests.factories import face, make_child_run, make_run
 from tests.folders import write_shirts
+from tests.milvus_server import MilvusServer, drop_collections
 
 runner = CliRunner()
 
@@ -142,3 +144,39 @@ def test_add_task_and_remove_task(run_dir: Path, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "has no index for Eyeglasses" in result.output
     result = runner.invoke(index_app, ["remove-task", "--index", str(tmp_path / "nowhere"), "--task", "Bald"])
     assert result.exit_code == 2 and "holds no gallery" in result.output
+
+
+@pytest.mark.cluster
+def test_build_into_a_milvus_server(run_dir: Path, tmp_path: Path, milvus_server: MilvusServer) -> None:
+    """``--backend milvus --milvus-uri``: the vectors go to the server under a prefix of the build's own
+    (recorded in gallery.json with the uri), nothing Milvus-like stays in the directory but generations;
+    info and verify read it back from the server."""
+    built = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        args = ["build", "--run", str(run_dir), "--dataset", "synthfaces", "--num-images", "6", "--out"]
+        args += [str(out), "--device", "cpu", "--backend", "milvus", "--milvus-uri", milvus_server.uri]
+        result = runner.invoke(index_app, args)
+        assert result.exit_code == 0, result.output
+        built.append(json.loads((out / "gallery.json").read_text())["store_options"])
+        assert not list(out.rglob("*.db"))
+    assert all(options["uri"] == milvus_server.uri for options in built)
+    prefixes = [options["collection_prefix"] for options in built]
+    assert prefixes[0] != prefixes[1] and all(p.startswith("modret_") for p in prefixes)
+    client = milvus_server.client()
+    try:
+        names = set(client.list_collections())
+    finally:
+        client.close()
+    assert {f"{prefixes[0]}_000_Smiling", f"{prefixes[1]}_001_Eyeglasses"} <= names
+    result = runner.invoke(index_app, ["verify", str(tmp_path / "a"), "--run", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert "6 ids in each of 2 tasks" in result.output
+    for prefix in prefixes:
+        drop_collections(milvus_server, prefix)
+
+
+def test_milvus_options_need_the_milvus_backend(run_dir: Path, tmp_path: Path) -> None:
+    args = ["build", "--run", str(run_dir), "--dataset", "synthfaces", "--num-images", "2"]
+    result = runner.invoke(index_app, [*args, "--out", str(tmp_path / "x"), "--milvus-uri", "http://h:19530"])
+    assert result.exit_code == 2 and "go with --backend milvus" in result.output
