@@ -504,30 +504,35 @@ class PostgresMetadata:
         )
         return [str(r[0]) for r in self._run(lambda conn: conn.execute(statement).fetchall())]
 
+    def unknown_labels(self, names: Sequence[str]) -> list[str]:
+        """Those of ``names`` that no committed item has (one indexed lookup per name), in order."""
+        statement = self._sql(
+            "SELECT name FROM unnest(%s::text[]) WITH ORDINALITY AS t(name, ord) WHERE NOT EXISTS"
+            " (SELECT 1 FROM {s}.items WHERE labels ? t.name AND state = 'committed') ORDER BY ord"
+        )
+        wanted = [str(name) for name in names]
+        if not wanted:
+            return []
+        return [str(r[0]) for r in self._run(lambda conn: conn.execute(statement, [wanted]).fetchall())]
+
+    def unknown_label_error(self, name: str) -> UnknownLabelError:
+        """The error of a filter on ``name``, which no item has, listing the known names."""
+        names = ", ".join(self.label_names()) or "none"
+        return UnknownLabelError(f"no gallery item has a label {name!r}; known labels: {names}")
+
     def matching(self, conditions: Mapping[str, LabelValue]) -> np.ndarray:
         """Sorted ids of the committed items whose labels satisfy every ``name == value`` condition;
         ``UnknownLabelError`` for a name that no committed item has (one indexed lookup per name)."""
         wanted = _labels(conditions)
         if not wanted:
             return self.ids()
-        unknown_names = self._sql(
-            "SELECT name FROM unnest(%s::text[]) WITH ORDINALITY AS t(name, ord) WHERE NOT EXISTS"
-            " (SELECT 1 FROM {s}.items WHERE labels ? t.name AND state = 'committed') ORDER BY ord"
-        )
+        unknown = self.unknown_labels(list(wanted))
+        if unknown:
+            raise self.unknown_label_error(unknown[0])
         statement = self._sql(
             "SELECT id FROM {s}.items WHERE labels @> %s::jsonb AND state = 'committed' ORDER BY id"
         )
-
-        def work(conn: Connection) -> tuple[list[str], list[Any]]:
-            unknown = [str(r[0]) for r in conn.execute(unknown_names, [list(wanted)]).fetchall()]
-            if unknown:
-                return unknown, []
-            return [], conn.execute(statement, [json.dumps(wanted)]).fetchall()
-
-        unknown, rows = self._run(work)
-        if unknown:
-            names = ", ".join(self.label_names()) or "none"
-            raise UnknownLabelError(f"no gallery item has a label {unknown[0]!r}; known labels: {names}")
+        rows = self._run(lambda conn: conn.execute(statement, [json.dumps(wanted)]).fetchall())
         return np.array([r[0] for r in rows], dtype=np.int64)
 
     def quick_check(self) -> str:

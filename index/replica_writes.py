@@ -18,15 +18,18 @@ other's transaction, so the order of the steps is what keeps them in agreement:
   add that was merely slow, not crashed, learns on commit that its items were rolled back, removes its
   vectors and fails (``ReplicaWriteError``), so nothing it did stays half done.
 
-Not wired yet: ``index.gallery`` calls these for galleries whose metadata is PostgreSQL (next step).
+A store whose collections carry the items' labels (``index.milvus_labels``, so that label filters run
+inside Milvus) gets them with the vectors: ``add(..., labelled=True)``. ``index.shared_gallery`` drives
+these for galleries whose metadata is PostgreSQL.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -37,6 +40,17 @@ from index.store import UnknownIdError, VectorStore
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.05  # how often a duplicate of an add in flight elsewhere checks whether it was committed
+
+
+class LabelledStore(VectorStore, Protocol):
+    """A store that keeps each item's labels with its vectors (``index.milvus_labels``)."""
+
+    def add(
+        self,
+        ids: np.ndarray,
+        vectors_by_task: dict[str, np.ndarray],
+        labels: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None: ...
 
 
 class ReplicaWriteError(RuntimeError):
@@ -67,13 +81,17 @@ def add(
     vectors: np.ndarray,
     *,
     wait_s: float = 30.0,
+    labelled: bool = False,
 ) -> tuple[list[int], list[bool]]:
     """Add ``items`` with their (N, T, D) ``vectors`` in ``tasks`` order; returns the ids and whether each
-    item is new. Every returned id is committed on return."""
+    item is new. Every returned id is committed on return. ``labelled``: ``store`` is a ``LabelledStore``
+    and gets the items' labels with their vectors."""
     ids, new = metadata.add(items, pending=True)
     rows = [i for i, is_new in enumerate(new) if is_new]
     if rows:
-        store_vectors(metadata, store, tasks, np.array([ids[i] for i in rows], dtype=np.int64), vectors[rows])
+        new_ids = np.array([ids[i] for i in rows], dtype=np.int64)
+        labels = [items[i].labels for i in rows] if labelled else None
+        store_vectors(metadata, store, tasks, new_ids, vectors[rows], labels=labels)
     others = sorted({ids[i] for i, is_new in enumerate(new) if not is_new})
     gone = _wait_committed(metadata, others, wait_s)
     if not gone:
@@ -81,7 +99,7 @@ def add(
     # The add that these duplicates waited for was rolled back: add their contents here instead.
     again = [i for i, item_id in enumerate(ids) if item_id in gone]
     retried_ids, retried_new = add(
-        metadata, store, tasks, [items[i] for i in again], vectors[again], wait_s=wait_s
+        metadata, store, tasks, [items[i] for i in again], vectors[again], wait_s=wait_s, labelled=labelled
     )
     for i, item_id, is_new in zip(again, retried_ids, retried_new, strict=True):
         ids[i], new[i] = item_id, is_new
@@ -94,11 +112,17 @@ def store_vectors(
     tasks: Sequence[str],
     new_ids: np.ndarray,
     vectors: np.ndarray,
+    labels: Sequence[Mapping[str, Any]] | None = None,
 ) -> None:
     """Steps 2 and 3 of an add: the vectors of the pending ``new_ids`` (rows of ``vectors``) into every
-    task, then commit. Undoes what it did on failure, and when a repair pass rolled the items back."""
+    task (with their ``labels``, for a ``LabelledStore``), then commit. Undoes what it did on failure, and
+    when a repair pass rolled the items back."""
+    by_task = {task: vectors[:, j] for j, task in enumerate(tasks)}
     try:
-        store.add(new_ids, {task: vectors[:, j] for j, task in enumerate(tasks)})
+        if labels is None:
+            store.add(new_ids, by_task)
+        else:
+            cast(LabelledStore, store).add(new_ids, by_task, labels=labels)
     except BaseException:
         try:  # best effort: what is left over is a pending row, which the repair pass rolls back
             store.remove(new_ids[np.isin(new_ids, metadata.rollback(new_ids))])
