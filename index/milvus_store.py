@@ -1,18 +1,20 @@
 """The Milvus backend: one collection per task through pymilvus' ``MilvusClient``.
 
 Two modes, one client API. Milvus Lite: ``uri`` is a ``.db`` file (default ``<root>/gallery.db``), served
-inside the process that opens it. Server mode: ``uri`` is a Milvus server's address (standalone or
-cluster, e.g. ``http://host:19530``; ``token`` is its ``user:password`` or API key when it checks them),
-for galleries that outgrow one machine or replicas that share one set of vectors; no local database file
-exists then, and several stores (processes, replicas) may open the same collections at once. Each
-collection has an ``INT64`` primary key ``id`` and a ``FLOAT_VECTOR`` field ``vector`` indexed for inner
-product (``index_type`` ``FLAT`` by default: exact, so it passes the same exactness contract as faiss
-flat). Collections are created with ``Strong`` consistency so that a search sees every acknowledged add
-and remove. Collection names are ``<collection_prefix>_<position>_<task, sanitised>``, so several galleries
-share one server under different prefixes (a prefix names one gallery's collections: two galleries under
-one prefix would be one set of vectors). The backend needs the ``milvus`` extra (pymilvus, and
-milvus-lite for a ``.db`` uri); without it, opening a store raises ``BackendUnavailableError`` naming it.
-This module imports neither faiss nor, until a store is opened, pymilvus.
+inside the process that opens it. Server mode: ``uri`` is a Milvus server's address (standalone or cluster,
+e.g. ``http://host:19530``; ``token`` is its ``user:password`` or API key when it checks them), for
+galleries that outgrow one machine or replicas that share one set of vectors; no local database file exists
+then, and several stores (processes, replicas) may open the same collections at once. Each collection has an
+``INT64`` primary key ``id`` and a ``FLOAT_VECTOR`` field ``vector`` indexed for inner product
+(``index_type`` ``FLAT`` by default: exact, so it passes the same exactness contract as faiss flat;
+``HNSW``, ``IVF_FLAT``, ``IVF_PQ``, ``DISKANN``… with their build parameters in ``index_params``, e.g.
+``{"M": 16, "efConstruction": 200}``, and their search parameters in ``search_params``, e.g. ``{"ef":
+128}``: approximate). Collections are created with ``Strong`` consistency so that a search sees every
+acknowledged add and remove. Collection names are ``<collection_prefix>_<position>_<task, sanitised>``, so
+several galleries share one server under different prefixes (a prefix names one gallery's collections: two
+galleries under one prefix would be one set of vectors). The backend needs the ``milvus`` extra (pymilvus,
+and milvus-lite for a ``.db`` uri); without it, opening a store raises ``BackendUnavailableError`` naming
+it. This module imports neither faiss nor, until a store is opened, pymilvus.
 
 Filters become a primary-key expression ``id in [...]`` evaluated inside Milvus. (For very large allowed
 sets on a cluster, the labels would better be scalar fields of the collection; the metadata layer keeps
@@ -104,6 +106,8 @@ class MilvusStore:
         token: str | None = None,
         collection_prefix: str = "modret",
         index_type: str = "FLAT",
+        index_params: dict[str, Any] | None = None,
+        search_params: dict[str, Any] | None = None,
         collections: dict[str, str] | None = None,
     ) -> None:
         try:  # optional dependency (the ``milvus`` extra): imported only when this backend is used
@@ -128,6 +132,10 @@ class MilvusStore:
         # What the manifest records: no uri (it is where the gallery is served from, which a deployment
         # may change: see service.settings) and never the token.
         self.options: dict[str, Any] = {"collection_prefix": collection_prefix, "index_type": index_type}
+        if index_params:
+            self.options["index_params"] = dict(index_params)
+        if search_params:
+            self.options["search_params"] = dict(search_params)
         self.collections = {task: self.collection_name(i, task) for i, task in enumerate(self._tasks)}
         if collections is not None:  # recorded by a task change (``add_task``/``remove_task``)
             if list(collections) != self._tasks:
@@ -209,7 +217,12 @@ class MilvusStore:
 
     def _index_params(self) -> Any:
         index_params = self._client.prepare_index_params()
-        index_params.add_index(field_name="vector", index_type=self.options["index_type"], metric_type="IP")
+        index_params.add_index(
+            field_name="vector",
+            index_type=self.options["index_type"],
+            metric_type="IP",
+            params=self.options.get("index_params", {}),
+        )
         return index_params
 
     def tasks(self) -> list[str]:
@@ -282,7 +295,7 @@ class MilvusStore:
                 limit=min(k, total, MAX_LIMIT),
                 filter="" if filter is None else _id_expr(np.unique(filter)),
                 output_fields=["id"],
-                search_params={"metric_type": "IP"},
+                search_params={"metric_type": "IP", "params": self.options.get("search_params", {})},
             )
         for row, row_hits in enumerate(hits):
             for col, hit in enumerate(row_hits):

@@ -274,3 +274,39 @@ def test_a_collection_left_without_its_index_is_indexed_on_open(
         assert store.search("Smiling", vectors["Smiling"], 1).ids[:, 0].tolist() == [1, 2]
     finally:
         store.close()
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize(
+    ("index_type", "index_params", "search_params"),
+    [
+        ("HNSW", {"M": 16, "efConstruction": 200}, {"ef": 64}),
+        ("IVF_FLAT", {"nlist": 16}, {"nprobe": 16}),
+        ("DISKANN", {}, {"search_list": 32}),
+    ],
+)
+def test_approximate_milvus_indexes_take_their_parameters(
+    tmp_path: Path,
+    milvus_server: MilvusServer,
+    milvus_prefix: str,
+    index_type: str,
+    index_params: dict[str, int],
+    search_params: dict[str, int],
+) -> None:
+    """What docs/deploy.md recommends beyond FLAT builds on a server with the parameters given (Milvus
+    2.3 refuses HNSW and IVF without them) and finds each vector itself, filters included."""
+    options = {"index_type": index_type, "index_params": index_params, "search_params": search_params}
+    root = tmp_path / "store"
+    store = server_store(root, milvus_server, milvus_prefix, **options)
+    try:
+        vectors = vectors_by_task(np.random.default_rng(7), 200)
+        store.add(np.arange(200, dtype=np.int64), vectors)
+        found = store.search("Smiling", vectors["Smiling"], 1).ids[:, 0]
+        assert (found == np.arange(200)).mean() >= 0.95
+        allowed = np.arange(0, 200, 7)
+        hits = store.search("Eyeglasses", vectors["Eyeglasses"][:5], 5, allowed).ids
+        assert np.isin(hits[hits >= 0], allowed).all()
+        manifest = store.save()
+        assert {k: manifest.options.get(k, {}) for k in options} == options  # {}: not recorded
+    finally:
+        store.close()
