@@ -39,8 +39,7 @@ atomically, a second snapshot committed. A crash before the replace leaves the o
 
 Milvus galleries persist through Milvus' own log: the metadata commits first on add and last on remove,
 so a crash can only leave rows whose vectors are (partly) missing, which opening for writing rolls back;
-vectors without a row are never deleted: opening refuses instead (the metadata must be restored).
-"""
+vectors without a row are never deleted: opening refuses instead. (Replicas: ``index.shared_gallery``.)"""
 
 from __future__ import annotations
 
@@ -437,8 +436,7 @@ class Gallery:
         return AddResult(ids, new)
 
     def add(self, items: Sequence[NewItem], vectors: np.ndarray) -> list[int]:
-        """The ids of ``items`` (see ``insert``)."""
-        return self.insert(items, vectors).ids
+        return self.insert(items, vectors).ids  # the ids of ``items`` (see ``insert``)
 
     def remove(self, ids: Sequence[int] | np.ndarray) -> int:
         """Remove ``ids``; durable on return. Returns how many were in the gallery."""
@@ -537,8 +535,7 @@ class Gallery:
     def search(
         self, task: str, queries: np.ndarray, k: int, filter: Mapping[str, LabelValue] | None = None
     ) -> SearchResult:
-        """Top ``k`` gallery ids and cosine scores under ``task``; ``filter`` restricts to items whose
-        labels equal the given values (e.g. ``{"Male": 1}``)."""
+        """Top ``k`` ids and cosine scores under ``task``; ``filter``: labels equal to ``{"Male": 1}``'s."""
         allowed = None if not filter else self.metadata.matching(filter)
         return self.store.search(task, queries, k, allowed)
 
@@ -555,6 +552,9 @@ class Gallery:
 
     def blob_path(self, item: ItemRecord) -> Path | None:
         return self.metadata.blob_path(item.content_hash) if item.has_blob else None
+
+    def image_bytes(self, item: ItemRecord) -> bytes | None:  # ``GET /images/{id}/content`` (index.served)
+        return self.metadata.read_blob(item.content_hash) if item.has_blob else None
 
     def info(self) -> GalleryInfo:
         manifest = self.store.manifest

@@ -121,8 +121,10 @@ class Settings(BaseSettings):
     metadata_url: str | None = Field(
         default=None,
         description="PostgreSQL database for gallery metadata shared by replicas: "
-        "postgresql://user[:password]@host:port/database[?schema=name] (index.postgres_metadata); unset: "
-        "SQLite in INDEX_DIR. Not read by the service yet: the gallery wiring is the next step of #14",
+        "postgresql://user[:password]@host:port/database[?schema=name] (index.postgres_metadata). When set "
+        "the service serves the shared gallery of that database and MILVUS_URI (index.shared_gallery: no "
+        "files in INDEX_DIR; CREATE_INDEX records the run's config in an empty database); unset: SQLite in "
+        "INDEX_DIR",
     )
 
     milvus_uri: str | None = Field(

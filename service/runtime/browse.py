@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from index.gallery import Gallery
 from index.metadata import ItemRecord
+from index.served import ServedGallery
 from service.runtime.errors import ImageNotFound, NotFound
 from service.runtime.images import MEDIA_TYPES, sniff_format
 from service.schemas import ImageInfo, ImagePage
@@ -23,14 +21,14 @@ def image_info(record: ItemRecord) -> ImageInfo:
     )
 
 
-def get_record(gallery: Gallery, item_id: int) -> ItemRecord:
+def get_record(gallery: ServedGallery, item_id: int) -> ItemRecord:
     record = gallery.items([item_id]).get(item_id)
     if record is None:
         raise ImageNotFound(item_id)
     return record
 
 
-def page(gallery: Gallery, offset: int, limit: int) -> ImagePage:
+def page(gallery: ServedGallery, offset: int, limit: int) -> ImagePage:
     ids = gallery.metadata.ids()
     chosen = ids[offset : offset + limit]
     records = gallery.items(chosen)
@@ -38,16 +36,16 @@ def page(gallery: Gallery, offset: int, limit: int) -> ImagePage:
     return ImagePage(total=len(ids), offset=offset, limit=limit, items=items)
 
 
-def content(gallery: Gallery, item_id: int) -> tuple[Path, str]:
-    """The stored file of an item (located by its content hash, never by a client path) and its type."""
+def content(gallery: ServedGallery, item_id: int) -> tuple[bytes, str]:
+    """The stored bytes of an item's image (located by its content hash, never by a client path: a blob
+    file, or PostgreSQL's bytea for a shared gallery) and their media type."""
     record = get_record(gallery, item_id)
-    path = gallery.blob_path(record)
-    if path is None or not path.is_file():
+    data = gallery.image_bytes(record)
+    if data is None:
         raise NotFound(
             f"image {item_id} was indexed from {record.source!r} without keeping its bytes",
             {"id": item_id},
             code="no_image_content",
         )
-    with path.open("rb") as f:
-        fmt = sniff_format(f.read(16))
-    return path, MEDIA_TYPES.get(fmt or "", "application/octet-stream")
+    fmt = sniff_format(data[:16])
+    return data, MEDIA_TYPES.get(fmt or "", "application/octet-stream")

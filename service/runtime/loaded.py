@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from index.gallery import Gallery, GalleryError
+from index.served import ServedGallery
 from index.tasks import check_model
 from model.run import METRICS, LoadedRun, load_run
 from service.runtime.batcher import Batcher
@@ -42,7 +43,7 @@ log = logging.getLogger("service.runtime")
 @dataclass
 class Loaded:
     run: LoadedRun
-    gallery: Gallery
+    gallery: ServedGallery
     writer: GalleryWriter
     batcher: Batcher
     decode_budget: DecodeBudget
@@ -90,7 +91,7 @@ def read_task_metrics(run: LoadedRun) -> dict[str, dict[str, float]]:
         return {}
 
 
-def served_tasks(gallery: Gallery, run: LoadedRun) -> list[str]:
+def served_tasks(gallery: ServedGallery, run: LoadedRun) -> list[str]:
     """The run's tasks (in its order) that ``gallery`` has a valid index for; logs the others."""
     check = check_model(gallery.root, gallery.config, run.model_hash, run.fingerprints)
     valid = check.valid if check is not None else gallery.tasks
@@ -110,9 +111,13 @@ def served_tasks(gallery: Gallery, run: LoadedRun) -> list[str]:
     return indexed
 
 
-def open_gallery(settings: Settings, run: LoadedRun) -> Gallery:
-    """Open (or, with ``create_index``, create) the gallery of ``settings``; the Milvus settings, when
-    set, override the gallery's own store options (``Settings.store_overrides``)."""
+def open_gallery(settings: Settings, run: LoadedRun) -> ServedGallery:
+    """Open (or, with ``create_index``, create) the gallery of ``settings``: with ``metadata_url`` the
+    gallery that replicas share (``index.shared_gallery``: PostgreSQL + the Milvus server of
+    ``milvus_uri``; a repair pass runs first), else the one in ``index_dir``, whose store options the
+    Milvus settings, when set, override (``Settings.store_overrides``)."""
+    if settings.metadata_url is not None:
+        return open_shared_gallery(settings, run)
     policy: dict[str, Any] = {
         "snapshot_every_records": settings.snapshot_every_records,
         "snapshot_every_s": settings.snapshot_every_s,
@@ -137,6 +142,28 @@ def open_gallery(settings: Settings, run: LoadedRun) -> Gallery:
             f"{settings.index_dir} holds {gallery.embedding_dim}-dimensional vectors, the model makes "
             f"{run.embedding_dim}: rebuild the index with this run"
         )
+    return gallery
+
+
+def open_shared_gallery(settings: Settings, run: LoadedRun) -> ServedGallery:
+    from index.shared_gallery import SharedGallery  # psycopg and pymilvus: only where replicas run
+
+    assert settings.metadata_url is not None
+    token = settings.milvus_token.get_secret_value() if settings.milvus_token is not None else None
+    gallery = SharedGallery.open(
+        settings.metadata_url,
+        milvus_uri=settings.milvus_uri,
+        milvus_token=token,
+        collection_prefix=settings.milvus_collection_prefix,
+        root=settings.index_dir,
+        create=settings.create_index,
+        tasks=run.task_names,
+        dim=run.embedding_dim,
+        model_hash=run.model_hash,
+        fingerprints=run.fingerprints,
+    )
+    for line in gallery.repairs:
+        log.warning("repair on start: %s", line, extra={"fields": {"gallery": gallery.where}})
     return gallery
 
 
@@ -213,6 +240,8 @@ def warm_up(loaded: Loaded) -> None:
 
 def preflight(settings: Settings) -> str | None:
     """Why the gallery cannot be served (one line), from the checks that need no loading; else None."""
+    if settings.metadata_url is not None:  # a shared gallery: its engines are checked on open
+        return None if settings.milvus_uri else "MODRET_METADATA_URL needs MODRET_MILVUS_URI (the vectors)"
     if settings.create_index and not (settings.index_dir / "gallery.json").exists():
         return None
     try:

@@ -11,8 +11,10 @@ same dot product over the results under every task. For exact stores the dot pro
 search would give (within float rounding); for IVF-PQ it uses the decoded vectors, which is what a search
 restricted to those ids approximated too, without missing ids outside the probed lists.
 
-The label filter is resolved with one metadata lookup; names are matched case-insensitively only when the
-spelling given is not a stored label (a second lookup on that path alone).
+The label filter goes to the gallery's search with each task (``ServedGallery.search``: resolved by the
+metadata for a single-machine gallery, an expression inside Milvus for a shared one); names are matched
+case-insensitively only when the spelling given is not a stored label (the gallery says so: then the
+names are looked up once and the search runs again).
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from index.gallery import Gallery
 from index.metadata import ItemRecord, UnknownLabelError
-from index.store import PAD_ID, UnknownIdError
+from index.served import ServedGallery
+from index.store import PAD_ID, SearchResult, UnknownIdError
 from model.data.base import LabelValue
 from service.runtime.errors import InvalidQuery
 from service.runtime.queries import WeightedTask
@@ -40,23 +42,57 @@ class Hit:
     similarities: dict[str, float] | None  # every task's similarity, when explained
 
 
-def allowed_ids(gallery: Gallery, conditions: Mapping[str, LabelValue]) -> np.ndarray | None:
-    """Ids satisfying the label filter (label names case-insensitive), None for no filter."""
+def allowed_ids(gallery: ServedGallery, conditions: Mapping[str, LabelValue]) -> np.ndarray | None:
+    """Ids satisfying the label filter (label names case-insensitive), None for no filter (a metadata
+    lookup: for oracles and listings; searches pass the filter itself to the gallery)."""
     if not conditions:
         return None
     try:
         return gallery.metadata.matching(conditions)  # the names as given: one lookup
     except UnknownLabelError:
         pass
+    resolved = resolve_names(gallery, conditions)
+    return gallery.metadata.matching(resolved)
+
+
+def resolve_names(gallery: ServedGallery, conditions: Mapping[str, LabelValue]) -> dict[str, LabelValue]:
+    """``conditions`` with each name spelt as a stored label (case-insensitively); ``InvalidQuery`` for a
+    name no item has."""
     names = {name.lower(): name for name in gallery.metadata.label_names()}
     resolved = {names.get(name.lower(), name): value for name, value in conditions.items()}
-    try:
-        return gallery.metadata.matching(resolved)
-    except UnknownLabelError as exc:
-        raise InvalidQuery(str(exc), {"known_labels": sorted(names.values())}, code="unknown_label") from None
+    unknown = [name for name in resolved if name not in names.values()]
+    if unknown:
+        known = ", ".join(sorted(names.values())) or "none"
+        raise InvalidQuery(
+            f"no gallery item has a label {unknown[0]!r}; known labels: {known}",
+            {"known_labels": sorted(names.values())},
+            code="unknown_label",
+        )
+    return resolved
 
 
-def vectors_of(gallery: Gallery, task: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+class _Filter:
+    """A search's label filter, its names resolved on the first search that needs it."""
+
+    def __init__(self, conditions: Mapping[str, LabelValue] | None) -> None:
+        self.conditions = dict(conditions) if conditions else None
+        self.resolved = False
+
+    def search(self, gallery: ServedGallery, task: str, queries: np.ndarray, k: int) -> SearchResult:
+        try:
+            return gallery.search(task, queries, k, self.conditions)
+        except UnknownLabelError:
+            if self.resolved or self.conditions is None:
+                raise
+        self.conditions = resolve_names(gallery, self.conditions)
+        self.resolved = True
+        try:
+            return gallery.search(task, queries, k, self.conditions)
+        except UnknownLabelError as exc:  # removed meanwhile
+            raise InvalidQuery(str(exc), code="unknown_label") from None
+
+
+def vectors_of(gallery: ServedGallery, task: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The stored (n, D) vectors under ``task`` of those ``ids`` still stored, and those ids (one batched
     read; ids removed meanwhile are left out)."""
     while True:
@@ -68,7 +104,9 @@ def vectors_of(gallery: Gallery, task: str, ids: np.ndarray) -> tuple[np.ndarray
                 return ids, np.empty((0, gallery.embedding_dim), dtype=np.float32)
 
 
-def similarities_for(gallery: Gallery, task: str, query: np.ndarray, ids: np.ndarray) -> dict[int, float]:
+def similarities_for(
+    gallery: ServedGallery, task: str, query: np.ndarray, ids: np.ndarray
+) -> dict[int, float]:
     """Cosine similarity of ``ids`` to ``query`` (D,) under ``task`` (ids no longer stored are left out)."""
     if not len(ids):
         return {}
@@ -78,20 +116,20 @@ def similarities_for(gallery: Gallery, task: str, query: np.ndarray, ids: np.nda
 
 
 def rank(
-    gallery: Gallery,
+    gallery: ServedGallery,
     tasks: Sequence[WeightedTask],
     queries: Mapping[str, np.ndarray],
     *,
     k: int,
     offset: int = 0,
     min_score: float | None = None,
-    allowed: np.ndarray | None = None,
+    filter: Mapping[str, LabelValue] | None = None,
     exclude: Sequence[int] = (),
     candidate_factor: int = 4,
 ) -> list[tuple[int, float]]:
-    """The ``(id, score)`` pairs at ranks ``offset+1 … offset+k``, best first."""
-    if allowed is not None and not len(allowed):
-        return []
+    """The ``(id, score)`` pairs at ranks ``offset+1 … offset+k``, best first, among the items whose labels
+    satisfy ``filter`` (names case-insensitive)."""
+    labels = _Filter(filter)
     want = offset + k + len(exclude)
     per_task = want if len(tasks) == 1 else min(MAX_CANDIDATES, max(want, candidate_factor * want))
     excluded = {int(i) for i in exclude}
@@ -99,7 +137,7 @@ def rank(
     candidates: set[int] = set()
     for task in tasks:
         sign = 1.0 if task.weight > 0 else -1.0
-        found = gallery.store.search(task.name, sign * queries[task.name][None, :], per_task, allowed)
+        found = labels.search(gallery, task.name, sign * queries[task.name][None, :], per_task)
         scores = {
             int(i): sign * float(s) for i, s in zip(found.ids[0], found.scores[0], strict=True) if i != PAD_ID
         }
@@ -121,7 +159,7 @@ def rank(
 
 
 def explain(
-    gallery: Gallery, queries_all: Mapping[str, np.ndarray], ids: Sequence[int]
+    gallery: ServedGallery, queries_all: Mapping[str, np.ndarray], ids: Sequence[int]
 ) -> dict[int, dict[str, float]]:
     """For each id, its similarity to the query under every task in ``queries_all``."""
     wanted = np.array(sorted(set(ids)), dtype=np.int64)
@@ -133,7 +171,9 @@ def explain(
 
 
 def hits(
-    gallery: Gallery, ranked: Sequence[tuple[int, float]], explained: Mapping[int, dict[str, float]] | None
+    gallery: ServedGallery,
+    ranked: Sequence[tuple[int, float]],
+    explained: Mapping[int, dict[str, float]] | None,
 ) -> list[Hit]:
     """Attach metadata; items deleted meanwhile are skipped."""
     records = gallery.items([i for i, _ in ranked])

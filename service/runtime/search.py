@@ -7,10 +7,10 @@ awaits that one hop; each cross-thread wake-up costs a scheduling delay on a bus
 not come back to the loop in between. Each stage's time goes into the response's ``timing_ms`` and the
 ``/metrics`` histograms.
 
-A ``?by_id=`` query takes the item's stored embeddings straight from the store (``Gallery.vectors``): exact
-copies for exact indexes, the decoded approximation for an IVF-PQ index (re-normalised here, as queries
-always are). An item that has metadata but no vector under a task (removed meanwhile, or a store that a
-crash left behind) is ``VectorUnavailable``.
+A ``?by_id=`` query takes the item's stored embeddings straight from the store
+(``ServedGallery.vectors``): exact copies for exact indexes, the decoded approximation for an IVF-PQ index
+(re-normalised here, as queries always are). An item that has metadata but no vector under a task (removed
+meanwhile, or a store that a crash left behind) is ``VectorUnavailable``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import anyio.to_thread
 import numpy as np
 
-from index.gallery import Gallery
+from index.served import ServedGallery
 from index.store import UnknownIdError
 from model.data.base import LabelValue
 from service.runtime import ranking
@@ -50,7 +50,7 @@ def image_url(item_id: int, has_blob: bool) -> str | None:
     return f"/images/{item_id}/content" if has_blob else None
 
 
-def stored_vectors(gallery: Gallery, item_id: int, tasks: Sequence[str]) -> dict[str, np.ndarray]:
+def stored_vectors(gallery: ServedGallery, item_id: int, tasks: Sequence[str]) -> dict[str, np.ndarray]:
     """The stored, re-normalised vector of ``item_id`` under each of ``tasks``."""
     if not gallery.items([item_id]):
         raise ImageNotFound(item_id)
@@ -89,7 +89,6 @@ def embedded_query(
 def _rank_and_explain(
     loaded: Loaded, params: SearchParams, vectors: dict[str, np.ndarray], candidate_factor: int
 ) -> tuple[list[tuple[int, float]], dict[int, dict[str, float]] | None]:
-    allowed = ranking.allowed_ids(loaded.gallery, params.filters)
     ranked = ranking.rank(
         loaded.gallery,
         params.tasks,
@@ -97,7 +96,7 @@ def _rank_and_explain(
         k=params.k,
         offset=params.offset,
         min_score=params.min_score,
-        allowed=allowed,
+        filter=params.filters,
         exclude=[params.by_id] if params.by_id is not None else [],
         candidate_factor=candidate_factor,
     )

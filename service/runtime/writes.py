@@ -5,7 +5,9 @@ log record is fsynced and applied, and concurrent requests share one fsync (grou
 upload is answered with the existing id only once the record that created that id is durable. Snapshots
 happen in the gallery's background thread, never in a request: a request waits at most for the log's
 fsync (and, once per snapshot, for the in-memory copy of the indexes). Milvus galleries are durable
-through Milvus' own log when ``add``/``remove`` return. Blocking: call from a worker thread.
+through Milvus' own log when ``add``/``remove`` return; a shared gallery (replicas) once PostgreSQL has
+committed the rows and Milvus acknowledged the vectors (``index.shared_gallery``). Blocking: call from a
+worker thread.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from index.gallery import Gallery, GalleryError
+from index.gallery_files import GalleryError
 from index.metadata import NewItem
+from index.served import ServedGallery
 from service.runtime.errors import Unavailable
 
 log = logging.getLogger("service.gallery")
@@ -30,7 +33,7 @@ class Added:
 
 
 class GalleryWriter:
-    def __init__(self, gallery: Gallery) -> None:
+    def __init__(self, gallery: ServedGallery) -> None:
         self.gallery = gallery
 
     def add(self, items: Sequence[NewItem], vectors: np.ndarray) -> list[Added]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from service.api.auth import AdminKey, ReaderKey
@@ -91,17 +91,17 @@ async def get_image(image_id: ImageId, loaded: LoadedDep) -> ImageInfo:
 
 @router.get(
     "/images/{image_id}/content",
-    response_class=FileResponse,
+    response_class=Response,
     responses={
         200: {"content": {media_type: {} for media_type in MEDIA_TYPES.values()}},
         **responses(401, 404, 503, 504),
     },
     dependencies=[ReaderKey],
 )
-async def get_image_content(image_id: ImageId, loaded: LoadedDep) -> FileResponse:
-    path, media_type = await run_in_threadpool(browse.content, loaded.gallery, image_id)
+async def get_image_content(image_id: ImageId, loaded: LoadedDep) -> Response:
+    data, media_type = await run_in_threadpool(browse.content, loaded.gallery, image_id)
     headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=3600"}
-    return FileResponse(path, media_type=media_type, headers=headers)
+    return Response(data, media_type=media_type, headers=headers)
 
 
 @router.delete(

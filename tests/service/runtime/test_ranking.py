@@ -97,14 +97,23 @@ def test_filters_exclusions_and_min_score_match_brute_force(gallery: Gallery) ->
     assert allowed is not None and 0 < len(allowed) < 24
     exclude = [int(allowed[0])]
     got = ranking.rank(
-        gallery, tasks, queries, k=10, allowed=allowed, exclude=exclude, min_score=-0.5, candidate_factor=24
+        gallery,
+        tasks,
+        queries,
+        k=10,
+        filter={"smiling": 1},
+        exclude=exclude,
+        min_score=-0.5,
+        candidate_factor=24,
     )
     want = oracle(gallery, tasks, queries, k=10, allowed=allowed, exclude=exclude, min_score=-0.5)
     assert_same_ranking(got, want)
     assert all(i in set(allowed.tolist()) and i not in exclude for i, _ in got)
     with pytest.raises(InvalidQuery, match="Nope"):
         ranking.allowed_ids(gallery, {"Nope": 1})
-    assert ranking.rank(gallery, tasks, queries, k=5, allowed=np.empty(0, dtype=np.int64)) == []
+    with pytest.raises(InvalidQuery, match="Nope"):
+        ranking.rank(gallery, tasks, queries, k=5, filter={"Nope": 1})
+    assert ranking.rank(gallery, tasks, queries, k=5, filter={"Smiling": 7}) == []  # no item has the value
 
 
 def test_explain_is_the_dot_product_with_stored_vectors(gallery: Gallery) -> None:

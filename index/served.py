@@ -1,0 +1,91 @@
+"""What the service needs from a gallery, whichever kind serves it (#14).
+
+Two galleries keep this contract: ``index.gallery.Gallery`` (one machine: SQLite + faiss or Milvus, a
+write-ahead log, a writer lock) and ``index.shared_gallery.SharedGallery`` (replicas: PostgreSQL metadata
+and a Milvus server, no local state). ``service.runtime`` types its gallery as ``ServedGallery`` and never
+asks which one it has; mypy checks below that both conform.
+
+- ``insert`` is durable and visible on return (an ``AddResult``: ids, and whether each item is new),
+  ``remove`` returns how many were there; both raise ``GalleryError`` when the gallery takes no writes.
+- ``search(task, queries, k, filter)`` restricts to items whose labels equal ``filter``'s values
+  (``UnknownLabelError`` for a name no item has) and returns only ids a reader may see (never one whose
+  add is still in flight on another replica); ``vectors``/``items`` read by id (``items``: visible items
+  only); ``image_bytes`` the kept bytes of an item's image, or None.
+- ``store`` and ``metadata`` are the stores underneath, for counts and reads by id (``store.get``,
+  ``store.count``, ``metadata.ids``/``count``/``label_names``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from index.committer import AddResult
+from index.gallery_files import VerifyReport
+from index.metadata import ItemRecord, NewItem
+from index.metadata_contract import MetadataStore
+from index.store import SearchResult, VectorStore
+from index.tasks import TaskCheck
+from model.data.base import LabelValue
+from model.tasks import Fingerprints
+
+if TYPE_CHECKING:
+    from index.gallery import Gallery, GalleryInfo
+    from index.shared_gallery import SharedGallery
+
+
+class ServedGallery(Protocol):
+    root: Path
+    task_check: TaskCheck | None
+    repairs: list[str]
+
+    @property
+    def config(self) -> dict[str, Any]: ...
+
+    @property
+    def store(self) -> VectorStore: ...
+
+    @property
+    def metadata(self) -> MetadataStore: ...
+
+    @property
+    def tasks(self) -> list[str]: ...
+
+    @property
+    def model_hash(self) -> str: ...
+
+    @property
+    def embedding_dim(self) -> int: ...
+
+    def insert(self, items: Sequence[NewItem], vectors: np.ndarray) -> AddResult: ...
+
+    def add(self, items: Sequence[NewItem], vectors: np.ndarray) -> list[int]: ...
+
+    def remove(self, ids: Sequence[int] | np.ndarray) -> int: ...
+
+    def search(
+        self, task: str, queries: np.ndarray, k: int, filter: Mapping[str, LabelValue] | None = None
+    ) -> SearchResult: ...
+
+    def vectors(self, ids: Sequence[int] | np.ndarray, task: str) -> np.ndarray: ...
+
+    def items(self, ids: Sequence[int] | np.ndarray) -> dict[int, ItemRecord]: ...
+
+    def image_bytes(self, item: ItemRecord) -> bytes | None: ...
+
+    def info(self) -> GalleryInfo: ...
+
+    def verify(
+        self, model_hash: str | None = None, fingerprints: Fingerprints | None = None
+    ) -> VerifyReport: ...
+
+    def close(self, *, snapshot: bool = True) -> None: ...
+
+
+if TYPE_CHECKING:  # mypy checks that both galleries keep the contract
+
+    def _conforms(local: Gallery, shared: SharedGallery) -> tuple[ServedGallery, ServedGallery]:
+        return local, shared
