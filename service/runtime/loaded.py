@@ -49,6 +49,12 @@ class Loaded:
     decode_budget: DecodeBudget
     task_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     indexed: list[str] = field(default_factory=list)  # run tasks the gallery has a valid index for
+    # the run directory's name, a symlink's target as it was at load (what serves); resolved once, not
+    # once per response
+    model_name: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.model_name = self.run.run_dir.resolve().name
 
     @property
     def tasks(self) -> list[str]:
@@ -71,10 +77,6 @@ class Loaded:
         if dropped:
             raise GalleryOutOfDate(dropped)
         return vectors[:, [self.tasks.index(task) for task in self.gallery.tasks]]
-
-    @property
-    def model_name(self) -> str:
-        return self.run.run_dir.resolve().name
 
 
 def read_task_metrics(run: LoadedRun) -> dict[str, dict[str, float]]:
