@@ -39,6 +39,7 @@ from index.store import UnknownIdError, VectorStore
 
 log = logging.getLogger(__name__)
 
+REPAIR_AFTER_S = 300.0  # a pending row older than this is a crashed add (an add takes seconds)
 _POLL_S = 0.05  # how often a duplicate of an add in flight elsewhere checks whether it was committed
 
 

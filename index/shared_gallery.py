@@ -61,7 +61,7 @@ from model.tasks import Fingerprints
 log = logging.getLogger(__name__)
 
 BACKEND = "milvus"
-REPAIR_AFTER_S = 300.0  # a pending row older than this is a crashed add (an add takes seconds)
+REPAIR_AFTER_S = replica_writes.REPAIR_AFTER_S
 REPAIR_EVERY_S = 60.0
 _SLACK = 8  # hits asked beyond k, for ids a search drops (pending or being removed)
 T = TypeVar("T")
