@@ -170,7 +170,7 @@ class LabelledMilvusStore(MilvusStore):
                 limit=min(k, MAX_LIMIT),
                 filter=" and ".join(parts),
                 output_fields=["id"],
-                search_params={"metric_type": "IP"},
+                search_params={"metric_type": "IP", "params": self.options.get("search_params", {})},
             )
         for row, row_hits in enumerate(hits):
             for col, hit in enumerate(row_hits):

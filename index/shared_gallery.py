@@ -194,6 +194,8 @@ class SharedGallery:
                     token=milvus_token,
                     collection_prefix=str(options["collection_prefix"]),
                     index_type=str(options.get("index_type", "FLAT")),
+                    index_params=options.get("index_params"),
+                    search_params=options.get("search_params"),
                 )
             except (ConnectionError, ValueError) as e:
                 raise GalleryError(str(e)) from None
