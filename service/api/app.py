@@ -42,7 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if settings.warmup:
                 await run_in_threadpool(warm_up, loaded)
             state.ready = True
-            size = loaded.gallery.metadata.count()
+            size = await run_in_threadpool(loaded.gallery.metadata.count)  # PostgreSQL: a round trip
             log.info("ready", extra={"fields": {"tasks": len(loaded.tasks), "gallery_size": size}})
             yield
         finally:

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from index.metadata import MetadataError
 from service.runtime import errors as domain
 
 log = logging.getLogger("service.errors")
@@ -150,6 +151,12 @@ def install_error_handlers(app: FastAPI) -> None:
         message, problems = _validation_message(list(exc.errors()))
         return error_response(request, 422, "invalid_parameters", message, {"problems": problems})
 
+    async def on_metadata_error(request: Request, exc: Exception) -> JSONResponse:
+        # The metadata database failed a read (a replica's PostgreSQL away): the service itself is fine.
+        log.error("metadata unavailable", extra={"fields": {"reason": str(exc)}})
+        message = f"the gallery's metadata is unavailable: {exc}"
+        return error_response(request, 503, "metadata_unavailable", message, headers={"Retry-After": "5"})
+
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", extra={"request_id": request_id_of(request.scope)})
         return error_response(request, 500, "internal_error", "internal error; see the server log")
@@ -158,6 +165,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(domain.ServiceError, on_domain_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(MetadataError, on_metadata_error)
     app.add_exception_handler(Exception, on_unexpected)
 
 

@@ -400,3 +400,20 @@ def test_sigkill_during_adds_loses_nothing_acknowledged_and_serves_nothing_half_
         gallery.close()
     assert final - before - acknowledged <= cut_off | ledger.unsure
     assert_engines_hold(cluster, final)  # no pending row, every collection holds exactly the rows
+
+
+def test_a_metadata_outage_is_a_503_and_the_replica_serves_again_after_it(
+    replicas, postgres_server: PostgresServer
+) -> None:
+    a, _ = replicas
+    item = upload(a, 7000)
+    assert item is not None
+    postgres_server.pause()
+    try:
+        response = a.client.get(f"/images/{item}")
+        assert response.status_code == 503, response.text
+        assert response.json()["error"] == "metadata_unavailable" and response.headers["retry-after"] == "5"
+    finally:
+        postgres_server.resume()
+    assert a.client.get(f"/images/{item}").status_code == 200
+    assert search(a, 7000)[0] == item
