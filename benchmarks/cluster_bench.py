@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -220,6 +221,7 @@ def main() -> None:
                     os.killpg(process.pid, signal.SIGKILL)
         milvus.stop()
         postgres.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
