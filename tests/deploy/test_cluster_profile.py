@@ -1,8 +1,8 @@
 """docker-compose.yml's ``cluster`` profile (#14), read by ``docker compose config`` (no engine needed):
 PostgreSQL, Milvus, two replicas and a balancer, every image built here (none pulled: no registry is
 reachable), the replicas pointed at both engines and started after them, the balancer at both replicas.
-Building and starting the profile is what ``docs/deploy.md`` describes; the engines' images were built and
-run healthy once by hand (the replicas' image needs torch: not run here)."""
+Building and starting the whole profile (``up --build --wait cluster-lb``: minutes, the replicas' image
+installs torch) was done once by hand, as ``docs/deploy.md`` records; this test only reads the file."""
 
 from __future__ import annotations
 
