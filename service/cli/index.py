@@ -19,9 +19,9 @@
   images the gallery did not store are read from ``--images`` (matched by content hash).
 - ``remove-task --index INDEX_DIR --task NAME``: drop one task's index (the gallery counterpart of
   ``modret task remove``).
-- ``repair [--metadata-url URL] [--milvus-uri URI] [--older-than S]``: the shared gallery of replicas
-  (PostgreSQL + a Milvus server): finish or roll back what crashed replicas left, then verify both
-  engines (``service.cli.index_repair``).
+- ``repair [--metadata-url URL] [--milvus-uri URI] [--older-than S] [--verify-only]``: the shared
+  gallery of replicas (PostgreSQL + a Milvus server): finish or roll back what crashed replicas left,
+  then verify both engines (``service.cli.index_repair``).
 
 ``add-task`` and ``remove-task`` open the gallery for writing: stop the service that serves it first, then
 start it again (or ``POST /admin/reload`` a service started after the change) to serve the new task list.

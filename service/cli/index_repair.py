@@ -9,9 +9,10 @@ without a metadata row are removed. Then it verifies both engines (every committ
 collection, with the labels PostgreSQL holds; no vector without a row) and exits 1 when they disagree,
 0 when they agree, 2 when the gallery cannot be opened (``service.cli.common``).
 
-Every replica runs the same pass on start (for items older than 5 minutes) and on pending rows in the
-background. ``--older-than 0`` also rolls back adds that are in flight now: use it only while no replica
-is writing (those adds would fail, never half done, but fail).
+``--verify-only`` changes nothing: it reports (beside live replicas a write in flight can show as a
+transient problem; run it again). Every replica runs the same pass on start (for items older than 5
+minutes) and on pending rows in the background. ``--older-than 0`` also rolls back adds that are in
+flight now: use it only while no replica is writing (those adds would fail, never half done, but fail).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def repair(
     older_than: float = typer.Option(
         REPAIR_AFTER_S, "--older-than", min=0.0, help="Seconds after which a pending add counts as crashed."
     ),
+    verify_only: bool = typer.Option(
+        False, "--verify-only", help="Change nothing: only verify both engines."
+    ),
 ) -> None:
     """Finish or roll back the adds and removes that crashed replicas left; verify both engines."""
     from index.shared_gallery import SharedGallery  # psycopg and pymilvus: only here
@@ -53,6 +57,7 @@ def repair(
             milvus_uri=milvus_uri,
             milvus_token=token,
             collection_prefix=collection_prefix,
+            read_only=verify_only,
             repair=False,
             repair_every_s=None,
             repair_after_s=older_than,
@@ -60,14 +65,15 @@ def repair(
     except GalleryError as e:
         raise fail(str(e)) from e
     try:
-        done = gallery.repair(older_than_s=older_than)
+        done = None if verify_only else gallery.repair(older_than_s=older_than)
         report = gallery.verify()
     except GalleryError as e:
         raise fail(str(e)) from e
     finally:
         gallery.close()
-    for line in done.describe() or ["nothing to repair"]:
-        console.print(f"[green]repaired[/green] {line}", soft_wrap=True)
+    if done is not None:
+        for line in done.describe() or ["nothing to repair"]:
+            console.print(f"[green]repaired[/green] {line}", soft_wrap=True)
     for line in report.checked:
         console.print(f"[green]ok[/green] {line}", soft_wrap=True)
     for problem in report.problems:

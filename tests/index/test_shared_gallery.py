@@ -158,3 +158,24 @@ def test_a_crashed_add_is_rolled_back_by_the_repair_on_open(open_replica: Opener
     assert any("rolled back" in line for line in restarted.repairs)
     assert restarted.metadata.ids(include_pending=True).tolist() == []
     assert all(restarted.store.count(task) == 0 for task in TASKS)
+
+
+def test_modret_index_repair_exit_codes(open_replica: Opener, postgres_url: str, milvus_prefix: str) -> None:
+    from typer.testing import CliRunner
+
+    from service.cli.index import index_app
+
+    a = open_replica()
+    ids = a.insert(items(0, 3), vectors(3, 6)).ids
+    env = {"MODRET_METADATA_URL": f"{postgres_url}?schema={milvus_prefix}", "MODRET_MILVUS_URI": a.store.uri}
+    runner = CliRunner()
+    ok = runner.invoke(index_app, ["repair", "--verify-only"], env=env)
+    assert ok.exit_code == 0 and "3 ids in each of 2 collections" in ok.output, ok.output
+    a.metadata.remove([ids[0]])  # a delete that stopped after its row
+    found = runner.invoke(index_app, ["repair", "--verify-only"], env=env)
+    assert found.exit_code == 1 and "without a metadata row" in found.output, found.output
+    fixed = runner.invoke(index_app, ["repair"], env=env)
+    assert fixed.exit_code == 0 and "were removed" in fixed.output, fixed.output
+    assert all(a.store.ids(task).tolist() == ids[1:] for task in TASKS)
+    wrong = runner.invoke(index_app, ["repair", "--milvus-collection-prefix", "other"], env=env)
+    assert wrong.exit_code == 2 and "collection prefix" in wrong.output, wrong.output
