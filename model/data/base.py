@@ -12,6 +12,7 @@ spells it, an ``int`` when that spelling is an integer (binary attributes are 0/
 from __future__ import annotations
 
 import abc
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,6 +25,7 @@ UNKNOWN = -1
 MAX_LABEL_TEXT = 200  # longest label name or value a gallery keeps
 
 LabelValue = int | str  # a label as a gallery stores and shows it: see ``label_value``
+_INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
 def as_label_value(value: str | int | np.integer) -> LabelValue:
@@ -33,10 +35,8 @@ def as_label_value(value: str | int | np.integer) -> LabelValue:
     if not isinstance(value, str):
         return int(value)
     text = value.strip()
-    try:
-        return int(text)
-    except ValueError:
-        return text
+    # ASCII digits only: int() would also read "1_000" and "１" (fullwidth), which are names here
+    return int(text) if _INTEGER.fullmatch(text) else text
 
 
 def label_problem(value: object) -> str | None:

@@ -9,7 +9,17 @@ from model.data.base import MAX_LABEL_TEXT, TaskSpec, as_label_value, label_prob
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("1", 1), (" -3 ", -3), ("0", 0), ("green", "green"), (" dark green ", "dark green"), ("1.5", "1.5")],
+    [
+        ("1", 1),
+        (" -3 ", -3),
+        ("+7", 7),
+        ("0", 0),
+        ("green", "green"),
+        (" dark green ", "dark green"),
+        ("1.5", "1.5"),
+        ("1_000", "1_000"),  # int() would read these two as numbers; they are names
+        ("\uff11", "\uff11"),  # a fullwidth 1
+    ],
 )
 def test_as_label_value(text: str, value: int | str) -> None:
     assert as_label_value(text) == value and type(as_label_value(text)) is type(value)
