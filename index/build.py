@@ -8,7 +8,9 @@
   ``model.embed_tasks`` (which moves it to the model's device): the batch is expanded over tasks inside
   the model, which computes the task-independent prefix once and the modulated stages as one mixed-task
   batch, giving (B, T, D).
-- **write**: ``Gallery.add`` (metadata rows + one vector per task); duplicates keep their first id.
+- **write**: ``Gallery.insert`` (metadata rows + one vector per task); duplicates keep their first id.
+  ``fill_gallery`` is this loop over any open gallery: ``build_gallery`` runs it on a new one, ``modret
+  index build --metadata-url`` on the shared gallery of replicas (``index.shared_gallery``).
   Unless ``store_images=False`` (``modret index build --no-store-images``, for galleries too large to keep
   a copy of), the bytes go into the gallery's content-addressed blob folder, so that the service can serve
   them (``GET /images/{id}/content``, the web UI's thumbnails) without ever reading a path the source
@@ -34,8 +36,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from index.gallery import Gallery
+from index.gallery import Gallery, GalleryError
 from index.metadata import NewItem, content_hash
+from index.served import ServedGallery
 from model.data.base import LabelValue
 from model.data.folder import CSV_NAME, read_labels
 from model.run import LoadedRun
@@ -218,7 +221,6 @@ def build_gallery(
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; build into a new directory")
     started = time.perf_counter()
-    timings = StageTimings()
     gallery = Gallery.create(
         out,
         tasks=run.task_names,
@@ -228,6 +230,37 @@ def build_gallery(
         store_options=store_options,
         fingerprints=run.fingerprints,
     )
+    try:
+        report = fill_gallery(
+            run, source, gallery, batch_size=batch_size, store_images=store_images, progress=progress
+        )
+        t0 = time.perf_counter()
+        gallery.save()
+        report.timings.save_s = time.perf_counter() - t0
+    finally:
+        gallery.close()
+    report.wall_s = time.perf_counter() - started
+    return report
+
+
+def fill_gallery(
+    run: LoadedRun,
+    source: ImageSource,
+    gallery: ServedGallery,
+    *,
+    batch_size: int = 64,
+    store_images: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> BuildReport:
+    """Add every image of ``source``, embedded under the gallery's tasks, to the open ``gallery`` (a new
+    one, or the shared gallery of replicas: ``modret index build --metadata-url``); content already there
+    keeps its id. Saving is the caller's."""
+    lacking = [task for task in gallery.tasks if task not in run.task_names]
+    if lacking:
+        raise GalleryError(f"the gallery indexes {', '.join(lacking)}, which {run.run_dir} cannot embed")
+    started = time.perf_counter()
+    timings = StageTimings()
+    positions = [run.task_names.index(task) for task in gallery.tasks]  # the gallery's task order
     batches: queue.Queue[Any] = queue.Queue(maxsize=_PREFETCH)
     reader = threading.Thread(target=_batches, args=(source.items, batch_size, batches, timings), daemon=True)
     reader.start()
@@ -237,10 +270,9 @@ def build_gallery(
             if isinstance(batch, BaseException):
                 raise batch
             t0 = time.perf_counter()
-            vectors = embed_images(run, [item.image for item in batch])
+            vectors = embed_images(run, [item.image for item in batch])[:, positions]
             t1 = time.perf_counter()
-            before = gallery.metadata.count()
-            gallery.add(
+            result = gallery.insert(
                 [
                     NewItem(
                         item.source,
@@ -254,17 +286,13 @@ def build_gallery(
                 ],
                 vectors,
             )
-            added += gallery.metadata.count() - before
+            added += sum(result.new)
             timings.embed_s += t1 - t0
             timings.write_s += time.perf_counter() - t1
             images += len(batch)
             if progress is not None:
                 progress(len(batch))
-        t0 = time.perf_counter()
-        gallery.save()
-        timings.save_s = time.perf_counter() - t0
     finally:
-        gallery.close()
         reader.join(timeout=1)
     for reason in source.skipped:
         log.warning("skipped %s", reason)
@@ -273,7 +301,7 @@ def build_gallery(
         added=added,
         duplicates=images - added,
         skipped=list(source.skipped),
-        tasks=run.task_names,
+        tasks=list(gallery.tasks),
         timings=timings,
         wall_s=time.perf_counter() - started,
     )

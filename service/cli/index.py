@@ -19,9 +19,11 @@
   images the gallery did not store are read from ``--images`` (matched by content hash).
 - ``remove-task --index INDEX_DIR --task NAME``: drop one task's index (the gallery counterpart of
   ``modret task remove``).
+- ``load --run RUN (--images DIR | --dataset NAME) [--metadata-url URL] [--milvus-uri URI]``: embed and
+  add images to the replicas' shared gallery (``service.cli.index_shared``).
 - ``repair [--metadata-url URL] [--milvus-uri URI] [--older-than S] [--verify-only]``: the shared
   gallery of replicas (PostgreSQL + a Milvus server): finish or roll back what crashed replicas left,
-  then verify both engines (``service.cli.index_repair``).
+  then verify both engines (``service.cli.index_shared``).
 
 ``add-task`` and ``remove-task`` open the gallery for writing: stop the service that serves it first, then
 start it again (or ``POST /admin/reload`` a service started after the change) to serve the new task list.
@@ -46,12 +48,13 @@ from index.store import BACKENDS
 from model.progress import progress_bar
 from model.run import load_run
 from service.cli.common import DeviceOpt, fail, problems_found
-from service.cli.index_repair import repair
+from service.cli.index_shared import load, repair
 
 index_app = typer.Typer(
     help="Build, inspect, verify, compact and recover gallery indexes.", no_args_is_help=True
 )
 index_app.command("repair")(repair)
+index_app.command("load")(load)
 console = Console()
 
 

@@ -179,3 +179,33 @@ def test_modret_index_repair_exit_codes(open_replica: Opener, postgres_url: str,
     assert all(a.store.ids(task).tolist() == ids[1:] for task in TASKS)
     wrong = runner.invoke(index_app, ["repair", "--milvus-collection-prefix", "other"], env=env)
     assert wrong.exit_code == 2 and "collection prefix" in wrong.output, wrong.output
+
+
+def test_modret_index_load_fills_the_shared_gallery_from_a_labelled_folder(
+    run_dir: Path, postgres_url: str, milvus_server: MilvusServer, milvus_prefix: str, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from service.cli.index import index_app
+    from tests.folders import write_shirts
+
+    folder = write_shirts(tmp_path / "shirts", count=12)
+    url = f"{postgres_url}?schema={milvus_prefix}"
+    env = {"MODRET_METADATA_URL": url, "MODRET_MILVUS_URI": milvus_server.uri}
+    args = ["load", "--run", str(run_dir), "--images", str(folder), "--device", "cpu"]
+    first = CliRunner().invoke(index_app, args, env=env)
+    assert first.exit_code == 0 and "12 images added (0 already there" in first.output, first.output
+    again = CliRunner().invoke(index_app, args, env=env)  # the same contents: duplicates, by content hash
+    assert again.exit_code == 0 and "0 images added (12 already there" in again.output, again.output
+    gallery = SharedGallery.open(url, milvus_uri=milvus_server.uri, repair=False, repair_every_s=None)
+    try:
+        assert gallery.metadata.count() == 12 and gallery.verify().ok
+        green = gallery.metadata.matching({"colour": "green"})
+        first_id = int(gallery.metadata.ids()[0])
+        query = gallery.vectors([first_id], gallery.tasks[0])
+        found = gallery.search(gallery.tasks[0], query, 12, {"colour": "green"})
+        assert set(found.ids[0][found.ids[0] >= 0].tolist()) == set(green.tolist()) and len(green) == 4
+        record = gallery.items([first_id])[first_id]
+        assert gallery.image_bytes(record) == (folder / record.source).read_bytes()
+    finally:
+        gallery.close()
