@@ -69,6 +69,7 @@ from index.gallery_files import (
 )
 from index.generations import GenerationError, Generations, Manifest
 from index.metadata import DB_NAME, ItemRecord, Metadata, MetadataError, NewItem
+from index.served import LabelFilter, SearchFilter
 from index.store import SearchResult, VectorStore, as_ids, open_store, store_class
 from index.tasks import TaskCheck, add_task, check_model, recorded_fingerprints, remove_task
 from index.wal import LogCorruptError, LogScan, WriteAheadLog
@@ -532,12 +533,14 @@ class Gallery:
 
     # --- reading -------------------------------------------------------------------------------------
 
-    def search(
-        self, task: str, queries: np.ndarray, k: int, filter: Mapping[str, LabelValue] | None = None
-    ) -> SearchResult:
+    def label_filter(self, conditions: Mapping[str, LabelValue]) -> LabelFilter:
+        return LabelFilter(conditions, allowed=self.metadata.matching(conditions))  # one lookup, every task
+
+    def search(self, task: str, queries: np.ndarray, k: int, filter: SearchFilter = None) -> SearchResult:
         """Top ``k`` ids and cosine scores under ``task``; ``filter``: labels equal to ``{"Male": 1}``'s."""
-        allowed = None if not filter else self.metadata.matching(filter)
-        return self.store.search(task, queries, k, allowed)
+        if not isinstance(filter, LabelFilter):
+            filter = self.label_filter(filter) if filter else None
+        return self.store.search(task, queries, k, filter.allowed if filter else None)
 
     def vectors(self, ids: Sequence[int] | np.ndarray, task: str) -> np.ndarray:
         """The stored (n, D) embeddings of ``ids`` under ``task``, row i for ``ids[i]`` (no re-embedding).
@@ -549,9 +552,6 @@ class Gallery:
 
     def items(self, ids: Sequence[int] | np.ndarray) -> dict[int, ItemRecord]:
         return self.metadata.get(ids)
-
-    def blob_path(self, item: ItemRecord) -> Path | None:
-        return self.metadata.blob_path(item.content_hash) if item.has_blob else None
 
     def image_bytes(self, item: ItemRecord) -> bytes | None:  # ``GET /images/{id}/content`` (index.served)
         return self.metadata.read_blob(item.content_hash) if item.has_blob else None

@@ -9,7 +9,9 @@ asks which one it has; mypy checks below that both conform.
   ``remove`` returns how many were there; both raise ``GalleryError`` when the gallery takes no writes.
 - ``search(task, queries, k, filter)`` restricts to items whose labels equal ``filter``'s values
   (``UnknownLabelError`` for a name no item has) and returns only ids a reader may see (never one whose
-  add is still in flight on another replica); ``vectors``/``items`` read by id (``items``: visible items
+  add is still in flight on another replica); ``label_filter(conditions)`` resolves a filter once for
+  every task a search runs (the allowed ids, or the vector store's filter expression), and ``search``
+  takes the result in place of the conditions; ``vectors``/``items`` read by id (``items``: visible items
   only); ``image_bytes`` the kept bytes of an item's image, or None.
 - ``store`` and ``metadata`` are the stores underneath, for counts and reads by id (``store.get``,
   ``store.count``, ``metadata.ids``/``count``/``label_names``).
@@ -18,6 +20,7 @@ asks which one it has; mypy checks below that both conform.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -35,6 +38,19 @@ from model.tasks import Fingerprints
 if TYPE_CHECKING:
     from index.gallery import Gallery, GalleryInfo
     from index.shared_gallery import SharedGallery
+
+
+@dataclass(frozen=True)
+class LabelFilter:
+    """A label filter resolved once (``ServedGallery.label_filter``), for every task a search runs: the
+    ids allowed (one machine: one metadata lookup) or an expression the vector store evaluates."""
+
+    conditions: Mapping[str, LabelValue]
+    allowed: np.ndarray | None = None
+    expression: str = ""
+
+
+SearchFilter = Mapping[str, LabelValue] | LabelFilter | None  # conditions, or resolved once
 
 
 class ServedGallery(Protocol):
@@ -66,9 +82,9 @@ class ServedGallery(Protocol):
 
     def remove(self, ids: Sequence[int] | np.ndarray) -> int: ...
 
-    def search(
-        self, task: str, queries: np.ndarray, k: int, filter: Mapping[str, LabelValue] | None = None
-    ) -> SearchResult: ...
+    def label_filter(self, conditions: Mapping[str, LabelValue]) -> LabelFilter: ...
+
+    def search(self, task: str, queries: np.ndarray, k: int, filter: SearchFilter = None) -> SearchResult: ...
 
     def vectors(self, ids: Sequence[int] | np.ndarray, task: str) -> np.ndarray: ...
 

@@ -53,6 +53,7 @@ from index.metadata import ItemRecord, MetadataError, NewItem
 from index.milvus_labels import LabelledMilvusStore, label_expression, normalised
 from index.milvus_store import MAX_LIMIT, _safe_uri
 from index.postgres_metadata import PostgresMetadata
+from index.served import LabelFilter, SearchFilter
 from index.store import PAD_ID, SearchResult, as_ids, padded
 from index.tasks import TaskCheck, check_model, check_run, recorded_fingerprints
 from model.data.base import LabelValue
@@ -336,18 +337,20 @@ class SharedGallery:
 
     # --- reading -------------------------------------------------------------------------------------
 
-    def search(
-        self, task: str, queries: np.ndarray, k: int, filter: Mapping[str, LabelValue] | None = None
-    ) -> SearchResult:
+    def label_filter(self, conditions: Mapping[str, LabelValue]) -> LabelFilter:
+        """``conditions`` as a Milvus expression; ``UnknownLabelError`` for a name no item has."""
+        wanted = normalised(conditions)
+        unknown = self._metadata.unknown_labels(list(wanted))
+        if unknown:
+            raise self._metadata.unknown_label_error(unknown[0])
+        return LabelFilter(wanted, expression=label_expression(wanted))
+
+    def search(self, task: str, queries: np.ndarray, k: int, filter: SearchFilter = None) -> SearchResult:
         """Top ``k`` visible ids and cosine scores under ``task``; ``filter`` (label ``name == value``)
-        runs inside Milvus. ``UnknownLabelError`` for a name no item has."""
-        where = ""
-        if filter:
-            wanted = normalised(filter)
-            unknown = self._metadata.unknown_labels(list(wanted))
-            if unknown:
-                raise self._metadata.unknown_label_error(unknown[0])
-            where = label_expression(wanted)
+        runs inside Milvus."""
+        if not isinstance(filter, LabelFilter):
+            filter = self.label_filter(filter) if filter else None
+        where = filter.expression if filter else ""
         limit = k + _SLACK
         while True:
             found = self._store.search(task, queries, min(limit, MAX_LIMIT), where=where)

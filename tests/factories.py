@@ -34,7 +34,7 @@ from PIL import Image
 
 from index.build import embed_images
 from index.gallery import Gallery
-from index.metadata import NewItem, content_hash
+from index.metadata import ItemRecord, NewItem, content_hash
 from model.data.synthfaces import render_face
 from model.network import ModelConfig, MultiTaskEmbedder, create_model
 from model.run import METRICS, load_run, save_run, write_json
@@ -169,3 +169,8 @@ def copy_gallery(template: Path, target: Path) -> Path:
     shutil.copytree(template, target)
     (target / "writer.lock").unlink(missing_ok=True)
     return target
+
+
+def stored_blob(gallery: Gallery, item: ItemRecord) -> Path | None:
+    """Where a single-machine gallery keeps ``item``'s image bytes (``blobs/<2 hex>/<sha256>``), or None."""
+    return gallery.metadata.blob_path(item.content_hash) if item.has_blob else None

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from index.metadata import ItemRecord, UnknownLabelError
-from index.served import ServedGallery
+from index.served import LabelFilter, ServedGallery
 from index.store import PAD_ID, SearchResult, UnknownIdError
 from model.data.base import LabelValue
 from service.runtime.errors import InvalidQuery
@@ -72,24 +72,24 @@ def resolve_names(gallery: ServedGallery, conditions: Mapping[str, LabelValue]) 
 
 
 class _Filter:
-    """A search's label filter, its names resolved on the first search that needs it."""
+    """A search's label filter, resolved by the gallery once (``label_filter``: one metadata lookup, or one
+    expression) for every task the search runs; label names matched case-insensitively when the names as
+    given are unknown."""
 
     def __init__(self, conditions: Mapping[str, LabelValue] | None) -> None:
         self.conditions = dict(conditions) if conditions else None
-        self.resolved = False
+        self.prepared: LabelFilter | None = None
 
     def search(self, gallery: ServedGallery, task: str, queries: np.ndarray, k: int) -> SearchResult:
-        try:
-            return gallery.search(task, queries, k, self.conditions)
-        except UnknownLabelError:
-            if self.resolved or self.conditions is None:
-                raise
-        self.conditions = resolve_names(gallery, self.conditions)
-        self.resolved = True
-        try:
-            return gallery.search(task, queries, k, self.conditions)
-        except UnknownLabelError as exc:  # removed meanwhile
-            raise InvalidQuery(str(exc), code="unknown_label") from None
+        if self.conditions is not None and self.prepared is None:
+            try:
+                self.prepared = gallery.label_filter(self.conditions)
+            except UnknownLabelError:
+                try:
+                    self.prepared = gallery.label_filter(resolve_names(gallery, self.conditions))
+                except UnknownLabelError as exc:  # removed meanwhile
+                    raise InvalidQuery(str(exc), code="unknown_label") from None
+        return gallery.search(task, queries, k, self.prepared)
 
 
 def vectors_of(gallery: ServedGallery, task: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,7 @@ from index.build import build_gallery, dataset_source, embed_images, folder_sour
 from index.gallery import Gallery
 from index.metadata import content_hash
 from model.run import LoadedRun, load_run
-from tests.factories import make_run
+from tests.factories import make_run, stored_blob
 
 TASKS = ["Smiling", "Eyeglasses", "Male"]
 
@@ -73,7 +73,7 @@ def test_build_from_folder_dedupes_and_skips_unreadable(tiny_run: LoadedRun, tmp
     assert gallery.info().counts == {task: 7 for task in TASKS}
     record = gallery.items([7])[7]  # ids follow sorted file order: 0.png is 1
     assert (record.source, record.width, record.height) == ("6.png", 24, 26)
-    blob = gallery.blob_path(record)  # the file's own bytes, kept in the gallery (never served by path)
+    blob = stored_blob(gallery, record)  # the file's own bytes, kept in the gallery (never served by path)
     assert blob is not None and blob.read_bytes() == (folder / "6.png").read_bytes()
     assert gallery.verify(tiny_run.model_hash).ok
     gallery.close()
@@ -106,7 +106,7 @@ def test_build_from_dataset_keeps_image_bytes(tiny_run: LoadedRun, tmp_path: Pat
     records = gallery.items(gallery.metadata.ids())
     assert len(records) == 6
     for face, record in zip(faces, records.values(), strict=True):
-        blob = gallery.blob_path(record)
+        blob = stored_blob(gallery, record)
         assert blob is not None and blob.name == record.content_hash
         data = blob.read_bytes()
         assert data.startswith(b"\x89PNG") and content_hash(data) == record.content_hash
@@ -131,9 +131,9 @@ def test_build_from_a_dataset_of_files_keeps_the_files(tiny_run: LoadedRun, tmp_
     by_source = {r.source: r for r in gallery.items(gallery.metadata.ids()).values()}
     assert sorted(by_source) == ["a.jpg", "b.png", "c.tif"]
     for name in ("a.jpg", "b.png"):
-        blob = gallery.blob_path(by_source[name])
+        blob = stored_blob(gallery, by_source[name])
         assert blob is not None and blob.read_bytes() == (data_dir / name).read_bytes()
-    tiff = gallery.blob_path(by_source["c.tif"])
+    tiff = stored_blob(gallery, by_source["c.tif"])
     assert tiff is not None and tiff.read_bytes().startswith(b"\x89PNG")
     with Image.open(tiff) as image:
         assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(images[2]))
@@ -147,7 +147,7 @@ def test_build_without_image_bytes(tiny_run: LoadedRun, tmp_path: Path) -> None:
     assert report.added == 4
     gallery = Gallery.open(tmp_path / "index", read_only=True)
     records = gallery.items(gallery.metadata.ids()).values()
-    assert all(gallery.blob_path(r) is None for r in records)
+    assert all(stored_blob(gallery, r) is None for r in records)
     assert not (tmp_path / "index" / "blobs").exists()
     # The same content hashes as a build that keeps the bytes: an upload of a served image is a duplicate.
     faces = dataset_source("synthfaces", image_size=32, num_images=4).items

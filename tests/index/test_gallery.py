@@ -11,6 +11,7 @@ import pytest
 from index.gallery import STORE_DIR, Gallery, GalleryError
 from index.metadata import NewItem, UnknownLabelError, content_hash
 from index.store import UnknownIdError
+from tests.factories import stored_blob
 from tests.index.conftest import (
     BACKEND_CASES,
     DIM,
@@ -55,9 +56,9 @@ def test_ids_dedupe_labels_and_blobs(tmp_path: Path) -> None:
     record = gallery.items([1])[1]
     assert (record.source, record.width, record.height) == ("img0.jpg", 30, 20)
     assert record.labels == {"Male": 1, "Smiling": 0} and record.added_at.endswith("+00:00")
-    blob = gallery.blob_path(record)
+    blob = stored_blob(gallery, record)
     assert blob is not None and blob.read_bytes() == b"image bytes 0" and blob.name == record.content_hash
-    assert gallery.blob_path(gallery.items([4])[4]) is None
+    assert stored_blob(gallery, gallery.items([4])[4]) is None
     # Removed ids are never handed out again.
     assert gallery.remove([7]) == 1
     assert gallery.add([item(20, 0)], vectors(1, seed=2)) == [8]
@@ -162,9 +163,9 @@ def test_milvus_gallery(tmp_path: Path) -> None:
 def test_a_blob_given_for_known_content_is_kept(tmp_path: Path) -> None:
     gallery = create(tmp_path)
     [first] = gallery.add([item(1, 0)], vectors(1))  # built without its bytes
-    assert gallery.blob_path(gallery.items([first])[first]) is None
+    assert stored_blob(gallery, gallery.items([first])[first]) is None
     assert gallery.add([item(1, 0, upload=True)], vectors(1, seed=1)) == [first]  # the same image, uploaded
-    blob = gallery.blob_path(gallery.items([first])[first])
+    blob = stored_blob(gallery, gallery.items([first])[first])
     assert blob is not None and blob.read_bytes() == b"image bytes 1"
     gallery.close()
 

@@ -116,6 +116,31 @@ def test_filters_exclusions_and_min_score_match_brute_force(gallery: Gallery) ->
     assert ranking.rank(gallery, tasks, queries, k=5, filter={"Smiling": 7}) == []  # no item has the value
 
 
+def test_a_filtered_search_over_several_tasks_looks_the_filter_up_once(
+    gallery: Gallery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lookups: list[dict[str, object]] = []
+    matching = gallery.metadata.matching
+
+    def counted(conditions):  # the real lookup, counted
+        lookups.append(dict(conditions))
+        return matching(conditions)
+
+    monkeypatch.setattr(gallery.metadata, "matching", counted)
+    tasks = weighted(("Smiling", 1.0), ("Black_Hair", 0.5), ("Eyeglasses", -0.5))
+    got = ranking.rank(
+        gallery, tasks, queries_for(gallery, 5), k=5, filter={"smiling": 1}, candidate_factor=24
+    )
+    # the name as given is unknown (one failed lookup), then resolved: not one lookup per task
+    assert got and lookups == [{"smiling": 1}, {"Smiling": 1}]
+    lookups.clear()
+    again = ranking.rank(
+        gallery, tasks, queries_for(gallery, 5), k=5, filter={"Smiling": 1}, candidate_factor=24
+    )
+    assert again == got
+    assert lookups == [{"Smiling": 1}]
+
+
 def test_explain_is_the_dot_product_with_stored_vectors(gallery: Gallery) -> None:
     queries = queries_for(gallery, 4)
     ids = [3, 1, 7]
