@@ -44,6 +44,7 @@ rows being flushed). Milvus does not apply one insert to several collections ato
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import re
@@ -62,6 +63,7 @@ from index.store import (
     BackendUnavailableError,
     DuplicateIdError,
     SearchResult,
+    StoreUnavailable,
     UnknownIdError,
     as_ids,
     as_queries,
@@ -90,6 +92,30 @@ def _safe_uri(uri: str) -> str:
 
 def _id_expr(ids: np.ndarray) -> str:
     return f"id in [{','.join(str(int(i)) for i in ids)}]"
+
+
+class _Guarded:
+    """A ``MilvusClient`` whose failures are ``StoreUnavailable`` naming the server (never its token), so
+    that an engine away is a retryable 503 at the API edge, not an internal error."""
+
+    def __init__(self, client: Any, where: str) -> None:
+        from pymilvus.exceptions import MilvusException
+
+        self._client, self._where, self._errors = client, where, (MilvusException,)
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        @functools.wraps(attribute)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attribute(*args, **kwargs)
+            except self._errors as e:
+                raise StoreUnavailable(f"Milvus at {self._where}: {name} failed: {e}") from e
+
+        return call
 
 
 class MilvusStore:
@@ -147,11 +173,12 @@ class MilvusStore:
         self._lock = RWLock()
         self._retired: list[str] = []  # collections of removed tasks, dropped by discard_removed
         try:
-            self._client = MilvusClient(uri=self.uri, token=token or "")
+            client = MilvusClient(uri=self.uri, token=token or "")
         except Exception as e:  # pymilvus raises MilvusException (or grpc's errors) when it cannot connect
             if self.lite:
                 raise
             raise ConnectionError(f"cannot reach the Milvus server at {_safe_uri(self.uri)}: {e}") from e
+        self._client: Any = _Guarded(client, _safe_uri(self.uri))
         # Creating and loading a collection takes seconds on a server (index build, channel assignment):
         # there the collections open side by side; a Lite file serves one request at a time anyway.
         created = self._each_collection(self._open_collection)

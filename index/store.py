@@ -49,6 +49,11 @@ class UnknownTaskError(LookupError):
         self.task = task
 
 
+class StoreUnavailable(ConnectionError):
+    """The vector store's engine failed a call (a Milvus server away, refusing or timing out): nothing is
+    wrong with the request, it may be retried."""
+
+
 class UnknownIdError(LookupError):
     """``get`` was asked for ids that are not stored; ``ids`` holds them (sorted, distinct)."""
 

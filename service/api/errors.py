@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from index.metadata import MetadataError
+from index.store import StoreUnavailable
 from service.runtime import errors as domain
 
 log = logging.getLogger("service.errors")
@@ -157,6 +158,12 @@ def install_error_handlers(app: FastAPI) -> None:
         message = f"the gallery's metadata is unavailable: {exc}"
         return error_response(request, 503, "metadata_unavailable", message, headers={"Retry-After": "5"})
 
+    async def on_store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # The vector store's engine failed a call (a Milvus server away): retryable, like the metadata's.
+        log.error("vector store unavailable", extra={"fields": {"reason": str(exc)}})
+        message = f"the gallery's vector store is unavailable: {exc}"
+        return error_response(request, 503, "vector_store_unavailable", message, headers={"Retry-After": "5"})
+
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", extra={"request_id": request_id_of(request.scope)})
         return error_response(request, 500, "internal_error", "internal error; see the server log")
@@ -166,6 +173,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(MetadataError, on_metadata_error)
+    app.add_exception_handler(StoreUnavailable, on_store_unavailable)
     app.add_exception_handler(Exception, on_unexpected)
 
 
