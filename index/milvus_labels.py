@@ -39,11 +39,9 @@ import numpy as np
 
 from index.milvus_store import _CHUNK, MAX_LIMIT, MilvusStore, _id_expr
 from index.store import (
-    DuplicateIdError,
     SearchResult,
     as_ids,
     as_queries,
-    check_add,
     check_task,
     padded,
 )
@@ -118,28 +116,10 @@ class LabelledMilvusStore(MilvusStore):
         labels: Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
         """Store the vectors of ``ids`` in every task, each row with ``labels[i]`` (none: ``{}``)."""
-        ids = np.asarray(ids, dtype=np.int64)
-        check_add(ids, vectors_by_task, self._tasks, self.dim)
         if labels is not None and len(labels) != len(ids):
             raise ValueError(f"{len(labels)} label sets for {len(ids)} ids")
         rows_labels = [normalised(one) for one in labels] if labels is not None else [{} for _ in ids]
-        if not len(ids):
-            return
-        with self._lock.write():
-            present = self._present(self._tasks[0], ids)
-            if len(present):
-                raise DuplicateIdError(f"ids already stored: {present[:10].tolist()}")
-            for task in self._tasks:
-                vectors = np.asarray(vectors_by_task[task], dtype=np.float32)
-                for start in range(0, len(ids), _CHUNK):
-                    end = start + _CHUNK
-                    rows = [
-                        {"id": int(i), "vector": v, LABELS_FIELD: lab}
-                        for i, v, lab in zip(
-                            ids[start:end], vectors[start:end], rows_labels[start:end], strict=True
-                        )
-                    ]
-                    self._client.insert(self.collections[task], rows)
+        self._insert(ids, vectors_by_task, [{LABELS_FIELD: one} for one in rows_labels])
 
     def count(self, task: str) -> int:
         """Vectors under ``task``, read with ``Bounded`` consistency: a count (``GET /tasks``, ``/metrics``)

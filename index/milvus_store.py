@@ -331,10 +331,20 @@ class MilvusStore:
         return result
 
     def add(self, ids: np.ndarray, vectors_by_task: dict[str, np.ndarray]) -> None:
+        self._insert(ids, vectors_by_task)
+
+    def _insert(
+        self,
+        ids: np.ndarray,
+        vectors_by_task: dict[str, np.ndarray],
+        fields: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """``add``, each row also holding ``fields[i]`` (a subclass's scalar fields) when given."""
         ids = np.asarray(ids, dtype=np.int64)
         check_add(ids, vectors_by_task, self._tasks, self.dim)
         if not len(ids):
             return
+        extra = fields if fields is not None else [{} for _ in range(len(ids))]
         with self._lock.write():
             present = self._present(self._tasks[0], ids)
             if len(present):
@@ -342,11 +352,10 @@ class MilvusStore:
             for task in self._tasks:
                 vectors = np.asarray(vectors_by_task[task], dtype=np.float32)
                 for start in range(0, len(ids), _CHUNK):
+                    chunk = slice(start, start + _CHUNK)
                     rows = [
-                        {"id": int(i), "vector": v}
-                        for i, v in zip(
-                            ids[start : start + _CHUNK], vectors[start : start + _CHUNK], strict=True
-                        )
+                        {"id": int(i), "vector": v, **more}
+                        for i, v, more in zip(ids[chunk], vectors[chunk], extra[chunk], strict=True)
                     ]
                     self._client.insert(self.collections[task], rows)
 
