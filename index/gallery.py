@@ -69,7 +69,7 @@ from index.gallery_files import (
 )
 from index.generations import GenerationError, Generations, Manifest
 from index.metadata import DB_NAME, ItemRecord, Metadata, MetadataError, NewItem
-from index.served import LabelFilter, SearchFilter
+from index.served import ConfigView, LabelFilter, SearchFilter
 from index.store import SearchResult, VectorStore, as_ids, open_store, store_class
 from index.tasks import TaskCheck, add_task, check_model, recorded_fingerprints, remove_task
 from index.wal import LogCorruptError, LogScan, WriteAheadLog
@@ -117,7 +117,7 @@ def logs_writes(backend: str) -> bool:
     return hasattr(store_class(backend), "capture")
 
 
-class Gallery:
+class Gallery(ConfigView):
     def __init__(
         self,
         root: Path,
@@ -141,18 +141,6 @@ class Gallery:
         self.task_check: TaskCheck | None = None  # how the run it was opened with relates to its tasks
         self._policy = (10_000, 300.0)  # snapshot_every_records, snapshot_every_s
         self._unusable: str | None = None  # why writes are refused after a failed task change
-
-    @property
-    def tasks(self) -> list[str]:
-        return list(self.config["tasks"])
-
-    @property
-    def model_hash(self) -> str:
-        return str(self.config["model_hash"])
-
-    @property
-    def embedding_dim(self) -> int:
-        return int(self.config["embedding_dim"])
 
     # --- opening -------------------------------------------------------------------------------------
 

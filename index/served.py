@@ -53,6 +53,24 @@ class LabelFilter:
 SearchFilter = Mapping[str, LabelValue] | LabelFilter | None  # conditions, or resolved once
 
 
+class ConfigView:
+    """What both galleries read off their config (gallery.json, or the replicas' PostgreSQL row)."""
+
+    config: dict[str, Any]
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.config["tasks"])
+
+    @property
+    def model_hash(self) -> str:
+        return str(self.config["model_hash"])
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.config["embedding_dim"])
+
+
 class ServedGallery(Protocol):
     root: Path
     task_check: TaskCheck | None

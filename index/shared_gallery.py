@@ -53,7 +53,7 @@ from index.metadata import ItemRecord, MetadataError, NewItem
 from index.milvus_labels import LabelledMilvusStore, label_expression, normalised
 from index.milvus_store import MAX_LIMIT, _safe_uri
 from index.postgres_metadata import PostgresMetadata
-from index.served import LabelFilter, SearchFilter
+from index.served import ConfigView, LabelFilter, SearchFilter
 from index.store import PAD_ID, SearchResult, as_ids, padded
 from index.tasks import TaskCheck, check_model, check_run, recorded_fingerprints
 from model.data.base import LabelValue
@@ -80,7 +80,7 @@ def _engine_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-class SharedGallery:
+class SharedGallery(ConfigView):
     """See the module docstring; open with ``SharedGallery.open``."""
 
     def __init__(
@@ -117,18 +117,6 @@ class SharedGallery:
     @property
     def metadata(self) -> PostgresMetadata:
         return self._metadata
-
-    @property
-    def tasks(self) -> list[str]:
-        return list(self.config["tasks"])
-
-    @property
-    def model_hash(self) -> str:
-        return str(self.config["model_hash"])
-
-    @property
-    def embedding_dim(self) -> int:
-        return int(self.config["embedding_dim"])
 
     # --- opening -------------------------------------------------------------------------------------
 
