@@ -12,7 +12,7 @@ the metadata's position, so both describe one moment); and every blob the metada
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -94,24 +94,7 @@ def check_gallery(
                 f"log starts at record {scan.first}: falling back to the generation at record {oldest} "
                 f"would miss records {oldest + 1}..{scan.first - 1}"
             )
-    recorded = recorded_fingerprints(gallery.config)
-    if recorded is not None and fingerprints is not None:
-        check = check_run(recorded.shared, recorded.tasks, fingerprints)
-        if check.problem is not None:
-            report.problems.append(f"model mismatch: {check.problem}")
-        else:
-            report.checked.append(
-                f"task fingerprints: the run embeds {', '.join(check.valid) or 'none'} as indexed"
-                + (f"; not indexed: {', '.join(check.missing)}" if check.missing else "")
-            )
-            if model_hash == gallery.model_hash:
-                report.checked.append("model hash matches the run")
-    elif model_hash is not None and model_hash != gallery.model_hash:
-        report.problems.append(
-            f"model mismatch: gallery built with {gallery.model_hash[:12]}…, run has {model_hash[:12]}…"
-        )
-    else:
-        report.checked.append("model hash" + (" matches the run" if model_hash else " recorded"))
+    check_model_match(report, gallery.config, model_hash, fingerprints)
     known = gallery.metadata.ids()
     for task in gallery.tasks:
         stored = gallery.store.ids(task)
@@ -131,3 +114,29 @@ def check_gallery(
             report.problems.append(f"item {record.id}: blob {path.name} is missing")
     report.checked.append(f"{len(with_blobs)} blobs present")
     return report
+
+
+def check_model_match(
+    report: VerifyReport, config: dict[str, Any], model_hash: str | None, fingerprints: Fingerprints | None
+) -> None:
+    """Whether a run may serve the gallery whose ``config`` this is, into ``report``: its per-task
+    fingerprints when the gallery recorded them (a child run serves its old tasks), else the model hash."""
+    built_with = str(config["model_hash"])
+    recorded = recorded_fingerprints(config)
+    if recorded is not None and fingerprints is not None:
+        check = check_run(recorded.shared, recorded.tasks, fingerprints)
+        if check.problem is not None:
+            report.problems.append(f"model mismatch: {check.problem}")
+        else:
+            report.checked.append(
+                f"task fingerprints: the run embeds {', '.join(check.valid) or 'none'} as indexed"
+                + (f"; not indexed: {', '.join(check.missing)}" if check.missing else "")
+            )
+            if model_hash == built_with:
+                report.checked.append("model hash matches the run")
+    elif model_hash is not None and model_hash != built_with:
+        report.problems.append(
+            f"model mismatch: gallery built with {built_with[:12]}…, run has {model_hash[:12]}…"
+        )
+    else:
+        report.checked.append("model hash" + (" matches the run" if model_hash else " recorded"))

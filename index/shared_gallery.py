@@ -46,6 +46,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from index import replica_writes
+from index.checks import check_model_match
 from index.committer import AddResult
 from index.gallery import GalleryInfo
 from index.gallery_files import GalleryError, VerifyReport
@@ -55,7 +56,7 @@ from index.milvus_store import MAX_LIMIT, _safe_uri
 from index.postgres_metadata import PostgresMetadata
 from index.served import ConfigView, LabelFilter, SearchFilter
 from index.store import PAD_ID, SearchResult, as_ids, padded
-from index.tasks import TaskCheck, check_model, check_run, recorded_fingerprints
+from index.tasks import TaskCheck, check_model, recorded_fingerprints
 from model.data.base import LabelValue
 from model.tasks import Fingerprints
 
@@ -404,21 +405,7 @@ class SharedGallery(ConfigView):
         """The model match, the metadata database, pending rows a repair should see to, every committed
         id in every collection with the labels PostgreSQL holds, and no vector without a row."""
         report = VerifyReport()
-        recorded = recorded_fingerprints(self.config)
-        if recorded is not None and fingerprints is not None:
-            check = check_run(recorded.shared, recorded.tasks, fingerprints)
-            if check.problem is not None:
-                report.problems.append(f"model mismatch: {check.problem}")
-            else:
-                report.checked.append(
-                    f"task fingerprints: the run embeds {', '.join(check.valid) or 'none'} as indexed"
-                )
-        elif model_hash is not None and model_hash != self.model_hash:
-            report.problems.append(
-                f"model mismatch: gallery built with {self.model_hash[:12]}…, run has {model_hash[:12]}…"
-            )
-        else:
-            report.checked.append("model hash" + (" matches the run" if model_hash else " recorded"))
+        check_model_match(report, self.config, model_hash, fingerprints)
         status = self._metadata.quick_check()
         if status != "ok":
             report.problems.append(f"metadata: {status}")
