@@ -303,8 +303,10 @@ class MilvusStore:
         return vectors
 
     def search(
-        self, task: str, queries: np.ndarray, k: int, filter: np.ndarray | None = None
+        self, task: str, queries: np.ndarray, k: int, filter: np.ndarray | None = None, where: str = ""
     ) -> SearchResult:
+        """The contract's search; ``where`` (a Milvus expression over the collection's scalar fields, e.g.
+        ``index.milvus_labels.label_expression``) further restricts the hits."""
         check_task(task, self._tasks)
         queries = as_queries(queries, self.dim)
         if k < 1:
@@ -312,15 +314,18 @@ class MilvusStore:
         result = padded(len(queries), k)
         if not len(queries) or (filter is not None and len(filter) == 0):
             return result
+        parts = [f"({where})"] if where else []
+        if filter is not None:
+            parts.append(_id_expr(np.unique(filter)))
         with self._lock.read():
-            total = self._count(task)
-            if total == 0:
+            limit = self._limit(task, k)
+            if limit == 0:
                 return result
             hits = self._client.search(
                 self.collections[task],
                 data=list(queries),
-                limit=min(k, total, MAX_LIMIT),
-                filter="" if filter is None else _id_expr(np.unique(filter)),
+                limit=limit,
+                filter=" and ".join(parts),
                 output_fields=["id"],
                 search_params={"metric_type": "IP", "params": self.options.get("search_params", {})},
             )
@@ -329,6 +334,10 @@ class MilvusStore:
                 result.ids[row, col] = int(hit["id"])
                 result.scores[row, col] = float(hit["distance"])
         return result
+
+    def _limit(self, task: str, k: int) -> int:
+        """The topk a search asks for: at most the rows ``task`` holds (0: nothing to search)."""
+        return min(k, self._count(task), MAX_LIMIT)
 
     def add(self, ids: np.ndarray, vectors_by_task: dict[str, np.ndarray]) -> None:
         self._insert(ids, vectors_by_task)
