@@ -350,25 +350,29 @@ class Trunk(nn.Module):
             z = self.modulations[EMB](z, task_ids)
         return F.normalize(z, dim=1)  # L2-normalised: triplet distances and cosine search agree
 
+    def embed_pairs(self, images: Tensor, image_index: Tensor, task_ids: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (R, D): row r is image ``image_index[r]`` under task ``task_ids[r]`` (two (R,)
+        long tensors on the trunk's device, already validated), the task-independent prefix once per
+        image however many rows use it."""
+        # No modulation sits in the prefix, so the ids it is given are never read.
+        none = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
+        x = self.forward_stages(self.stem(images), none, 0, self.first_conditioned)  # (B, C, h, w)
+        if self.first_conditioned < len(self.stages):
+            x = x.index_select(0, image_index)  # (B, C, h, w) -> (R, C, h, w)
+            z = self.project(self.forward_stages(x, task_ids, self.first_conditioned))  # (R, D)
+        else:  # only the embedding (or nothing) is modulated: the whole backbone runs once per image
+            z = self.project(self.forward_stages(x, none, self.first_conditioned))  # (B, D)
+            z = z.index_select(0, image_index)  # (B, D) -> (R, D)
+        return self.finish(z, task_ids)
+
     def embed_tasks(self, images: Tensor, task_ids: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, K, D): every image under each of the K ``task_ids`` (a (K,) long tensor on
         the trunk's device, already validated), the task-independent prefix once per image."""
         batch, k = images.shape[0], task_ids.shape[0]
-
-        def expand(t: Tensor) -> tuple[Tensor, Tensor]:
-            # (B, ...) -> (B*K, ...) with rows ordered image-major, so the result reshapes to (B, K, D)
-            rows = t.unsqueeze(1).expand(batch, k, *t.shape[1:]).reshape(batch * k, *t.shape[1:])
-            return rows, task_ids.repeat(batch)  # (K,) -> (B*K,): image b, task slot j at row b*K + j
-
-        # No modulation sits in the prefix, so the ids it is given are never read.
-        none = torch.zeros(batch, dtype=torch.long, device=images.device)
-        x = self.forward_stages(self.stem(images), none, 0, self.first_conditioned)  # (B, C, h, w)
-        if self.first_conditioned < len(self.stages):
-            x, rows_ids = expand(x)  # (B, C, h, w) -> (B*K, C, h, w)
-            z = self.project(self.forward_stages(x, rows_ids, self.first_conditioned))  # (B*K, D)
-        else:  # only the embedding (or nothing) is modulated: the whole backbone runs once per image
-            z, rows_ids = expand(self.project(self.forward_stages(x, none, self.first_conditioned)))
-        return self.finish(z, rows_ids).reshape(batch, k, -1)  # (B*K, D) -> (B, K, D)
+        # Rows image-major (image b, task slot j at row b*K + j), so the result reshapes to (B, K, D).
+        image_index = torch.arange(batch, device=images.device).repeat_interleave(k)  # (B*K,)
+        rows = self.embed_pairs(images, image_index, task_ids.repeat(batch))  # (B*K, D)
+        return rows.reshape(batch, k, -1)  # (B*K, D) -> (B, K, D)
 
 
 class MultiTaskEmbedder(nn.Module):
@@ -483,6 +487,40 @@ class MultiTaskEmbedder(nn.Module):
             rows = torch.full((images.shape[0],), t, dtype=torch.long, device=parameter.device)  # (B,)
             per_task[t] = self.trunk(t).forward_head(self.trunk(t).forward_features(images, rows), rows)
         return torch.stack([per_task[t] for t in ids.tolist()], dim=1)  # K x (B, D) -> (B, K, D)
+
+    def embed_pairs(
+        self, images: Tensor, image_index: Sequence[int] | Tensor, tasks: Sequence[int] | Tensor
+    ) -> Tensor:
+        """(B, 3, H, W) -> (R, D): L2-normalised embeddings of R (image, task) pairs, row r being image
+        ``image_index[r]`` under task ``tasks[r]``: a batch of requests that each want their own tasks, in
+        one model call. ``out[r]`` equals ``embed`` of that image under that task; the unmodulated
+        prefix runs once per image, whatever number of rows use it. Images are moved and cast as in
+        ``embed_tasks``; task ids are checked as there, and ``image_index`` must match them in length
+        and index ``images``.
+        """
+        if images.dim() != 4:
+            raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(
+                f"images must be normalised floats, got {images.dtype} (use Preprocess.normalize)"
+            )
+        ids = self.resolve_task_ids(tasks)  # (R,) on the CPU
+        index = torch.as_tensor(image_index, dtype=torch.long).to("cpu").reshape(-1)  # (R,)
+        if index.shape != ids.shape:
+            raise ValueError(f"{index.numel()} image indices for {ids.numel()} task ids: give one per row")
+        if bool(((index < 0) | (index >= images.shape[0])).any()):
+            raise IndexError(f"image indices must be in 0..{images.shape[0] - 1}")
+        parameter = next(self.parameters())
+        images = images.to(device=parameter.device, dtype=parameter.dtype)
+        index, ids = index.to(parameter.device), ids.to(parameter.device)
+        if len(self.trunks) == 1:
+            return self.trunk(0).embed_pairs(images, index, ids)
+        # Independent networks share no prefix: each row goes through its own task's trunk.
+        return self._route(
+            lambda trunk, x, t: trunk.forward_head(trunk.forward_features(x, t), t),
+            images.index_select(0, index),  # (B, 3, H, W) -> (R, 3, H, W)
+            ids,
+        )
 
     def trunk(self, index: int) -> Trunk:
         return cast(Trunk, self.trunks[index])

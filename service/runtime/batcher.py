@@ -5,9 +5,9 @@ bounded queue and await the job's future. The worker takes the first waiting job
 queued behind it; it waits for more (until the batch holds ``max_batch_size`` images or ``max_wait_ms``
 has passed) only while requests announced with ``expecting()`` are still preparing their pixels, so a
 lone request never waits for company that is not coming, and under load the jobs that queued while the
-model ran form the next batch. It then runs the model's one seam
-(``embed_tasks``: the task-independent prefix once per image, then each requested task) once per distinct
-task list in the batch, and resolves every future with its rows. A full queue refuses at once
+model ran form the next batch. It then runs the model once for the whole batch, whatever each job's
+tasks (``embed_pairs``: every job's images under its own tasks as rows of one mixed-task batch, the
+task-independent prefix once per image), and resolves every future with its rows. A full queue refuses at once
 (``QueueFull``: the request is answered 503 with Retry-After) rather than letting requests time out in
 line. The model only ever runs on this thread, never on the event loop.
 ``max_batch_size=1`` turns batching off (one job per model call, still off the loop).
@@ -351,25 +351,33 @@ class Batcher:
 
     @torch.inference_mode()
     def _compute(self, jobs: list[_Job]) -> list[np.ndarray]:
-        # One model call per distinct task list; under load nearly every job asks for the same one.
-        groups: dict[tuple[int, ...] | None, list[int]] = {}
-        for i, job in enumerate(jobs):
-            groups.setdefault(job.task_ids, []).append(i)
-        outputs: dict[int, np.ndarray] = {}
+        # ONE model call for the whole batch, whatever task each job asked for: every job's images under
+        # its own tasks are rows of one mixed-task batch (``embed_pairs``), so concurrent requests for
+        # different tasks share the call (and the task-independent prefix runs once per image).
         device = self.model.device
-        for tasks, members in groups.items():
-            # uint8 crosses to the device (4x fewer bytes than float) and is normalised there.
-            pixels = torch.cat([jobs[i].pixels for i in members]).to(device, non_blocking=True)
-            if not pixels.is_floating_point():
-                assert self.normalize is not None
-                pixels = self.normalize(pixels)
-            if self.cuda:
-                pixels = pixels.contiguous(memory_format=torch.channels_last)
-            with self._precision():
-                embedded = self.model.embed_tasks(pixels, tasks)  # (N, K, D) on the device
-            vectors = embedded.float().cpu().numpy()  # one host copy
-            offset = 0
-            for i in members:
-                outputs[i] = vectors[offset : offset + jobs[i].size]
-                offset += jobs[i].size
-        return [outputs[i] for i in range(len(jobs))]
+        # uint8 crosses to the device (4x fewer bytes than float) and is normalised there.
+        pixels = torch.cat([job.pixels for job in jobs]).to(device, non_blocking=True)  # (N, 3, S, S)
+        if not pixels.is_floating_point():
+            assert self.normalize is not None
+            pixels = self.normalize(pixels)
+        if self.cuda:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        image_index: list[int] = []
+        task_ids: list[int] = []
+        shapes: list[tuple[int, int]] = []
+        first_image = 0
+        for job in jobs:
+            tasks = range(self.num_tasks) if job.task_ids is None else job.task_ids
+            for image in range(first_image, first_image + job.size):  # image-major: reshapes to (n, K)
+                image_index.extend([image] * len(tasks))
+                task_ids.extend(tasks)
+            shapes.append((job.size, len(tasks)))
+            first_image += job.size
+        with self._precision():
+            embedded = self.model.embed_pairs(pixels, image_index, task_ids)  # (R, D) on the device
+        vectors = embedded.float().cpu().numpy()  # one host copy
+        outputs, row = [], 0
+        for images, tasks in shapes:
+            outputs.append(vectors[row : row + images * tasks].reshape(images, tasks, -1))  # (n, K, D)
+            row += images * tasks
+        return outputs

@@ -121,6 +121,39 @@ def test_embed_tasks_equals_embed_of_repeated_images(arch, modulation, places, n
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("modulation", MODULATIONS)
+@pytest.mark.parametrize("places", PLACES)
+@pytest.mark.parametrize("neck", NECKS)
+def test_embed_pairs_equals_embed_of_each_pair(arch, modulation, places, neck, batch):
+    images, _ = batch
+    model = _perturbed(arch, modulation, modulate=places, neck=neck)
+    # Images used by several rows, by none (image 5), out of order; tasks mixed and repeated.
+    image_index = [0, 0, 3, 1, 6, 2, 3, 4, 0, 6]
+    tasks = [1, 2, 2, 0, 3, 3, 0, 1, 1, 3]
+    with torch.no_grad():
+        pairs = model.embed_pairs(images, image_index, tasks)
+        reference = model.embed(images[image_index], torch.tensor(tasks))
+        every = model.embed_tasks(images)
+    assert pairs.shape == (len(tasks), 8)
+    torch.testing.assert_close(pairs, reference, atol=ATOL, rtol=0)
+    torch.testing.assert_close(pairs, every[image_index, tasks], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "image_index, tasks, error, message",
+    [
+        ([0, 1], [0], ValueError, "2 image indices for 1 task ids"),
+        ([7], [0], IndexError, r"image indices must be in 0\.\.6"),
+        ([-1], [0], IndexError, "image indices"),
+        ([0], [4], IndexError, "task id 4 out of range"),
+    ],
+)
+def test_embed_pairs_rejects_rows_that_do_not_match(image_index, tasks, error, message, batch):
+    with pytest.raises(error, match=message):
+        tiny().embed_pairs(batch[0], image_index, tasks)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_embed_tasks_takes_lists_tensors_and_none_alike(arch, batch):
     images, _ = batch
     model = _perturbed(arch)

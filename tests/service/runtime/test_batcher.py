@@ -106,6 +106,30 @@ def occupy(b: Batcher) -> concurrent.futures.Future[object]:
     return future  # type: ignore[return-value]
 
 
+def test_jobs_for_different_tasks_share_one_model_call(run: LoadedRun) -> None:
+    b = Batcher(run.model, max_batch_size=16, max_wait_ms=0, max_queue=64)
+    b.start()
+    stem_calls: list[int] = []
+    hook = run.model.trunk(0).stem.register_forward_hook(lambda _m, a, _o: stem_calls.append(a[0].shape[0]))
+    try:
+        occupy(b)
+        wanted: list[tuple[int, ...] | None] = [(0,), (3,), (1, 2), None, (2,), (0, 0)]
+        sizes = [1, 2, 1, 1, 3, 1]
+        jobs = [images(n, seed=i) for i, n in enumerate(sizes)]
+        futures = [b.submit(pixels, tasks) for pixels, tasks in zip(jobs, wanted, strict=True)]
+        results = [f.result(timeout=60) for f in futures]
+    finally:
+        hook.remove()
+        b.stop()
+    # The six jobs queued behind the big one ran as one batch: one stem call on their 9 images.
+    assert stem_calls[-1] == sum(sizes) and {r.batch_size for r in results} == {sum(sizes)}
+    with torch.inference_mode():
+        for pixels, tasks, result in zip(jobs, wanted, results, strict=True):
+            expected = run.model.embed_tasks(pixels, tasks).numpy()
+            assert result.vectors.shape == expected.shape
+            np.testing.assert_allclose(result.vectors, expected, atol=1e-5)
+
+
 def test_full_queue_refuses_immediately(run: LoadedRun) -> None:
     b = Batcher(run.model, max_batch_size=1, max_wait_ms=0, max_queue=2)
     b.start()
