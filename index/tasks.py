@@ -11,6 +11,9 @@ without fingerprints needs the exact model hash). ``embed_stored`` and ``stored_
 task's vectors from the images the gallery kept (or, for items whose bytes were not kept, from the
 original files, found by content hash); ``add_task``/``remove_task`` (``Gallery.add_task``,
 ``modret index add-task``/``remove-task``) change a gallery's task list through ``Gallery.change_tasks``.
+``add_task`` embeds while the gallery still takes writes (a service serving it indexes a task that way) and
+settles the items added or removed meanwhile with writes paused, so the new index holds exactly the
+gallery's items.
 
 A gallery without fingerprints (built before they were recorded) gets them on its first task change when
 the run is the one it was built with or descends from it (its lineage names that model hash): a child's
@@ -89,14 +92,17 @@ def check_run(shared: str, tasks: Mapping[str, str], run: Fingerprints) -> TaskC
 
 
 def stored_batches(
-    metadata: Metadata, batch: int = BATCH, images: Mapping[str, Path] | None = None
+    metadata: Metadata,
+    batch: int = BATCH,
+    images: Mapping[str, Path] | None = None,
+    ids: np.ndarray | None = None,
 ) -> Iterator[tuple[np.ndarray, list[Image.Image]]]:
-    """The gallery's items in id order as (ids, decoded RGB images) batches, from their stored bytes or,
-    for items without, from ``images[content_hash]`` (a file).
+    """The gallery's items (or those of ``ids``) in id order as (ids, decoded RGB images) batches, from
+    their stored bytes or, for items without, from ``images[content_hash]`` (a file).
 
     Raises ``ImagesNotStoredError`` before yielding anything when any item has neither.
     """
-    ids = np.sort(metadata.ids())
+    ids = np.sort(metadata.ids() if ids is None else np.asarray(ids, dtype=np.int64))
     records = metadata.get(ids)
     given = images or {}
     missing = [
@@ -200,26 +206,51 @@ def add_task(
     check = check_run(recorded.shared, recorded.tasks, run.fingerprints)
     if check.problem is not None:
         raise GalleryError(f"{gallery.root}: {check.problem}")
-    parts: list[tuple[np.ndarray, np.ndarray]] = []
-    for ids, vectors in embed_stored(run, task, stored_batches(gallery.metadata, images=images)):
-        parts.append((ids, vectors))
-        if progress is not None:
-            progress(len(ids))
-    dim = gallery.embedding_dim
-    ids = np.concatenate([i for i, _ in parts]) if parts else np.empty(0, dtype=np.int64)
-    vectors = np.concatenate([v for _, v in parts]) if parts else np.empty((0, dim), dtype=np.float32)
+    # Embedded while the gallery takes writes (a service may be serving it: ``POST /admin/tasks/{task}/
+    # index``); what was added or removed meanwhile is settled below with writes paused.
+    embedded = _embed(run, task, stored_batches(gallery.metadata, images=images), progress)
     fingerprints = {
         "shared": recorded.shared,
         "tasks": {**recorded.tasks, task: run.fingerprints.tasks[task]},
     }
     config = {**gallery.config, "tasks": [*gallery.tasks, task], "fingerprints": fingerprints}
+    added: list[int] = []
+
+    def change() -> None:  # writes paused: the item list cannot move under us now
+        current = gallery.metadata.ids()
+        ids, vectors = embedded
+        kept = np.isin(ids, current)  # drops items removed since they were embedded
+        late = np.setdiff1d(current, ids)  # items added since the embedding started
+        late_ids, late_vectors = _embed(run, task, stored_batches(gallery.metadata, images=images, ids=late))
+        ids = np.concatenate([ids[kept], late_ids])
+        vectors = np.concatenate([vectors[kept], late_vectors])
+        gallery.store.add_task(task, ids, vectors)
+        added.append(len(ids))
 
     def undo() -> None:
-        gallery.store.remove_task(task)
-        gallery.store.discard_removed()
+        if added:  # the store holds the new index: take it out again
+            gallery.store.remove_task(task)
+            gallery.store.discard_removed()
 
-    gallery.change_tasks(config, lambda: gallery.store.add_task(task, ids, vectors), undo)
-    return len(ids)
+    gallery.change_tasks(config, change, undo)
+    return added[0]
+
+
+def _embed(
+    run: LoadedRun,
+    task: str,
+    batches: Iterator[tuple[np.ndarray, list[Image.Image]]],
+    progress: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every batch's ids and vectors under ``task``, concatenated: ((N,) int64, (N, D) float32)."""
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
+    for ids, vectors in embed_stored(run, task, batches):
+        parts.append((ids, vectors))
+        if progress is not None:
+            progress(len(ids))
+    if not parts:
+        return np.empty(0, dtype=np.int64), np.empty((0, run.embedding_dim), dtype=np.float32)
+    return np.concatenate([i for i, _ in parts]), np.concatenate([v for _, v in parts])
 
 
 def remove_task(gallery: Gallery, task: str) -> None:

@@ -177,6 +177,38 @@ def test_add_task_indexes_the_stored_images_durably_and_later_adds_replay(
         reopened.close()
 
 
+def test_items_added_and_removed_while_a_task_is_embedded_are_settled(
+    run_dir: Path, child_dir: Path, tmp_path: Path
+) -> None:
+    # As when a service serving the gallery indexes a task: writes go on while the images are embedded.
+    root = make_gallery(run_dir, tmp_path / "live", size=3 * 64 + 5)  # four batches of stored images
+    child = load_run(child_dir)
+    gallery = open_for(root, child_dir)
+    late: list[int] = []
+    removed = [2, 150]  # one in the first batch, already embedded; one not yet embedded
+
+    def meanwhile(_: int) -> None:
+        if late:
+            return
+        data, labels = face(500)
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        item = NewItem("late.png", content_hash(data), image.width, image.height, labels, data)
+        late.extend(gallery.add([item], embed_images(child, [image])[:, : len(TASKS)]))
+        assert gallery.remove(removed) == 2
+
+    try:
+        assert gallery.add_task(NEW, child, progress=meanwhile) == 3 * 64 + 5 - 2 + 1
+        ids = np.sort(gallery.metadata.ids())
+        assert late[0] in ids and not set(removed) & set(ids)
+        assert gallery.store.count(NEW) == len(ids)
+        expected = np.concatenate([v for _, v in embed_stored(child, NEW, stored_batches(gallery.metadata))])
+        np.testing.assert_allclose(gallery.vectors(ids, NEW), expected, atol=1e-6)
+        report = gallery.verify(fingerprints=child.fingerprints)
+        assert report.ok, report.problems
+    finally:
+        gallery.close()
+
+
 def test_add_task_on_a_gallery_without_stored_images_needs_them_given(
     run_dir: Path, child_dir: Path, tmp_path: Path
 ) -> None:
