@@ -155,7 +155,9 @@ class Committer:
         return write.future.result()
 
     def add(self, items: Sequence[NewItem], vectors: np.ndarray) -> AddResult:
-        """Durable and visible when this returns; ``vectors`` is (len(items), T, D)."""
+        """Durable and visible when this returns; ``vectors`` is (len(items), T, D), T in this log's order."""
+        if vectors.ndim != 3 or vectors.shape[1] != len(self.tasks):
+            raise ValueError(f"vectors have shape {vectors.shape}, expected (n, {len(self.tasks)}, D)")
         result: AddResult = self._submit(_Write("add", items=items, vectors=vectors))
         return result
 

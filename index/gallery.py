@@ -50,7 +50,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -78,6 +78,7 @@ from model.durable import FileLock, LockHeld, atomic_write_bytes
 from model.run import LoadedRun
 from model.tasks import Fingerprints
 
+_T = TypeVar("_T")
 log = logging.getLogger(__name__)
 
 
@@ -408,10 +409,7 @@ class Gallery(ConfigView):
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if self.wal is not None:
             self.metadata.store_blobs(items)  # durable before the record that refers to them
-            try:
-                return (self.committer or busy(self.root)).add(items, vectors)
-            except CommitterError as e:
-                raise GalleryError(str(e)) from e
+            return self._log_write(lambda committer: committer.add(items, vectors))
         with self._write_lock:
             ids, new = self.metadata.add(items)
             rows = [i for i, is_new in enumerate(new) if is_new]
@@ -424,6 +422,22 @@ class Gallery(ConfigView):
                     raise
         return AddResult(ids, new)
 
+    def _log_write(self, call: Callable[[Committer], _T]) -> _T:
+        """``call`` on the log's committer. A task change holds the write lock with no committer: a write
+        waits it out and runs on the committer it starts (an add then meets the new task list: ValueError,
+        the caller picks its columns again), also when the change closed the committer under it."""
+        for attempt in range(2):
+            committer = self.committer
+            if committer is None:
+                with self._write_lock:
+                    committer = self.committer or busy(self.root)
+            try:
+                return call(committer)
+            except CommitterError as e:
+                if attempt or self.committer is committer:
+                    raise GalleryError(str(e)) from e
+        raise AssertionError("unreachable")
+
     def add(self, items: Sequence[NewItem], vectors: np.ndarray) -> list[int]:
         return self.insert(items, vectors).ids  # the ids of ``items`` (see ``insert``)
 
@@ -431,10 +445,7 @@ class Gallery(ConfigView):
         """Remove ``ids``; durable on return. Returns how many were in the gallery."""
         self._check_writable()
         if self.wal is not None:
-            try:
-                return (self.committer or busy(self.root)).remove(np.asarray(ids, dtype=np.int64))
-            except CommitterError as e:
-                raise GalleryError(str(e)) from e
+            return self._log_write(lambda committer: committer.remove(np.asarray(ids, dtype=np.int64)))
         with self._write_lock:  # vectors first: a crash between leaves a row to roll back, never orphans
             self.store.remove(np.asarray(ids, dtype=np.int64))
             return self.metadata.remove(ids)

@@ -353,6 +353,11 @@ class Metadata:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM items").fetchone()[0])
 
+    def count_without_blobs(self) -> int:
+        """Items whose image bytes were not kept (``--no-store-images``): they cannot be embedded anew."""
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM items WHERE NOT has_blob").fetchone()[0])
+
     def label_names(self) -> list[str]:
         with self._lock:
             return [r[0] for r in self._db.execute("SELECT DISTINCT name FROM labels ORDER BY name")]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 from model.data.base import LabelValue
@@ -54,7 +56,9 @@ class TaskInfo(BaseModel):
     description: str
     gallery_size: int
     indexed: bool = Field(
-        True, description="whether the gallery has an index for it (false: `modret index add-task`)"
+        True,
+        description="whether the gallery has an index for it (false: `POST /admin/tasks/{task}/index`, or "
+        "`modret index add-task` with the service stopped)",
     )
     accuracy: float | None = Field(None, description="the model's test triplet accuracy, when known")
     leakage: float | None = Field(
@@ -74,6 +78,16 @@ class ReloadResponse(BaseModel):
     model: ModelInfo
     tasks: list[str] = Field(description="the tasks searchable now")
     not_indexed: list[str] = Field(description="the run's tasks the gallery has no index for")
+
+
+class TaskIndexStatus(BaseModel):
+    task: str
+    state: Literal["running", "done", "failed"]
+    total: int = Field(description="gallery images when the job started")
+    embedded: int = Field(description="images embedded under the task so far")
+    error: str | None = Field(None, description="why the job failed (the gallery is then unchanged)")
+    started_at: str
+    finished_at: str | None = None
 
 
 class ImageInfo(BaseModel):

@@ -23,6 +23,7 @@ from service.api.errors import install_error_handlers
 from service.api.middleware import BodyLimitMiddleware, RequestLogMiddleware, RequestTimeoutMiddleware
 from service.api.routes import admin, docs, health, images, metrics, search, tasks, ui
 from service.runtime.loaded import load, shut_down, warm_up
+from service.runtime.task_indexing import TaskIndexer
 from service.settings import Settings
 from service.telemetry import ServiceMetrics
 
@@ -31,7 +32,9 @@ log = logging.getLogger("service.app")
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    state = ServiceState(settings=settings, metrics=ServiceMetrics())
+    state = ServiceState(
+        settings=settings, metrics=ServiceMetrics(), task_indexer=TaskIndexer(settings.model_threads)
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -15,6 +15,7 @@ from fastapi import Depends, Request
 
 from service.runtime.errors import Unavailable
 from service.runtime.loaded import Loaded
+from service.runtime.task_indexing import TaskIndexer
 from service.settings import Settings
 from service.telemetry import ServiceMetrics
 
@@ -28,6 +29,7 @@ class ServiceState:
     draining: bool = False  # shutdown requested: readiness reports 503, requests are still served
     stopped: bool = False  # lifespan shutdown began: no new work
     reloading: asyncio.Lock = field(default_factory=asyncio.Lock)  # one POST /admin/reload at a time
+    task_indexer: TaskIndexer = field(default_factory=TaskIndexer)  # POST /admin/tasks/{task}/index
 
     def require(self) -> Loaded:
         """The loaded model and gallery, or ``Unavailable`` while starting or after shutdown began."""

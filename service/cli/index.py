@@ -26,7 +26,8 @@
   then verify both engines (``service.cli.index_shared``).
 
 ``add-task`` and ``remove-task`` open the gallery for writing: stop the service that serves it first, then
-start it again (or ``POST /admin/reload`` a service started after the change) to serve the new task list.
+start it again (or ``POST /admin/reload`` a service started after the change) to serve the new task list. A
+running service indexes a new task of its run itself: ``POST /admin/tasks/{task}/index``.
 
 ``info`` and ``verify`` open the gallery read-only, so they can run beside a service that serves it.
 """

@@ -367,17 +367,17 @@ class Batcher:
         shapes: list[tuple[int, int]] = []
         first_image = 0
         for job in jobs:
-            tasks = range(self.num_tasks) if job.task_ids is None else job.task_ids
+            wanted = range(self.num_tasks) if job.task_ids is None else job.task_ids
             for image in range(first_image, first_image + job.size):  # image-major: reshapes to (n, K)
-                image_index.extend([image] * len(tasks))
-                task_ids.extend(tasks)
-            shapes.append((job.size, len(tasks)))
+                image_index.extend([image] * len(wanted))
+                task_ids.extend(wanted)
+            shapes.append((job.size, len(wanted)))
             first_image += job.size
         with self._precision():
             embedded = self.model.embed_pairs(pixels, image_index, task_ids)  # (R, D) on the device
         vectors = embedded.float().cpu().numpy()  # one host copy
         outputs, row = [], 0
-        for images, tasks in shapes:
-            outputs.append(vectors[row : row + images * tasks].reshape(images, tasks, -1))  # (n, K, D)
-            row += images * tasks
+        for images, k in shapes:
+            outputs.append(vectors[row : row + images * k].reshape(images, k, -1))  # (R, D) -> (n, K, D)
+            row += images * k
         return outputs

@@ -82,9 +82,10 @@ class TaskNotIndexed(Conflict):
 
     def __init__(self, name: str, indexed: Sequence[str]) -> None:
         super().__init__(
-            f"task {name!r} is in the model but the gallery has no index for it yet: stop the service, run "
-            f"`modret index add-task --run RUN --index INDEX_DIR --task {name}`, start it again; "
-            f"searchable now: {', '.join(indexed)}",
+            f"task {name!r} is in the model but the gallery has no index for it yet: index it with "
+            f"`POST /admin/tasks/{name}/index` (admin key), or stop the service, run `modret index add-task "
+            f"--run RUN --index INDEX_DIR --task {name}` and start it again; searchable now: "
+            f"{', '.join(indexed)}",
             {"task": name, "indexed_tasks": list(indexed)},
         )
 

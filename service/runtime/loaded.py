@@ -31,7 +31,7 @@ from index.served import ServedGallery
 from index.tasks import check_model
 from model.run import METRICS, LoadedRun, load_run
 from service.runtime.batcher import Batcher
-from service.runtime.errors import GalleryOutOfDate, TaskNotIndexed
+from service.runtime.errors import TaskNotIndexed
 from service.runtime.images import DecodeBudget
 from service.runtime.writes import GalleryWriter
 from service.settings import Settings
@@ -71,13 +71,6 @@ class Loaded:
             if name not in self.indexed:
                 raise TaskNotIndexed(name, self.indexed)
 
-    def gallery_vectors(self, vectors: np.ndarray) -> np.ndarray:
-        """The run's (N, T_run, D) embeddings as the gallery stores them: its tasks, in its order."""
-        dropped = [task for task in self.gallery.tasks if task not in self.tasks]
-        if dropped:
-            raise GalleryOutOfDate(dropped)
-        return vectors[:, [self.tasks.index(task) for task in self.gallery.tasks]]
-
 
 def read_task_metrics(run: LoadedRun) -> dict[str, dict[str, float]]:
     """Per-task test metrics (triplet accuracy, mAP, P@10) from the run's metrics.json, when present."""
@@ -101,7 +94,7 @@ def served_tasks(gallery: ServedGallery, run: LoadedRun) -> list[str]:
     for task in run.task_names:
         if task not in indexed:
             log.warning(
-                "task not indexed: run `modret index add-task` to search it",
+                "task not indexed: POST /admin/tasks/{task}/index (or `modret index add-task`) to search it",
                 extra={"fields": {"task": task, "index_dir": str(gallery.root)}},
             )
     dropped = [task for task in gallery.tasks if task not in run.task_names]

@@ -41,7 +41,7 @@ async def add_uploads(
         )
         for upload, (width, height) in zip(uploads, prepared.sizes, strict=True)
     ]
-    added = await run_sync(loaded.writer.add, items, loaded.gallery_vectors(result.vectors))
+    added = await run_sync(loaded.writer.add, items, result.vectors, loaded.tasks)
     return AddImagesResponse(
         items=[
             AddedImage(id=a.id, filename=u.filename, duplicate=a.duplicate)

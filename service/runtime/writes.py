@@ -21,7 +21,7 @@ import numpy as np
 from index.gallery_files import GalleryError
 from index.metadata import NewItem
 from index.served import ServedGallery
-from service.runtime.errors import Unavailable
+from service.runtime.errors import GalleryOutOfDate, Unavailable
 
 log = logging.getLogger("service.gallery")
 
@@ -36,13 +36,22 @@ class GalleryWriter:
     def __init__(self, gallery: ServedGallery) -> None:
         self.gallery = gallery
 
-    def add(self, items: Sequence[NewItem], vectors: np.ndarray) -> list[Added]:
-        """One log record (one fsync) for the whole call, however many items it holds."""
-        try:
-            result = self.gallery.insert(items, vectors)
-        except GalleryError as exc:
-            raise _not_writable(exc) from exc
-        return [Added(int(i), not new) for i, new in zip(result.ids, result.new, strict=True)]
+    def add(self, items: Sequence[NewItem], vectors: np.ndarray, tasks: Sequence[str]) -> list[Added]:
+        """Store ``items`` with ``vectors`` (N, len(tasks), D), their embeddings under the run's ``tasks``:
+        one log record (one fsync) for the whole call, however many items it holds. The gallery takes its
+        own tasks' columns as they are when it stores them (a task indexed meanwhile included)."""
+        for attempt in range(2):
+            columns = list(self.gallery.tasks)
+            try:
+                result = self.gallery.insert(items, gallery_columns(vectors, tasks, columns))
+            except GalleryError as exc:
+                raise _not_writable(exc) from exc
+            except ValueError:
+                if attempt or list(self.gallery.tasks) == columns:
+                    raise
+                continue  # the gallery's task list changed in between: its new columns, once more
+            return [Added(int(i), not new) for i, new in zip(result.ids, result.new, strict=True)]
+        raise AssertionError("unreachable")
 
     def remove(self, item_id: int) -> bool:
         try:
@@ -53,6 +62,15 @@ class GalleryWriter:
     def generation(self) -> int | None:
         manifest = self.gallery.store.manifest
         return manifest.generation if manifest is not None else None
+
+
+def gallery_columns(vectors: np.ndarray, tasks: Sequence[str], gallery_tasks: Sequence[str]) -> np.ndarray:
+    """The run's (N, len(tasks), D) embeddings as the gallery stores them: its tasks, in its order;
+    ``GalleryOutOfDate`` when it indexes a task the run lacks (nothing can embed new items under it)."""
+    dropped = [task for task in gallery_tasks if task not in tasks]
+    if dropped:
+        raise GalleryOutOfDate(dropped)
+    return vectors[:, [list(tasks).index(task) for task in gallery_tasks]]
 
 
 def _not_writable(exc: GalleryError) -> Unavailable:

@@ -1,5 +1,8 @@
-"""``POST /admin/reload`` (admin key): serve the run at the settings' ``run_dir`` again, e.g. a child run
-from ``modret task add`` that a symlink now names, over the open gallery.
+"""The admin routes (admin key): ``POST /admin/reload`` serves the run at the settings' ``run_dir`` again,
+e.g. a child run from ``modret task add`` that a symlink now names, over the open gallery;
+``POST /admin/tasks/{task}/index`` indexes the gallery under a task of the run that it has no index for
+yet, in the background while the service serves (``service.runtime.task_indexing``), and
+``GET /admin/tasks/{task}/index`` says how far that got. The task is searchable once the job is done.
 
 The run is loaded, checked against the gallery's per-task fingerprints and warmed up in a worker thread
 while the old state serves on; then the app's state points at the new one (one assignment, so a request
@@ -11,6 +14,7 @@ embedding size) is a 409 ``reload_failed`` naming why, and nothing changes.
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
@@ -18,11 +22,13 @@ from starlette.concurrency import run_in_threadpool
 from index.gallery import GalleryError
 from model.run import RunError
 from service.api.auth import AdminKey
-from service.api.deps import StateDep
+from service.api.deps import LoadedDep, ServiceState, StateDep
 from service.api.errors import responses
-from service.runtime.errors import ReloadFailed
-from service.runtime.loaded import reload
-from service.schemas import ModelInfo, ReloadResponse
+from service.runtime.errors import NotFound, ReloadFailed
+from service.runtime.loaded import reload, served_tasks
+from service.runtime.queries import resolve_task
+from service.runtime.task_indexing import TaskIndexJob
+from service.schemas import ModelInfo, ReloadResponse, TaskIndexStatus
 
 log = logging.getLogger("service.admin")
 
@@ -47,3 +53,65 @@ async def post_reload(state: StateDep) -> ReloadResponse:
         tasks=loaded.indexed,
         not_indexed=loaded.not_indexed,
     )
+
+
+def _time(seconds: float | None) -> str | None:
+    return None if seconds is None else datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
+
+
+def _status(job: TaskIndexJob) -> TaskIndexStatus:
+    return TaskIndexStatus(
+        task=job.task,
+        state=job.state,
+        total=job.total,
+        embedded=job.embedded,
+        error=job.error,
+        started_at=_time(job.started_at) or "",
+        finished_at=_time(job.finished_at),
+    )
+
+
+def _serve_indexed(state: ServiceState) -> None:
+    """The job thread's last step: the served state searches every task its gallery now indexes (the
+    one the job started with, or the one a reload put in its place over the same gallery)."""
+    current = state.loaded
+    if current is not None:
+        current.indexed = served_tasks(current.gallery, current.run)  # one assignment: old or new list
+
+
+@router.post(
+    "/admin/tasks/{task}/index",
+    status_code=202,
+    response_model=TaskIndexStatus,
+    responses=responses(401, 403, 404, 409, 503, 504),
+    summary="Index the gallery under a task of the served run, in the background",
+)
+async def post_task_index(task: str, state: StateDep, loaded: LoadedDep) -> TaskIndexStatus:
+    """Embed the gallery's stored images under ``task`` (a task of the run the gallery has no index for)
+    while the service serves; poll ``GET /admin/tasks/{task}/index``. 409 when it is indexed already,
+    another task is being indexed, the images were not stored, or the gallery is the replicas' shared one."""
+    job = await run_in_threadpool(state.task_indexer.start, loaded, task, lambda _: _serve_indexed(state))
+    return _status(job)
+
+
+@router.get(
+    "/admin/tasks/{task}/index",
+    response_model=TaskIndexStatus,
+    responses=responses(401, 403, 404, 503, 504),
+    summary="How far indexing the gallery under a task got",
+)
+async def get_task_index(task: str, state: StateDep, loaded: LoadedDep) -> TaskIndexStatus:
+    name = resolve_task(task, loaded.tasks)
+    job = state.task_indexer.status(name)
+    if job is None:
+        already = (
+            "it is indexed already"
+            if name in loaded.indexed
+            else f"start one: POST /admin/tasks/{name}/index"
+        )
+        raise NotFound(
+            f"no indexing job for {name} since the service started; {already}",
+            {"task": name},
+            code="no_indexing_job",
+        )
+    return _status(job)

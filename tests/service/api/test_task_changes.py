@@ -1,15 +1,22 @@
 """Serving a child run (issue 15) through the real server: a run task without an index is listed as not
 indexed and refused by a search; ``modret index add-task`` then ``POST /admin/reload`` serves it; a
-reload that cannot serve the gallery keeps the old state; a gallery task the run lacks refuses uploads."""
+reload that cannot serve the gallery keeps the old state; a gallery task the run lacks refuses uploads; a
+live service indexes the new task itself (``POST /admin/tasks/{task}/index``) while it takes uploads."""
 
 from __future__ import annotations
 
+import io
+import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
-from model.run import save_run
+from index.build import embed_images
+from index.gallery import Gallery
+from index.metadata import NewItem, content_hash
+from model.run import load_run, save_run
 from service.cli.index import index_app
 from tests.factories import face, make_child_run, tiny_model
 from tests.service.api.server import error_of, running_server, settings_for
@@ -97,3 +104,78 @@ def test_add_task_then_reload_serves_the_new_task(
         assert "shared weights" in body["message"] and "still serving" in body["message"]
         again = client.post("/search", params={"task": NEW, "k": 3}, files=query)  # the old state serves on
         assert again.status_code == 200 and again.json()["results"][0]["id"] == top["id"]
+
+
+def _wait_for_job(client: object, task: str, timeout: float = 60.0) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = client.get(f"/admin/tasks/{task}/index", headers=ADMIN)  # type: ignore[attr-defined]
+        assert status.status_code == 200, status.text
+        body: dict[str, object] = status.json()
+        if body["state"] != "running" or time.monotonic() > deadline:
+            return body
+        time.sleep(0.05)
+
+
+def test_a_live_service_indexes_a_new_task_while_it_takes_uploads(child_dir: Path, index_dir: Path) -> None:
+    settings = settings_for(child_dir, index_dir, api_key="reader-secret", admin_key="admin-secret")
+    with running_server(settings) as server, server.client(headers=READER) as client:
+        none_yet = client.get(f"/admin/tasks/{NEW}/index", headers=ADMIN)
+        assert none_yet.status_code == 404 and error_of(none_yet)["error"] == "no_indexing_job"
+        assert client.post(f"/admin/tasks/{NEW}/index").status_code == 403  # the reader key may not
+        unknown = client.post("/admin/tasks/Nope/index", headers=ADMIN)
+        assert unknown.status_code == 404 and error_of(unknown)["error"] == "unknown_task"
+        indexed = client.post("/admin/tasks/Smiling/index", headers=ADMIN)
+        assert indexed.status_code == 409 and error_of(indexed)["error"] == "task_already_indexed"
+
+        started = client.post(f"/admin/tasks/{NEW.lower()}/index", headers=ADMIN)  # any case, as searches
+        assert started.status_code == 202, started.text
+        assert started.json()["task"] == NEW and started.json()["total"] == 24
+        uploaded = upload(client, 7, ADMIN)  # while the job runs (or just after): indexed under Bald too
+        assert uploaded.status_code == 201, uploaded.text
+        new_id = uploaded.json()["items"][0]["id"]
+        done = _wait_for_job(client, NEW)
+        assert done["state"] == "done", done
+        # The upload was embedded by the job (stored before its end) or under every task by itself (after).
+        assert done["embedded"] in (24, 25) and done["finished_at"]
+
+        tasks = {t["name"]: t for t in client.get("/tasks").json()["tasks"]}
+        assert tasks[NEW]["indexed"] is True and tasks[NEW]["gallery_size"] == 25
+        query = {"image": ("q.png", face(3)[0], "image/png")}  # a gallery image: its own best match
+        found = client.post("/search", params={"task": NEW, "k": 3}, files=query)
+        assert found.status_code == 200, found.text
+        top = found.json()["results"][0]
+        assert top["score"] == pytest.approx(1.0, abs=1e-4)
+        assert client.get(f"/images/{top['id']}").json()["source"] == "face-3.png"
+        by_new = client.post("/search", params={"task": NEW, "by_id": new_id, "explain": True})
+        assert by_new.status_code == 200, by_new.text
+        assert NEW in by_new.json()["results"][0]["similarities"]
+        again = client.post(f"/admin/tasks/{NEW}/index", headers=ADMIN)
+        assert again.status_code == 409 and error_of(again)["error"] == "task_already_indexed"
+    verified = CliRunner().invoke(index_app, ["verify", str(index_dir), "--run", str(child_dir)])
+    assert verified.exit_code == 0, verified.output  # every item under every task, the new one included
+
+
+def test_a_gallery_without_its_images_cannot_be_indexed_live(
+    run_dir: Path, child_dir: Path, tmp_path: Path
+) -> None:
+    parent = load_run(run_dir)
+    root = tmp_path / "no-blobs"
+    gallery = Gallery.create(
+        root, tasks=parent.task_names, dim=parent.embedding_dim, model_hash=parent.model_hash,
+        fingerprints=parent.fingerprints,
+    )  # fmt: skip
+    try:
+        data, labels = face(0)
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        item = NewItem("0.png", content_hash(data), image.width, image.height, labels, None)
+        gallery.add([item], embed_images(parent, [image]))
+    finally:
+        gallery.close()
+    settings = settings_for(child_dir, root, api_key="reader-secret", admin_key="admin-secret")
+    with running_server(settings) as server, server.client(headers=ADMIN) as client:
+        refused = client.post(f"/admin/tasks/{NEW}/index")
+        body = error_of(refused)
+        assert refused.status_code == 409 and body["error"] == "images_not_stored"
+        assert "--images DIR" in body["message"] and body["details"]["images_not_stored"] == 1
+        assert client.get(f"/admin/tasks/{NEW}/index").status_code == 404  # nothing was started
