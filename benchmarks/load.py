@@ -65,8 +65,9 @@ def build_fixture(root: Path, gallery_size: int) -> tuple[Path, Path]:
     save_run(root / "run", create_model(config))
     run = load_run(root / "run")
     gallery = Gallery.create(
-        root / "index", tasks=run.task_names, dim=run.embedding_dim, model_hash=run.model_hash
-    )
+        root / "index", tasks=run.task_names, dim=run.embedding_dim, model_hash=run.model_hash,
+        fingerprints=run.fingerprints,
+    )  # fmt: skip
     for start in range(0, gallery_size, 64):
         faces = [render_face(1, i, 64) for i in range(start, min(gallery_size, start + 64))]
         items, images = [], []

@@ -94,7 +94,7 @@ def served_tasks(gallery: ServedGallery, run: LoadedRun) -> list[str]:
     for task in run.task_names:
         if task not in indexed:
             log.warning(
-                "task not indexed: POST /admin/tasks/{task}/index (or `modret index add-task`) to search it",
+                "task not indexed: POST /admin/tasks/TASK/index (or `modret index add-task`) to search it",
                 extra={"fields": {"task": task, "index_dir": str(gallery.root)}},
             )
     dropped = [task for task in gallery.tasks if task not in run.task_names]
