@@ -471,20 +471,13 @@ class MultiTaskEmbedder(nn.Module):
         images. ``images`` (normalised floats, see ``Preprocess.normalize``) are moved to the model's
         device and cast to its parameters' dtype here, so callers need not; the result stays there.
         """
-        if images.dim() != 4:
-            raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
-        if not images.is_floating_point():
-            raise TypeError(
-                f"images must be normalised floats, got {images.dtype} (use Preprocess.normalize)"
-            )
         ids = self.resolve_task_ids(tasks)  # (K,) on the CPU
-        parameter = next(self.parameters())
-        images = images.to(device=parameter.device, dtype=parameter.dtype)
+        images = self._model_input(images)
         if len(self.trunks) == 1:
-            return self.trunk(0).embed_tasks(images, ids.to(parameter.device))
+            return self.trunk(0).embed_tasks(images, ids.to(images.device))
         per_task = {}  # independent networks: nothing is shared, one trunk per distinct requested task
         for t in dict.fromkeys(ids.tolist()):
-            rows = torch.full((images.shape[0],), t, dtype=torch.long, device=parameter.device)  # (B,)
+            rows = torch.full((images.shape[0],), t, dtype=torch.long, device=images.device)  # (B,)
             per_task[t] = self.trunk(t).forward_head(self.trunk(t).forward_features(images, rows), rows)
         return torch.stack([per_task[t] for t in ids.tolist()], dim=1)  # K x (B, D) -> (B, K, D)
 
@@ -498,21 +491,14 @@ class MultiTaskEmbedder(nn.Module):
         ``embed_tasks``; task ids are checked as there, and ``image_index`` must match them in length
         and index ``images``.
         """
-        if images.dim() != 4:
-            raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
-        if not images.is_floating_point():
-            raise TypeError(
-                f"images must be normalised floats, got {images.dtype} (use Preprocess.normalize)"
-            )
         ids = self.resolve_task_ids(tasks)  # (R,) on the CPU
         index = torch.as_tensor(image_index, dtype=torch.long).to("cpu").reshape(-1)  # (R,)
         if index.shape != ids.shape:
             raise ValueError(f"{index.numel()} image indices for {ids.numel()} task ids: give one per row")
         if bool(((index < 0) | (index >= images.shape[0])).any()):
             raise IndexError(f"image indices must be in 0..{images.shape[0] - 1}")
-        parameter = next(self.parameters())
-        images = images.to(device=parameter.device, dtype=parameter.dtype)
-        index, ids = index.to(parameter.device), ids.to(parameter.device)
+        images = self._model_input(images)
+        index, ids = index.to(images.device), ids.to(images.device)
         if len(self.trunks) == 1:
             return self.trunk(0).embed_pairs(images, index, ids)
         # Independent networks share no prefix: each row goes through its own task's trunk.
@@ -521,6 +507,17 @@ class MultiTaskEmbedder(nn.Module):
             images.index_select(0, index),  # (B, 3, H, W) -> (R, 3, H, W)
             ids,
         )
+
+    def _model_input(self, images: Tensor) -> Tensor:
+        """Normalised (B, 3, H, W) floats checked, on the parameters' device and in their dtype."""
+        if images.dim() != 4:
+            raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(
+                f"images must be normalised floats, got {images.dtype} (use Preprocess.normalize)"
+            )
+        parameter = next(self.parameters())
+        return images.to(device=parameter.device, dtype=parameter.dtype)
 
     def trunk(self, index: int) -> Trunk:
         return cast(Trunk, self.trunks[index])

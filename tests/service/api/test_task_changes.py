@@ -38,6 +38,17 @@ def upload(client: object, index: int, headers: dict[str, str]) -> object:
     )
 
 
+def assert_the_new_task_finds_a_face_itself(client: object) -> dict[str, object]:
+    """A gallery image searched under the new task is its own best match; returns that hit."""
+    query = {"image": ("q.png", face(3)[0], "image/png")}
+    found = client.post("/search", params={"task": NEW, "k": 3}, files=query)  # type: ignore[attr-defined]
+    assert found.status_code == 200, found.text
+    top: dict[str, object] = found.json()["results"][0]
+    assert top["score"] == pytest.approx(1.0, abs=1e-4)
+    assert client.get(f"/images/{top['id']}").json()["source"] == "face-3.png"  # type: ignore[attr-defined]
+    return top
+
+
 def test_a_child_run_serves_the_old_tasks_and_names_the_new_one_not_indexed(
     child_dir: Path, index_dir: Path
 ) -> None:
@@ -88,12 +99,7 @@ def test_add_task_then_reload_serves_the_new_task(
         tasks = {t["name"]: t for t in client.get("/tasks").json()["tasks"]}
         assert tasks[NEW]["indexed"] and tasks[NEW]["gallery_size"] == 24
         assert tasks[NEW]["accuracy"] == pytest.approx(0.77)
-        query = {"image": ("q.png", face(3)[0], "image/png")}  # a gallery image: its own best match
-        found = client.post("/search", params={"task": NEW, "k": 3}, files=query)
-        assert found.status_code == 200, found.text
-        top = found.json()["results"][0]
-        assert top["score"] == pytest.approx(1.0, abs=1e-4)
-        assert client.get(f"/images/{top['id']}").json()["source"] == "face-3.png"
+        top = assert_the_new_task_finds_a_face_itself(client)
         assert upload(client, 2, ADMIN).status_code == 201  # embedded under every task, Bald too
 
         current.unlink()
@@ -102,7 +108,9 @@ def test_add_task_then_reload_serves_the_new_task(
         body = error_of(failed)
         assert failed.status_code == 409 and body["error"] == "reload_failed"
         assert "shared weights" in body["message"] and "still serving" in body["message"]
-        again = client.post("/search", params={"task": NEW, "k": 3}, files=query)  # the old state serves on
+        again = client.post(
+            "/search", params={"task": NEW, "k": 3}, files={"image": ("q.png", face(3)[0], "image/png")}
+        )  # the old state serves on
         assert again.status_code == 200 and again.json()["results"][0]["id"] == top["id"]
 
 
@@ -141,12 +149,7 @@ def test_a_live_service_indexes_a_new_task_while_it_takes_uploads(child_dir: Pat
 
         tasks = {t["name"]: t for t in client.get("/tasks").json()["tasks"]}
         assert tasks[NEW]["indexed"] is True and tasks[NEW]["gallery_size"] == 25
-        query = {"image": ("q.png", face(3)[0], "image/png")}  # a gallery image: its own best match
-        found = client.post("/search", params={"task": NEW, "k": 3}, files=query)
-        assert found.status_code == 200, found.text
-        top = found.json()["results"][0]
-        assert top["score"] == pytest.approx(1.0, abs=1e-4)
-        assert client.get(f"/images/{top['id']}").json()["source"] == "face-3.png"
+        assert_the_new_task_finds_a_face_itself(client)
         by_new = client.post("/search", params={"task": NEW, "by_id": new_id, "explain": True})
         assert by_new.status_code == 200, by_new.text
         assert NEW in by_new.json()["results"][0]["similarities"]
