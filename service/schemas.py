@@ -90,6 +90,12 @@ class TaskIndexStatus(BaseModel):
     finished_at: str | None = None
 
 
+class TaskIndexRemoved(BaseModel):
+    task: str = Field(description="the task whose index was dropped")
+    tasks: list[str] = Field(description="the tasks searchable now")
+    not_indexed: list[str] = Field(description="the run's tasks the gallery has no index for")
+
+
 class ImageInfo(BaseModel):
     id: int
     source: str

@@ -99,8 +99,9 @@ class GalleryOutOfDate(Conflict):
         names = ", ".join(dropped)
         super().__init__(
             f"the gallery indexes {names}, which the model no longer has, so it cannot add images: drop "
-            f"the index with `modret index remove-task --index INDEX_DIR --task {dropped[0]}` (service "
-            "stopped) or serve a run that has it; searches go on",
+            f"the index (`DELETE /admin/tasks/{dropped[0]}/index` with the admin key, or `modret index "
+            f"remove-task --index INDEX_DIR --task {dropped[0]}` with the service stopped) or serve a run "
+            "that has it; searches go on",
             {"tasks": list(dropped)},
         )
 

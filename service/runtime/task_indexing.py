@@ -5,10 +5,11 @@ indexed. The service holds the gallery for writing, so ``modret index add-task``
 ``TaskIndexer.start`` does the same work in a background thread instead. ``Gallery.add_task`` embeds the
 gallery's stored images under that task only (the task-independent prefix once per image) while searches
 and uploads go on, then settles what was added or removed meanwhile with writes paused and makes the new
-index durable (writes pause only for that and its snapshot: uploads meanwhile wait, or get a 503 to
-retry). ``on_done`` then lets the app serve the task. One job runs at a time; ``status`` is what
-``GET /admin/tasks/{task}/index`` answers. A failed job changes nothing (the gallery keeps its tasks) and
-says why; starting the task again retries it.
+index durable (uploads arriving then wait for it). ``on_done`` then lets the app serve the task. One job
+runs at a time; ``status`` is what ``GET /admin/tasks/{task}/index`` answers. ``remove`` (``DELETE
+/admin/tasks/{task}/index``) drops a task's index the same way, e.g. one the served run no longer has,
+which makes uploads refuse until then. A failed job changes nothing (the gallery keeps its tasks) and says
+why; starting it again retries it.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from typing import Literal
 
 import torch
 
-from index.gallery import Gallery
+from index.gallery import Gallery, GalleryError
 from index.tasks import ImagesNotStoredError
-from service.runtime.errors import Conflict
+from service.runtime.errors import Conflict, Unavailable
 from service.runtime.loaded import Loaded
 from service.runtime.queries import resolve_task
 
@@ -65,14 +66,7 @@ class TaskIndexer:
             raise Conflict(
                 f"the gallery already has an index for {task}", {"task": task}, code="task_already_indexed"
             )
-        gallery = loaded.gallery
-        if not isinstance(gallery, Gallery):
-            raise Conflict(
-                "adding a task to the replicas' shared gallery is not supported yet: load a new shared "
-                "gallery with the run (modret index load)",
-                {"task": task},
-                code="task_change_unsupported",
-            )
+        gallery = _local(loaded, task)
         missing = gallery.metadata.count_without_blobs()
         if missing:
             raise Conflict(
@@ -97,6 +91,28 @@ class TaskIndexer:
         )
         thread.start()
         return job
+
+    def remove(self, loaded: Loaded, name: str) -> str:
+        """Drop the gallery's index of task ``name`` (any case) durably, blocking; returns the task. For a
+        task the run no longer has (uploads are refused until then) or one to index anew."""
+        task = resolve_task(name, loaded.gallery.tasks)
+        gallery = _local(loaded, task)
+        if len(gallery.tasks) == 1:
+            raise Conflict(f"{task} is the gallery's only task: it keeps at least one", {"task": task})
+        with self._lock:  # no job starts meanwhile; one running is not for an indexed task
+            if self._running is not None:
+                raise Conflict(
+                    f"the gallery is being indexed under {self._running}; wait for that job",
+                    {"task": task, "running": self._running},
+                    code="indexing_in_progress",
+                )
+            try:
+                gallery.remove_task(task)  # writes wait it out (Gallery.change_tasks)
+            except GalleryError as e:  # the gallery could not snapshot the change: it takes no writes now
+                raise Unavailable(f"the gallery is not taking writes: {e}", code="gallery_unavailable") from e
+            self._jobs.pop(task, None)
+        log.info("task index removed", extra={"fields": {"task": task}})
+        return task
 
     def _update(self, task: str, **changes: object) -> None:
         with self._lock:
@@ -134,3 +150,15 @@ class TaskIndexer:
                 **changes,  # type: ignore[arg-type]
             )
             self._running = None
+
+
+def _local(loaded: Loaded, task: str) -> Gallery:
+    """The served gallery when its task list can change here (not the replicas' shared one)."""
+    if not isinstance(loaded.gallery, Gallery):
+        raise Conflict(
+            "changing the task list of the replicas' shared gallery is not supported yet: load a new "
+            "shared gallery with the run (modret index load)",
+            {"task": task},
+            code="task_change_unsupported",
+        )
+    return loaded.gallery

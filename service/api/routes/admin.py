@@ -3,6 +3,7 @@ e.g. a child run from ``modret task add`` that a symlink now names, over the ope
 ``POST /admin/tasks/{task}/index`` indexes the gallery under a task of the run that it has no index for
 yet, in the background while the service serves (``service.runtime.task_indexing``), and
 ``GET /admin/tasks/{task}/index`` says how far that got. The task is searchable once the job is done.
+``DELETE /admin/tasks/{task}/index`` drops a task's index (e.g. one the served run no longer has).
 
 The run is loaded, checked against the gallery's per-task fingerprints and warmed up in a worker thread
 while the old state serves on; then the app's state points at the new one (one assignment, so a request
@@ -28,7 +29,7 @@ from service.runtime.errors import NotFound, ReloadFailed
 from service.runtime.loaded import reload, served_tasks
 from service.runtime.queries import resolve_task
 from service.runtime.task_indexing import TaskIndexJob
-from service.schemas import ModelInfo, ReloadResponse, TaskIndexStatus
+from service.schemas import ModelInfo, ReloadResponse, TaskIndexRemoved, TaskIndexStatus
 
 log = logging.getLogger("service.admin")
 
@@ -115,3 +116,19 @@ async def get_task_index(task: str, state: StateDep, loaded: LoadedDep) -> TaskI
             code="no_indexing_job",
         )
     return _status(job)
+
+
+@router.delete(
+    "/admin/tasks/{task}/index",
+    response_model=TaskIndexRemoved,
+    responses=responses(401, 403, 404, 409, 503, 504),
+    summary="Drop the gallery's index of a task",
+)
+async def delete_task_index(task: str, state: StateDep, loaded: LoadedDep) -> TaskIndexRemoved:
+    """Drop ``task``'s index durably while the service serves (writes wait for it): a task the run no
+    longer has (uploads are refused until then), or one to index anew. 409 for the gallery's last task,
+    while a task is being indexed, or for the replicas' shared gallery."""
+    removed = await run_in_threadpool(state.task_indexer.remove, loaded, task)
+    await run_in_threadpool(_serve_indexed, state)
+    current = state.require()
+    return TaskIndexRemoved(task=removed, tasks=current.indexed, not_indexed=current.not_indexed)

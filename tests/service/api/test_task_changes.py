@@ -155,6 +155,17 @@ def test_a_live_service_indexes_a_new_task_while_it_takes_uploads(child_dir: Pat
         assert NEW in by_new.json()["results"][0]["similarities"]
         again = client.post(f"/admin/tasks/{NEW}/index", headers=ADMIN)
         assert again.status_code == 409 and error_of(again)["error"] == "task_already_indexed"
+
+        assert client.delete(f"/admin/tasks/{NEW}/index").status_code == 403  # the reader key may not
+        dropped = client.delete(f"/admin/tasks/{NEW.lower()}/index", headers=ADMIN)
+        assert dropped.status_code == 200, dropped.text
+        assert dropped.json()["task"] == NEW and dropped.json()["not_indexed"] == [NEW]
+        refused = client.post("/search", params={"task": NEW, "by_id": new_id})
+        assert refused.status_code == 409 and error_of(refused)["error"] == "task_not_indexed"
+        assert upload(client, 8, ADMIN).status_code == 201  # stored under the tasks still indexed
+        assert client.post(f"/admin/tasks/{NEW}/index", headers=ADMIN).status_code == 202  # anew
+        assert _wait_for_job(client, NEW)["embedded"] == 26
+        assert_the_new_task_finds_a_face_itself(client)
     verified = CliRunner().invoke(index_app, ["verify", str(index_dir), "--run", str(child_dir)])
     assert verified.exit_code == 0, verified.output  # every item under every task, the new one included
 
@@ -182,3 +193,25 @@ def test_a_gallery_without_its_images_cannot_be_indexed_live(
         assert refused.status_code == 409 and body["error"] == "images_not_stored"
         assert "--images DIR" in body["message"] and body["details"]["images_not_stored"] == 1
         assert client.get(f"/admin/tasks/{NEW}/index").status_code == 404  # nothing was started
+
+
+def test_dropping_a_task_the_run_lacks_lets_uploads_in_again(
+    run_dir: Path, child_dir: Path, index_dir: Path
+) -> None:
+    added = CliRunner().invoke(
+        index_app,
+        ["add-task", "--run", str(child_dir), "--index", str(index_dir), "--task", NEW, "--device", "cpu"],
+    )
+    assert added.exit_code == 0, added.output
+    settings = settings_for(run_dir, index_dir, api_key="reader-secret", admin_key="admin-secret")
+    with running_server(settings) as server, server.client(headers=ADMIN) as client:
+        refused = upload(client, 3, ADMIN)  # the parent run cannot embed under the gallery's Bald
+        assert refused.status_code == 409 and error_of(refused)["error"] == "gallery_out_of_date"
+        unknown = client.delete("/admin/tasks/Nope/index")
+        assert unknown.status_code == 404 and error_of(unknown)["error"] == "unknown_task"
+        dropped = client.delete(f"/admin/tasks/{NEW}/index")
+        assert dropped.status_code == 200, dropped.text
+        assert NEW not in dropped.json()["tasks"] and dropped.json()["not_indexed"] == []
+        assert upload(client, 3, ADMIN).status_code == 201
+    verified = CliRunner().invoke(index_app, ["verify", str(index_dir), "--run", str(run_dir)])
+    assert verified.exit_code == 0, verified.output
