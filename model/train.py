@@ -1,5 +1,6 @@
 """Training: triplet loss over balanced mixed-task batches (every task in every batch), as in the
-official code, with AdamW (default) or Adagrad, seeded, resumable, validated each epoch.
+official code, or the proxy loss (``model.proxies``) over the same batches, with AdamW (default) or
+Adagrad, seeded, resumable, validated each epoch.
 
 An epoch is the number of steps after which every training image has, on average, been an anchor once;
 triplets are resampled each epoch. The pipeline is decode-once: the train and val splits are decoded
@@ -38,11 +39,16 @@ from model.network import (
 from model.preprocess import Preprocess, materialize
 from model.pretrained import load_pretrained
 from model.progress import progress_bar
+from model.proxies import PROXY_LR_SCALE, TaskProxies
 from model.run import METRICS, RunError, atomic_write, resolve_device, save_run, write_json
 
 CHECKPOINT = "checkpoint.pt"
 Mining = Literal["all-tasks", "batch-all", "none"]
 MINING: tuple[Mining, ...] = ("all-tasks", "batch-all", "none")
+Loss = Literal["triplet", "proxy"]
+LOSSES: tuple[Loss, ...] = ("triplet", "proxy")
+# (K, G, D) embeddings of G images under task columns[k], (K, G) their labels, the columns -> the loss
+Criterion = Callable[[Tensor, Tensor, np.ndarray], Tensor]
 _CUBE_LIMIT = 1 << 24  # elements of one (anchors, positives, negatives) block of the batch-all loss
 TASK_NECK_MIN_ROWS = 12  # rows per task below which per-task batch statistics were measured too noisy
 
@@ -89,6 +95,10 @@ class TrainConfig:
     # each task's sampled images; "all-tasks": every sampled image embedded under every task (the
     # shared prefix once) and every valid triplet per task among all of them. Same loss and sampler.
     mining: Mining = "all-tasks"
+    # "triplet": the margin loss over the mined triplets; "proxy": a softmax over per-task proxies of
+    # each label value (model.proxies), over the same batches (batch-all or all-tasks mining)
+    loss: Loss = "triplet"
+    proxy_temperature: float = 0.1
     optimizer: Literal["adamw", "adagrad"] = "adamw"
     lr: float | None = None  # None: 1e-3 for AdamW, 0.01 for Adagrad (the official code)
     warmup: float = 0.25  # fraction of the steps over which the lr ramps up linearly, then cosine decay
@@ -172,10 +182,16 @@ def _mined_loss(
     device: torch.device,
     label_means: Tensor | None = None,
     decorrelation: float = 0.0,
+    criterion: Criterion | None = None,
 ) -> tuple[Tensor, int]:
-    """The step's loss under ``cfg.mining`` and the number of images embedded (for images/s), plus
-    ``decorrelation`` times the decorrelation term (``label_means``: the training labels'
-    ``class_label_means``)."""
+    """The step's loss under ``cfg.mining`` (``criterion`` over the task-grouped batch; default: the
+    batch-all triplet loss) and the number of images embedded (for images/s), plus ``decorrelation``
+    times the decorrelation term (``label_means``: the training labels' ``class_label_means``)."""
+    if criterion is None:
+
+        def criterion(grouped: Tensor, values: Tensor, _: np.ndarray) -> Tensor:
+            return batch_all_triplet_loss(grouped, values, cfg.margin)
+
     items, tasks = triplet_batch(triplets)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     if cfg.mining == "all-tasks":
@@ -185,7 +201,7 @@ def _mined_loss(
             table = model.embed_tasks(preprocess.normalize(batch))  # -> (U, T, D)
         values = torch.from_numpy(labels[unique].T.copy()).to(device)  # (T, U)
         grouped = table.float().transpose(0, 1)  # (T, U, D)
-        loss = batch_all_triplet_loss(grouped, values, cfg.margin)
+        loss = criterion(grouped, values, np.arange(len(values)))
         rows = np.broadcast_to(labels[unique], (len(values), *labels[unique].shape))  # (T, U, A)
         loss = _decorrelated(loss, decorrelation, grouped, values, rows, np.arange(len(values)), label_means)
         return loss, len(unique)
@@ -198,7 +214,7 @@ def _mined_loss(
     order = torch.argsort(task_ids, stable=True)  # balanced batch: every task holds 3 * per_task rows
     grouped = embeddings[order].reshape(len(np.unique(tasks)), -1, embeddings.shape[1])  # (T, G, D)
     values = torch.from_numpy(labels[items, tasks]).to(device)[order].reshape(grouped.shape[:2])
-    loss = batch_all_triplet_loss(grouped, values, cfg.margin)
+    loss = criterion(grouped, values, np.unique(tasks))
     rows = labels[items][order.cpu().numpy()].reshape(*grouped.shape[:2], -1)  # (T, G, A)
     return _decorrelated(loss, decorrelation, grouped, values, rows, np.unique(tasks), label_means), len(
         items
@@ -253,13 +269,34 @@ def triplet_batch(triplets: Triplets) -> tuple[np.ndarray, np.ndarray]:
     return items, np.tile(triplets.task, 3)
 
 
+def _base_lr(cfg: TrainConfig) -> float:
+    return cfg.lr or (0.01 if cfg.optimizer == "adagrad" else 1e-3)
+
+
+def _proxies(
+    cfg: TrainConfig, dataset: AttributeDataset, optimizer: torch.optim.Optimizer, device: torch.device
+) -> TaskProxies | None:
+    """The proxy loss's proxies (None for the triplet loss), in their own group of ``optimizer``."""
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}")
+    if cfg.loss != "proxy":
+        return None
+    if cfg.mining == "none":
+        raise ValueError("the proxy loss groups each step's images by task: use batch-all or all-tasks")
+    proxies = TaskProxies([t.num_values for t in dataset.tasks], cfg.embedding_dim, cfg.proxy_temperature)
+    proxies = proxies.to(device)
+    lr = _base_lr(cfg) * PROXY_LR_SCALE
+    optimizer.add_param_group({"params": list(proxies.parameters()), "weight_decay": 0.0, "lr": lr})
+    return proxies
+
+
 def _optimizer(model: MultiTaskEmbedder, cfg: TrainConfig) -> torch.optim.Optimizer:
     # Modulation factors, biases and norms are not decayed: decay would pull the factors towards 0,
     # i.e. towards switching channels off, which is not what regularising them should mean.
     # A pretrained stem and stages train at a fraction of the lr: the new head and modules start from
     # nothing, and full-size steps would first undo the ImageNet features they are built on.
     # Without pretrained weights the groups are the two they always were (old checkpoints resume).
-    lr = cfg.lr or (0.01 if cfg.optimizer == "adagrad" else 1e-3)
+    lr = _base_lr(cfg)
     modulation = {id(p) for p in model.modulation_parameters()}
     backbone = ("stem.", "stages.")
     trunk = {id(p) for t in model.trunks for n, p in t.named_parameters() if n.startswith(backbone)}
@@ -358,6 +395,7 @@ def train(
     provenance = load_pretrained(model, cfg.pretrained) if cfg.pretrained else None
     model = model.to(device)
     optimizer = _optimizer(model, cfg)
+    proxies = _proxies(cfg, dataset, optimizer, device)
     preprocess = Preprocess.for_backbone(cfg.image_size, pretrained=bool(cfg.pretrained))
     train_idx = dataset.split_indices("train", cfg.data.seed)
     val_idx = dataset.split_indices("val", cfg.data.seed)
@@ -370,6 +408,8 @@ def train(
     if resume and checkpoint_path.is_file():
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
+        if proxies is not None:
+            proxies.load_state_dict(state["proxies"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])  # the step count; the factor follows the new budget
         step, history = state["step"], state["history"]
@@ -410,6 +450,7 @@ def train(
             device,
             label_means,
             ramped(cfg.decorrelation, cfg.decorrelation_ramp, step, total_steps),
+            proxies,
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -424,7 +465,7 @@ def train(
             history.append(_validate(model, pixels, dataset, val, preprocess, step, steps_per_epoch, loss))
             model.train()
             bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{history[-1]['val_mean']:.3f}")
-            _checkpoint(checkpoint_path, cfg, model, optimizer, scheduler, step, history)
+            _checkpoint(checkpoint_path, cfg, model, optimizer, scheduler, step, history, proxies)
     bar.close()
 
     model.eval()
@@ -534,10 +575,12 @@ def _checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     step: int,
     history: list[dict[str, Any]],
+    proxies: TaskProxies | None = None,
 ) -> None:
     state = {
         "train_config": cfg.to_dict(),
         "model": model.state_dict(),
+        "proxies": proxies.state_dict() if proxies is not None else None,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "step": step,

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from model.run import load_run
 from model.train import (
     CHECKPOINT,
+    LOSSES,
     MINING,
     DataConfig,
     TrainConfig,
@@ -69,9 +70,11 @@ def _train_in_subprocess(out: Path, cfg: TrainConfig, resume: bool = False) -> s
     )
 
 
-def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("loss", LOSSES)
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, loss):
     # 12 steps, 3 per epoch (150 images * 0.8 / (3 tasks * 12 triplets)) -> checkpoints at 3, 6, 9, 12
-    cfg = tiny_config(steps=12, per_task=12)
+    # (the proxy loss's proxies are checkpointed too, or the resumed run would restart them)
+    cfg = tiny_config(steps=12, per_task=12, loss=loss)
     assert _train_in_subprocess(tmp_path / "straight", cfg).wait() == 0
 
     killed = tmp_path / "killed"
