@@ -43,6 +43,7 @@ from model.durable import fsync_path
 from model.evaluate import evaluate
 from model.network import MultiTaskEmbedder, TaskNeck
 from model.preprocess import Preprocess
+from model.proxies import TaskProxies
 from model.run import METRICS, LoadedRun, load_run, save_run, write_json
 from model.tasks import (
     TASK_INITS,
@@ -56,7 +57,15 @@ from model.tasks import (
     per_task_keys,
     remove_task,
 )
-from model.train import DataConfig, PixelCache, batch_all_triplet_loss, lr_factor, triplet_batch
+from model.train import (
+    LOSSES,
+    DataConfig,
+    Loss,
+    PixelCache,
+    batch_all_triplet_loss,
+    lr_factor,
+    triplet_batch,
+)
 
 METRIC_NAMES = ("triplet_accuracy", "map", "precision_at_10")
 
@@ -64,7 +73,8 @@ METRIC_NAMES = ("triplet_accuracy", "map", "precision_at_10")
 @dataclass
 class TaskTrainConfig:
     """How a new task's rows are trained: batch-all triplet loss over each step's sampled images (every
-    valid triplet among them), AdamW without weight decay, a linear warmup then cosine decay."""
+    valid triplet among them), or the proxy loss over them (``model.proxies``: its proxies train beside
+    the rows and are dropped after), AdamW without weight decay, a linear warmup then cosine decay."""
 
     steps: int = 1000
     per_task: int = 16  # triplets sampled per step (their distinct images are embedded once)
@@ -75,10 +85,16 @@ class TaskTrainConfig:
     # How the new rows start (model.tasks.new_task); None: as the run's own did. The mean of the run's
     # rows measured better than fresh routes for all three held-back tasks (docs/results.md, issue 15).
     init: TaskInit | None = "mean"
+    loss: Loss = "triplet"
+    proxy_temperature: float = 0.1
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.per_task < 1 or not self.lr > 0:
             raise TaskError(f"steps and per_task must be at least 1 and lr positive, got {self}")
+        if self.loss not in LOSSES:
+            raise TaskError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if not self.proxy_temperature > 0:
+            raise TaskError(f"the proxy temperature must be positive, got {self.proxy_temperature}")
         if self.init is not None and self.init not in TASK_INITS:
             raise TaskError(f"unknown init {self.init!r}; choose one of {', '.join(TASK_INITS)}")
 
@@ -140,6 +156,11 @@ def train_new_task(
     pixels = PixelCache(dataset, train_idx, preprocess, show)
     sampler = TripletSampler(dataset.labels, train_idx, cfg.per_task, seed=cfg.seed)
     rows = _freeze(model)
+    proxies = None
+    if cfg.loss == "proxy":
+        dim = model.config.embedding_dim
+        proxies = TaskProxies([dataset.tasks[0].num_values], dim, cfg.proxy_temperature).to(device)
+        rows = [*rows, *proxies.parameters()]
     optimizer = torch.optim.AdamW(rows, lr=cfg.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.steps, cfg.warmup))
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -150,8 +171,12 @@ def train_new_task(
         with amp:
             images = preprocess.normalize(pixels[unique]).to(device)
             embeddings = model.embed(images, torch.zeros(len(unique), dtype=torch.long, device=device))
-        values = torch.from_numpy(dataset.labels[unique, 0]).to(device)
-        loss = batch_all_triplet_loss(embeddings.float().unsqueeze(0), values.unsqueeze(0), cfg.margin)
+        values = torch.from_numpy(dataset.labels[unique, 0]).to(device).unsqueeze(0)  # (1, U)
+        grouped = embeddings.float().unsqueeze(0)  # (U, D) -> (1, U, D): one task
+        if proxies is not None:
+            loss = proxies(grouped, values, np.zeros(1, dtype=np.int64))
+        else:
+            loss = batch_all_triplet_loss(grouped, values, cfg.margin)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -44,6 +44,9 @@ def add(
         str | None,
         typer.Option(help="mean (of the run's rows; the default) | identity | routing (fresh routes)"),
     ] = None,
+    loss: Annotated[
+        str | None, typer.Option(help="triplet (the default) | proxy (a softmax over the values' proxies)")
+    ] = None,
     seed: Annotated[int, typer.Option(help="the new rows' routes, the triplets")] = 0,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -55,7 +58,7 @@ def add(
     from model.task_runs import TaskTrainConfig, add_task_run
     from model.train import DataConfig
 
-    given: dict[str, Any] = {"steps": steps, "per_task": per_task, "lr": lr, "init": init}
+    given: dict[str, Any] = {"steps": steps, "per_task": per_task, "lr": lr, "init": init, "loss": loss}
     data = DataConfig(dataset, str(data_dir) if data_dir else None, [task], num_images, data_seed)
     try:
         cfg = replace(TaskTrainConfig(seed=seed), **{k: v for k, v in given.items() if v is not None})

@@ -58,6 +58,11 @@ MiningOpt = Annotated[
     typer.Option(help="all-tasks | batch-all | none (the official code's sampled triplets only); "
                  "default: the recipe's"),
 ]  # fmt: skip
+LossOpt = Annotated[
+    str | None,
+    typer.Option(help="triplet (the paper's margin loss) | proxy (a softmax over per-task proxies of each "
+                 "label value, training-only); default: the recipe's"),
+]  # fmt: skip
 WarmupOpt = Annotated[
     float | None, typer.Option(help="fraction of the steps spent ramping the lr up; default: the recipe's")
 ]
@@ -113,10 +118,12 @@ def _train_config(
     dataset: str, data_dir: Path | None, tasks: str | None, num_images: int | None, seed: int, **options: Any
 ) -> Any:
     """A ``TrainConfig`` from the CLI's options."""
-    from model.train import MINING, DataConfig, TrainConfig
+    from model.train import LOSSES, MINING, DataConfig, TrainConfig
 
     if options.get("mining", MINING[0]) not in MINING:
         raise fail(f"unknown mining {options['mining']!r}; choose one of {', '.join(MINING)}")
+    if options.get("loss", LOSSES[0]) not in LOSSES:
+        raise fail(f"unknown loss {options['loss']!r}; choose one of {', '.join(LOSSES)}")
     data = DataConfig(dataset, str(data_dir) if data_dir else None, _tasks(tasks), num_images, seed)
     return TrainConfig(data=data, seed=seed, **options)
 
@@ -157,6 +164,7 @@ def train(
     per_task: PerTaskOpt = None,
     margin: float = 0.2,
     mining: MiningOpt = None,
+    loss: LossOpt = None,
     optimizer: Annotated[str, typer.Option(help="adamw | adagrad")] = "adamw",
     lr: Annotated[float | None, typer.Option(help="default 1e-3 (AdamW) / 0.01 (Adagrad)")] = None,
     warmup: WarmupOpt = None,
@@ -183,7 +191,7 @@ def train(
     given = {
         "modulation_init": modulation_init, "neck": neck, "width": width, "modulate": split(modulate),
         "epochs": epochs, "steps": steps, "per_task": per_task, "mining": mining, "warmup": warmup,
-        "pretrained": weights, "augment": augment,
+        "pretrained": weights, "augment": augment, "loss": loss,
     }  # fmt: skip
     try:
         if resume:
@@ -304,6 +312,7 @@ def compare(
     steps: Annotated[int | None, typer.Option(help="steps per architecture (default: budget)")] = None,
     per_task: PerTaskOpt = None,
     mining: MiningOpt = None,
+    loss: LossOpt = None,
     warmup: WarmupOpt = None,
     seed: int = 0,
     device: DeviceOpt = "auto",
@@ -347,6 +356,7 @@ def compare(
         "steps": steps,
         "per_task": per_task,
         "mining": mining,
+        "loss": loss,
         "warmup": warmup,
     }
     weights = _pretrained(pretrained, pretrained_path)

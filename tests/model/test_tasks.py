@@ -20,6 +20,7 @@ from model.tasks import (
     remove_task,
     select_tasks,
 )
+from model.train import LOSSES, Loss
 from tests.factories import IMAGE_SIZE, TASKS, tiny_model
 
 # The compare budget's layout (routes after every stage and on the embedding, per-task neck), the
@@ -51,13 +52,19 @@ def images() -> torch.Tensor:
     return torch.randn(6, 3, IMAGE_SIZE, IMAGE_SIZE)  # (B, 3, S, S)
 
 
+@pytest.fixture(params=LOSSES, scope="module")
+def loss(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def trained(layout: dict) -> tuple:
-    """A parent, its state before anything ran, and the one-task model trained for ``NEW`` on it."""
+def trained(layout: dict, loss: Loss) -> tuple:
+    """A parent, its state before anything ran, and the one-task model trained for ``NEW`` on it (with
+    the proxy loss too: its proxies train beside the rows, and nothing else may move)."""
     parent = tiny_model(perturb=0.5, **layout)
     before = bits(parent.state_dict())
     dataset = load_dataset("synthfaces", None, [NEW], image_size=IMAGE_SIZE, num_images=120)
-    cfg = TaskTrainConfig(steps=4, per_task=4, neck_images=50)
+    cfg = TaskTrainConfig(steps=4, per_task=4, neck_images=50, loss=loss)
     single, history = train_new_task(parent, dataset, Preprocess(IMAGE_SIZE), cfg, progress=False)
     return parent, before, single, history
 
@@ -212,3 +219,12 @@ def test_mean_init_starts_at_the_mean_of_the_models_rows() -> None:
     assert new_task(parent, NEW, init="mean").config.modulation_init == "routing"
     with pytest.raises(TaskError, match="unknown init 'bogus'; choose one of identity, routing, mean"):
         new_task(parent, NEW, init="bogus")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [({"loss": "hinge"}, "unknown loss 'hinge'"), ({"loss": "proxy", "proxy_temperature": 0}, "temperature")],
+)
+def test_a_task_training_config_that_cannot_train_is_a_clear_error(options: dict, match: str) -> None:
+    with pytest.raises(TaskError, match=match):
+        TaskTrainConfig(**options)
