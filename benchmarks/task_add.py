@@ -76,7 +76,7 @@ def measure(
     before = gallery_vectors(parent, pixels, old)
     rows = []
     for cfg in cfgs:
-        child_dir = out / f"child-{held}-{cfg.init}"
+        child_dir = out / f"child-{held}-{cfg.init}-{cfg.loss}"
         shutil.rmtree(child_dir, ignore_errors=True)
         started = time.perf_counter()
         data = ["--dataset", "synthfaces", "--num-images", str(DEMO_IMAGES)]
@@ -94,6 +94,7 @@ def measure(
             {
                 "task": held,
                 "init": cfg.init,
+                "loss": cfg.loss,
                 "added_accuracy": added["triplet_accuracy"],
                 "joint_accuracy": alone["triplet_accuracy"],
                 "ratio": round(added["triplet_accuracy"] / alone["triplet_accuracy"], 4),
@@ -121,6 +122,7 @@ def cli_options(cfg: TaskTrainConfig) -> list[str]:
         "--lr": cfg.lr,
         "--seed": cfg.seed,
         "--init": cfg.init,
+        "--loss": cfg.loss,
     }
     return [str(x) for option, value in options.items() if value is not None for x in (option, value)]
 
@@ -141,11 +143,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--per-task", type=int)
     parser.add_argument("--inits", nargs="+", default=["routing", "mean"], help="new rows' starts to compare")
+    parser.add_argument("--losses", nargs="+", default=["triplet"], help="losses to compare (triplet, proxy)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     given = {"steps": args.steps, "lr": args.lr, "per_task": args.per_task}
     cfg = replace(TaskTrainConfig(), **{k: v for k, v in given.items() if v is not None})
-    cfgs = [replace(cfg, init=init) for init in args.inits]
+    cfgs = [replace(cfg, init=init, loss=loss) for init in args.inits for loss in args.losses]
 
     joint_dir = args.joint or args.out / "joint12"
     trained(joint_dir, demo_train_config(DEMO_STEPS, DEMO_WIDTH, DEMO_IMAGES, "cpu"))
@@ -153,15 +156,16 @@ def main() -> None:
     gallery = load_dataset("synthfaces", None, None, image_size=64, num_images=GALLERY, seed=0)
     pixels = materialize(gallery.load_image, list(range(GALLERY)), joint.preprocess)  # (N, 3, S, S) uint8
     rows = [row for held in args.held_back for row in measure(held, args.out, joint, pixels, cfgs)]
-    print(f"task add config: {asdict(cfg)}, inits {args.inits}; joint run: {joint_dir}")
+    print(f"task add config: {asdict(cfg)}, inits {args.inits}, losses {args.losses}; joint run: {joint_dir}")
     print(
-        "| held-back task | init | added (task add) | joint 12-task | ratio | mAP added / joint "
+        "| held-back task | init | loss | added (task add) | joint 12-task | ratio | mAP added / joint "
         "| task add wall s | 11 old tasks bit-identical | parameters added |"
     )
-    print("|---|---|---:|---:|---:|---|---:|---|---:|")
+    print("|---|---|---|---:|---:|---:|---|---:|---|---:|")
     for r in rows:
         print(
-            f"| {r['task']} | {r['init']} | {r['added_accuracy']:.3f} | {r['joint_accuracy']:.3f} "
+            f"| {r['task']} | {r['init']} | {r['loss']} | {r['added_accuracy']:.3f} "
+            f"| {r['joint_accuracy']:.3f} "
             f"| {r['ratio']:.3f} | "
             f"{r['added_map']:.3f} / {r['joint_map']:.3f} | {r['seconds']:.0f} | "
             f"{'yes' if r['old_bit_identical'] else 'NO'} | {r['added']['parameters']:,} "
@@ -169,7 +173,10 @@ def main() -> None:
         )
     if args.json:
         args.json.write_text(
-            json.dumps({"config": asdict(cfg), "inits": args.inits, "rows": rows}, indent=2) + "\n"
+            json.dumps(
+                {"config": asdict(cfg), "inits": args.inits, "losses": args.losses, "rows": rows}, indent=2
+            )
+            + "\n"
         )
 
 

@@ -500,7 +500,8 @@ def describe(
     modules = f"{cfg.modulation_init} {cfg.modulation} modules at {places}, " if places else ""
     recipe = (
         f"{cfg.arch} {cfg.backbone}{f' width {cfg.width}' if cfg.width else ''} at {cfg.image_size} px, "
-        f"{modules}{cfg.neck} neck, {cfg.mining} mining, {cfg.per_task} triplets/task, "
+        f"{modules}{cfg.neck} neck, {cfg.mining} mining, {cfg.loss} loss, {cfg.per_task} triplets/task, "
+        f"{'flips, ' if cfg.augment else ''}"
         f"{cfg.optimizer}{f' lr {cfg.lr:g}' if cfg.lr else ''}"
     )
     budget = f"steps {step}-{steps} (resuming)" if step else f"{steps} steps"

@@ -62,12 +62,19 @@ def test_a_folder_trains_with_the_measured_recipe_and_says_so_in_one_line(shirts
         k: v for k, v in budget.items() if k != "steps"
     }
     assert trained["steps"] == 3 and trained["neck"] == "batch" and trained["mining"] == "batch-all"
+    assert trained["loss"] == "proxy" and trained["augment"] is True
 
     plan = [line for line in result.output.splitlines() if line.startswith("measured recipe: training on")]
     assert len(plan) == 1, result.output
     line = plan[0]
-    expected = [f"folder {shirts}", "64 training images", "2 tasks (colour, sleeves)", "width 16"]
-    expected += ["routing vector modules at 1,2,3,4,emb", "batch-all mining", "device cpu", "3 steps"]
+    expected = [
+        f"folder {shirts}",
+        "64 training images",
+        "2 tasks (colour, sleeves)",
+        f"width {budget['width']}",
+    ]
+    expected += ["routing vector modules at 1,2,3,4,emb", "batch-all mining", "proxy loss", "flips"]
+    expected += ["device cpu", "3 steps"]
     for said in expected:  # data, tasks, recipe, device, steps
         assert said in line, (said, line)
     assert result.output.index(line) < result.output.index("train modulated")  # before the bar
