@@ -30,7 +30,9 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "INFO") -> None:
-    """JSON lines for the ``service`` loggers and uvicorn's; uvicorn's own access log is replaced by ours."""
+    """JSON lines for the ``service`` loggers and uvicorn's; uvicorn's own access log is replaced by ours.
+    Any other library's warnings and errors, and ``warnings.warn`` messages, go through the root logger
+    as JSON lines too (left alone, Python would print them to stderr as plain text)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     for name in ("service", "uvicorn", "uvicorn.error", "index", "model"):
@@ -38,4 +40,10 @@ def configure_logging(level: str = "INFO") -> None:
         logger.handlers = [handler]
         logger.setLevel(level.upper())
         logger.propagate = False
+    root = logging.getLogger()  # others' handlers (a test runner's) stay; an earlier call's JSON one goes
+    root.handlers = [h for h in root.handlers if not isinstance(h.formatter, JsonFormatter)] + [handler]
+    root.setLevel(logging.WARNING)
+    logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger -> the root's JSON handler
     logging.getLogger("uvicorn.access").disabled = True
+    # python-multipart warns about every malformed body it is given: the request log's 400 already says so.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
