@@ -97,6 +97,16 @@ def test_child_embeds_old_tasks_bit_identically_and_keeps_their_fingerprints(
     assert grown.fingerprints == fingerprints(grown.model)
 
 
+def test_add_with_the_proxy_loss_records_it_in_the_lineage(
+    run_dir: Path, folder: Path, tmp_path: Path
+) -> None:
+    result = add(run_dir, tmp_path / "proxy", folder, "bald", "--loss", "proxy")
+    assert result.exit_code == 0, result.output
+    [entry] = json.loads((tmp_path / "proxy" / "config.json").read_text())["lineage"]
+    assert entry["train"]["loss"] == "proxy"
+    assert load_run(tmp_path / "proxy").fingerprints.shared == load_run(run_dir).fingerprints.shared
+
+
 def test_remove_round_trip_gives_back_the_parent(run_dir: Path, child: Path, tmp_path: Path) -> None:
     result = runner.invoke(
         app, ["task", "remove", "--run", str(child), "--task", "bald", "--out", str(tmp_path / "back")]
@@ -122,6 +132,8 @@ def test_add_errors_exit_2_with_what_to_do(run_dir: Path, folder: Path, tmp_path
     assert result.exit_code == 2 and "is the parent run itself" in text(result)
     result = add(run_dir, tmp_path / "c", folder, "bald", "--init", "bogus")
     assert result.exit_code == 2 and "unknown init 'bogus'" in text(result)
+    result = add(run_dir, tmp_path / "c", folder, "bald", "--loss", "hinge")
+    assert result.exit_code == 2 and "unknown loss 'hinge'; choose one of triplet, proxy" in text(result)
     result = add(tmp_path / "nothing", tmp_path / "c", folder)
     assert result.exit_code == 2 and "config.json:notfound" in "".join(result.output.split())  # a long path
     assert not any((tmp_path / name).exists() for name in "abc"), "no run written on an error"
