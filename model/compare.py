@@ -45,9 +45,9 @@ class Budget:
 # accuracy 0.93-0.96 at every seed measured, against 0.83-0.95 without); on real faces (CelebA, 7 tasks,
 # three seeds) they cost 4 points at this budget, so real datasets keep the batch neck.
 SYNTHFACES_BUDGET = Budget(steps=800, width=16, neck="task")
-# Real faces learn more per step from the proxy loss than from triplets (CelebA official 7, modulated:
-# 0.663 against 0.639 at this budget, 0.671 against 0.649 at 2,400 steps), and keep gaining from width
-# and steps where synthetic faces were already near their ceiling (docs/results.md, issue 12).
+# Real faces keep gaining from width and steps where synthetic faces were already near their ceiling,
+# and learn a little more from the proxy loss than from triplets (CelebA official 7, modulated: 0.693
+# against 0.688 over two seeds at this budget, 0.671 against 0.649 at width 16; docs/results.md).
 REAL_DATA_BUDGET = replace(SYNTHFACES_BUDGET, neck="batch", loss="proxy", width=32, steps=2400, augment=True)
 
 
