@@ -1,6 +1,5 @@
-"""Training: triplet loss over balanced mixed-task batches (every task in every batch), as in the
-official code, or the proxy loss (``model.proxies``) over the same batches, with AdamW (default) or
-Adagrad, seeded, resumable, validated each epoch.
+"""Training: the official code's triplet loss, or the proxy loss (``model.proxies``), over balanced
+mixed-task batches (every task in every batch); AdamW (default) or Adagrad; seeded, resumable, validated.
 
 An epoch is the number of steps after which every training image has, on average, been an anchor once;
 triplets are resampled each epoch. The pipeline is decode-once: the train and val splits are decoded
@@ -180,18 +179,13 @@ def _mined_loss(
     triplets: Triplets,
     preprocess: Preprocess,
     device: torch.device,
+    criterion: Criterion,
     label_means: Tensor | None = None,
     decorrelation: float = 0.0,
-    criterion: Criterion | None = None,
 ) -> tuple[Tensor, int]:
-    """The step's loss under ``cfg.mining`` (``criterion`` over the task-grouped batch; default: the
-    batch-all triplet loss) and the number of images embedded (for images/s), plus ``decorrelation``
-    times the decorrelation term (``label_means``: the training labels' ``class_label_means``)."""
-    if criterion is None:
-
-        def criterion(grouped: Tensor, values: Tensor, _: np.ndarray) -> Tensor:
-            return batch_all_triplet_loss(grouped, values, cfg.margin)
-
+    """The step's loss under ``cfg.mining`` (``criterion`` over the task-grouped batch) and the number of
+    images embedded (for images/s), plus ``decorrelation`` times the decorrelation term (``label_means``:
+    the training labels' ``class_label_means``)."""
     items, tasks = triplet_batch(triplets)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     if cfg.mining == "all-tasks":
@@ -284,9 +278,8 @@ def _proxies(
     if cfg.mining == "none":
         raise ValueError("the proxy loss groups each step's images by task: use batch-all or all-tasks")
     proxies = TaskProxies([t.num_values for t in dataset.tasks], cfg.embedding_dim, cfg.proxy_temperature)
-    proxies = proxies.to(device)
-    lr = _base_lr(cfg) * PROXY_LR_SCALE
-    optimizer.add_param_group({"params": list(proxies.parameters()), "weight_decay": 0.0, "lr": lr})
+    params = list(proxies.to(device).parameters())
+    optimizer.add_param_group({"params": params, "weight_decay": 0.0, "lr": _base_lr(cfg) * PROXY_LR_SCALE})
     return proxies
 
 
@@ -396,6 +389,7 @@ def train(
     model = model.to(device)
     optimizer = _optimizer(model, cfg)
     proxies = _proxies(cfg, dataset, optimizer, device)
+    criterion: Criterion = proxies or (lambda e, y, _: batch_all_triplet_loss(e, y, cfg.margin))
     preprocess = Preprocess.for_backbone(cfg.image_size, pretrained=bool(cfg.pretrained))
     train_idx = dataset.split_indices("train", cfg.data.seed)
     val_idx = dataset.split_indices("val", cfg.data.seed)
@@ -448,9 +442,9 @@ def train(
             sampler.sample(),
             preprocess,
             device,
+            criterion,
             label_means,
             ramped(cfg.decorrelation, cfg.decorrelation_ramp, step, total_steps),
-            proxies,
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
