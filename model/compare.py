@@ -35,6 +35,9 @@ class Budget:
     neck: Neck = "batch"
     loss: Loss = "triplet"
     augment: bool = False
+    crop_scale: float = 1.0
+    weight_decay: float = 1e-4
+    ema: float = 0.0
 
     def train_options(self) -> dict[str, Any]:
         """The budget as ``TrainConfig`` keyword arguments."""

@@ -42,6 +42,7 @@ from model.data.triplets import TripletSampler
 from model.durable import fsync_path
 from model.evaluate import evaluate
 from model.network import MultiTaskEmbedder, TaskNeck
+from model.pixels import PixelCache
 from model.preprocess import Preprocess
 from model.proxies import TaskProxies
 from model.run import METRICS, LoadedRun, load_run, save_run, write_json
@@ -61,7 +62,6 @@ from model.train import (
     LOSSES,
     DataConfig,
     Loss,
-    PixelCache,
     batch_all_triplet_loss,
     lr_factor,
     triplet_batch,

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from model.data import load_dataset
 from model.data.base import UNKNOWN, AttributeDataset
@@ -35,7 +36,8 @@ from model.network import (
     Neck,
     create_model,
 )
-from model.preprocess import Preprocess, materialize
+from model.pixels import PixelCache
+from model.preprocess import Preprocess
 from model.pretrained import load_pretrained
 from model.progress import progress_bar
 from model.proxies import PROXY_LR_SCALE, TaskProxies
@@ -114,6 +116,8 @@ class TrainConfig:
     pretrained: str | None = None
     pretrained_lr_scale: float = 0.1  # the pretrained stem and stages train at lr * this
     augment: bool = False  # random horizontal flips of the training images
+    crop_scale: float = 1.0  # < 1: random resized crops, side in [crop_scale, 1] of the image's
+    ema: float = 0.0  # > 0: the run stores the weights' exponential moving average at this decay
 
     def model_config(self, task_names: list[str]) -> ModelConfig:
         return ModelConfig(
@@ -191,7 +195,7 @@ def _mined_loss(
     if cfg.mining == "all-tasks":
         unique = np.unique(items)
         with amp:
-            batch = pixels.train_batch(unique, cfg.augment)  # (U, 3, S, S)
+            batch = pixels.train_batch(unique, cfg.augment, cfg.crop_scale)  # (U, 3, S, S)
             table = model.embed_tasks(preprocess.normalize(batch))  # -> (U, T, D)
         values = torch.from_numpy(labels[unique].T.copy()).to(device)  # (T, U)
         grouped = table.float().transpose(0, 1)  # (T, U, D)
@@ -201,7 +205,7 @@ def _mined_loss(
         return loss, len(unique)
     task_ids = torch.from_numpy(tasks).to(device)
     with amp:
-        batch = pixels.train_batch(items, cfg.augment)
+        batch = pixels.train_batch(items, cfg.augment, cfg.crop_scale)
         embeddings = model.embed(preprocess.normalize(batch).to(device), task_ids).float()
     if cfg.mining == "none":
         return triplet_loss(embeddings, cfg.margin), len(items)
@@ -311,32 +315,6 @@ def _optimizer(model: MultiTaskEmbedder, cfg: TrainConfig) -> torch.optim.Optimi
     return torch.optim.AdamW(groups, lr=lr)
 
 
-class PixelCache:
-    """Decoded uint8 images of some dataset indices, addressable by dataset index."""
-
-    def __init__(
-        self, dataset: AttributeDataset, indices: np.ndarray, preprocess: Preprocess, progress: bool
-    ) -> None:
-        bar = progress_bar(
-            total=len(indices), desc="decode", unit=" images", leave=False, disable=not progress
-        )
-        with bar:
-            self.pixels = materialize(dataset.load_image, list(indices), preprocess, bar.update)
-        self.row = np.full(len(dataset), -1, dtype=np.int64)
-        self.row[indices] = np.arange(len(indices))
-
-    def __getitem__(self, items: np.ndarray) -> Tensor:
-        return self.pixels[torch.from_numpy(self.row[items])]
-
-    def train_batch(self, items: np.ndarray, augment: bool) -> Tensor:
-        """``self[items]``, each image flipped left-right with probability 1/2 when ``augment``."""
-        batch = self[items]  # (B, 3, S, S) uint8
-        if augment:
-            flip = torch.rand(len(batch)) < 0.5
-            batch[flip] = batch[flip].flip(-1)
-        return batch
-
-
 @dataclass
 class DecodedData:
     """A dataset and every one of its images decoded once at one input size, for several trainings that
@@ -379,6 +357,12 @@ def train(
     out = Path(out)
     device = resolve_device(cfg.device)
     _warn_if_task_statistics_are_thin(cfg)
+    if not 0.0 <= cfg.ema < 1.0:
+        raise ValueError(f"ema is the weights' moving-average decay, in [0, 1) (0: off), got {cfg.ema}")
+    if not 0.0 < cfg.crop_scale <= 1.0:
+        raise ValueError(
+            f"crop_scale is the smallest crop's side fraction, in (0, 1] (1: off), got {cfg.crop_scale}"
+        )
     torch.manual_seed(cfg.seed)
     if decoded is not None:
         decoded.check(cfg)
@@ -389,6 +373,10 @@ def train(
     model = model.to(device)
     optimizer = _optimizer(model, cfg)
     proxies = _proxies(cfg, dataset, optimizer, device)
+    # the weights' moving average, which the run validates and stores (Polyak averaging)
+    ema = None
+    if cfg.ema:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
     criterion: Criterion = proxies or (lambda e, y, _: batch_all_triplet_loss(e, y, cfg.margin))
     preprocess = Preprocess.for_backbone(cfg.image_size, pretrained=bool(cfg.pretrained))
     train_idx = dataset.split_indices("train", cfg.data.seed)
@@ -404,6 +392,8 @@ def train(
         model.load_state_dict(state["model"])
         if proxies is not None:
             proxies.load_state_dict(state["proxies"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])  # the step count; the factor follows the new budget
         step, history = state["step"], state["history"]
@@ -450,17 +440,24 @@ def train(
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         step += 1
         seen += embedded
         rate = seen / (time.perf_counter() - started)
         bar.set_postfix({"loss": f"{loss.item():.4f}", "images/s": f"{rate:.0f}"})
         bar.update(1)
         if step % steps_per_epoch == 0 or step == total_steps:
-            history.append(_validate(model, pixels, dataset, val, preprocess, step, steps_per_epoch, loss))
+            evaluated = model if ema is None else ema.module
+            history.append(
+                _validate(evaluated, pixels, dataset, val, preprocess, step, steps_per_epoch, loss)
+            )
             model.train()
             bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{history[-1]['val_mean']:.3f}")
-            _checkpoint(checkpoint_path, cfg, model, optimizer, scheduler, step, history, proxies)
+            _checkpoint(checkpoint_path, cfg, model, optimizer, scheduler, step, history, proxies, ema)
     bar.close()
+    if ema is not None:
+        model.load_state_dict(ema.module.state_dict())
 
     model.eval()
     save_run(out, model, extra, preprocess)
@@ -495,7 +492,8 @@ def describe(
     recipe = (
         f"{cfg.arch} {cfg.backbone}{f' width {cfg.width}' if cfg.width else ''} at {cfg.image_size} px, "
         f"{modules}{cfg.neck} neck, {cfg.mining} mining, {cfg.loss} loss, {cfg.per_task} triplets/task, "
-        f"{'flips, ' if cfg.augment else ''}"
+        f"{'flips, ' if cfg.augment else ''}{f'crops ≥ {cfg.crop_scale:g}, ' if cfg.crop_scale < 1 else ''}"
+        f"{f'EMA {cfg.ema:g}, ' if cfg.ema else ''}"
         f"{cfg.optimizer}{f' lr {cfg.lr:g}' if cfg.lr else ''}"
     )
     budget = f"steps {step}-{steps} (resuming)" if step else f"{steps} steps"
@@ -571,11 +569,13 @@ def _checkpoint(
     step: int,
     history: list[dict[str, Any]],
     proxies: TaskProxies | None = None,
+    ema: AveragedModel | None = None,
 ) -> None:
     state = {
         "train_config": cfg.to_dict(),
         "model": model.state_dict(),
         "proxies": proxies.state_dict() if proxies is not None else None,
+        "ema": ema.state_dict() if ema is not None else None,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "step": step,

@@ -81,6 +81,17 @@ PretrainedPathOpt = Annotated[
 AugmentOpt = Annotated[
     bool | None, typer.Option(help="random left-right flips of training images; default: the recipe's")
 ]
+CropScaleOpt = Annotated[
+    float | None,
+    typer.Option(help="random resized crops of training images, side in [SCALE, 1] of the image's (1: none); "
+                 "default: the recipe's"),
+]  # fmt: skip
+WeightDecayOpt = Annotated[float | None, typer.Option(help="AdamW's weight decay; default: the recipe's")]
+EmaOpt = Annotated[
+    float | None,
+    typer.Option(help="store the weights' exponential moving average at this decay (0: the last step's); "
+                 "default: the recipe's"),
+]  # fmt: skip
 
 
 def _pretrained(package: bool, path: Path | None) -> str | None:
@@ -152,6 +163,7 @@ def train(
     pretrained: PretrainedOpt = False,
     pretrained_path: PretrainedPathOpt = None,
     augment: AugmentOpt = None,
+    crop_scale: CropScaleOpt = None,
     width: WidthOpt = None,
     modulate: ModulateOpt = None,
     image_size: int = 64,
@@ -167,6 +179,8 @@ def train(
     loss: LossOpt = None,
     optimizer: Annotated[str, typer.Option(help="adamw | adagrad")] = "adamw",
     lr: Annotated[float | None, typer.Option(help="default 1e-3 (AdamW) / 0.01 (Adagrad)")] = None,
+    weight_decay: WeightDecayOpt = None,
+    ema: EmaOpt = None,
     warmup: WarmupOpt = None,
     seed: int = 0,
     device: DeviceOpt = "auto",
@@ -191,7 +205,8 @@ def train(
     given = {
         "modulation_init": modulation_init, "neck": neck, "width": width, "modulate": split(modulate),
         "epochs": epochs, "steps": steps, "per_task": per_task, "mining": mining, "warmup": warmup,
-        "pretrained": weights, "augment": augment, "loss": loss,
+        "pretrained": weights, "augment": augment, "loss": loss, "crop_scale": crop_scale,
+        "weight_decay": weight_decay, "ema": ema,
     }  # fmt: skip
     try:
         if resume:
@@ -314,6 +329,10 @@ def compare(
     mining: MiningOpt = None,
     loss: LossOpt = None,
     warmup: WarmupOpt = None,
+    augment: AugmentOpt = None,
+    crop_scale: CropScaleOpt = None,
+    weight_decay: WeightDecayOpt = None,
+    ema: EmaOpt = None,
     seed: int = 0,
     device: DeviceOpt = "auto",
     out: Annotated[Path | None, typer.Option(help="default: runs/compare-<dataset>")] = None,
@@ -359,6 +378,10 @@ def compare(
         "mining": mining,
         "loss": loss,
         "warmup": warmup,
+        "augment": augment,
+        "crop_scale": crop_scale,
+        "weight_decay": weight_decay,
+        "ema": ema,
     }
     weights = _pretrained(pretrained, pretrained_path)
     # with pretrained rows, the from-scratch rows train the same (full-width) backbone

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from model.network import create_model
 from model.run import load_run
 from model.train import (
     CHECKPOINT,
@@ -70,11 +72,15 @@ def _train_in_subprocess(out: Path, cfg: TrainConfig, resume: bool = False) -> s
     )
 
 
-@pytest.mark.parametrize("loss", LOSSES)
-def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, loss):
+RESUMABLE = [{"loss": loss} for loss in LOSSES] + [{"ema": 0.9, "crop_scale": 0.8, "augment": True}]
+
+
+@pytest.mark.parametrize("options", RESUMABLE, ids=lambda o: ",".join(map(str, o.values())))
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, options):
     # 12 steps, 3 per epoch (150 images * 0.8 / (3 tasks * 12 triplets)) -> checkpoints at 3, 6, 9, 12
-    # (the proxy loss's proxies are checkpointed too, or the resumed run would restart them)
-    cfg = tiny_config(steps=12, per_task=12, loss=loss)
+    # (the proxy loss's proxies and the weights' moving average are checkpointed too, or the resumed
+    # run would restart them)
+    cfg = tiny_config(steps=12, per_task=12, **options)
     assert _train_in_subprocess(tmp_path / "straight", cfg).wait() == 0
 
     killed = tmp_path / "killed"
@@ -95,6 +101,34 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, loss):
         torch.testing.assert_close(
             a[name], b[name], atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
         )
+
+
+def test_the_run_stores_the_moving_average_of_the_weights(tmp_path):
+    # At decay 0.99 over 6 steps the average is 95 % the weights after the first step: the stored run
+    # stays much nearer its initialisation than the same trajectory's last step does.
+    cfg = tiny_config()
+    train(cfg, tmp_path / "plain", progress=False)
+    train(replace(cfg, ema=0.99), tmp_path / "ema", progress=False)
+    torch.manual_seed(cfg.seed)
+    start = create_model(cfg.model_config(TASKS)).state_dict()
+    last = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    averaged = load_file(str(tmp_path / "ema" / "model.safetensors"))
+    trained = [k for k in last if last[k].is_floating_point() and not torch.equal(last[k], start[k])]
+    assert trained
+
+    def moved(weights: dict[str, torch.Tensor]) -> float:
+        return sum(float((weights[k] - start[k]).norm()) for k in trained)
+
+    assert moved(averaged) < 0.5 * moved(last)
+    assert load_run(tmp_path / "ema").config["train"]["ema"] == 0.99
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("ema", 1.0), ("ema", -0.1), ("crop_scale", 0.0), ("crop_scale", 1.2)]
+)
+def test_out_of_range_averaging_or_crops_are_clear_errors(tmp_path, field, value):
+    with pytest.raises(ValueError, match=field):
+        train(tiny_config(**{field: value}), tmp_path, progress=False)
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):

@@ -100,6 +100,28 @@ def test_the_official_recipe_is_one_option_away(tmp_path):
     assert "official recipe: training on synthfaces" in result.output
 
 
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_regularisation_options_reach_the_run(tmp_path, command):
+    args = ["--crop-scale", "0.8", "--no-augment", "--weight-decay", "0.05", "--ema", "0.9", "--steps", "2"]
+    extra = ["--archs", "modulated", "--neck", "batch"] if command == "compare" else []
+    result = runner.invoke(app, [command, "--out", str(tmp_path), *args, *extra, *TINY])
+    assert result.exit_code == 0, result.output
+    config = tmp_path / ("modulated" if command == "compare" else "") / "config.json"
+    trained = json.loads(config.read_text())["train"]
+    assert (trained["crop_scale"], trained["augment"], trained["weight_decay"], trained["ema"]) == (
+        0.8, False, 0.05, 0.9
+    )  # fmt: skip
+    if command == "train":
+        assert "crops ≥ 0.8" in result.output and "EMA 0.9" in result.output
+
+
+def test_an_out_of_range_crop_scale_is_a_clear_error(tmp_path):
+    result = runner.invoke(
+        app, ["train", "--out", str(tmp_path), "--crop-scale", "1.5", "--steps", "1", *TINY]
+    )
+    assert result.exit_code != 0 and "crop_scale" in result.output and "Traceback" not in result.output
+
+
 def test_eval_json_has_the_documented_shape(trained_run_dir):
     result = runner.invoke(app, ["eval", "--run", str(trained_run_dir), "--json", "--device", "cpu"])
     assert result.exit_code == 0, result.output
