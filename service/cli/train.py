@@ -354,8 +354,8 @@ def compare(
     train``: 800 steps at width 16, 4 triplets per task per step, batch-all mining, routing-initialised
     modules after every stage and on the embedding, and a 25% lr warmup (about 10 minutes for shared, mask
     and modulated on synthetic faces on 2 CPU cores); per-task statistics in the embedding's batch norm on
-    synthfaces; on real data one batch norm, the proxy loss, width 32, 2,400 steps and flips (about 15
-    minutes for the three on CelebA's official 7). The dataset is decoded once for every run; with
+    synthfaces; on real data one batch norm, the proxy loss, width 32, 2,400 steps, flips and the weights'
+    moving average (about 15 minutes for the three on CelebA's official 7). The dataset is decoded once for every run; with
     --pretrained or --pretrained-path each architecture trains twice, rows ``<arch>`` and
     ``<arch> pretrained`` side by side.
     """
