@@ -37,34 +37,41 @@ TasksOpt = Annotated[
 ]
 ArchOpt = Annotated[str, typer.Option(help="modulated | shared | mask | independent")]
 ModulationOpt = Annotated[str, typer.Option(help="vector (official code) | matrix (paper)")]
+
+
 # The options a recipe (train) or budget (compare) sets: None where not given, so the recipe's value holds.
+def _recipe(help: str) -> Any:
+    return typer.Option(help=f"{help}; default: the recipe's")
+
+
 ModulationInitOpt = Annotated[
-    str | None,
-    typer.Option(help="identity (ones; the official code) | routing (random 0/1 routes per task); "
-                 "default: the recipe's"),
-]  # fmt: skip
+    str | None, _recipe("identity (ones; the official code) | routing (random 0/1 routes per task)")
+]
 NeckOpt = Annotated[
-    str | None,
-    typer.Option(help="batch (one batch norm) | task (statistics per task, where emb is modulated); "
-                 "default: the recipe's"),
-]  # fmt: skip
-ModulateOpt = Annotated[str | None, typer.Option(help="module places, e.g. 3,4,emb; default: the recipe's")]
+    str | None, _recipe("batch (one batch norm) | task (statistics per task, where emb is modulated)")
+]
+ModulateOpt = Annotated[str | None, _recipe("module places, e.g. 3,4,emb")]
 WidthOpt = Annotated[
     int | None, typer.Option(help="base channel width; default: the recipe's, else backbone's")
 ]
-PerTaskOpt = Annotated[int | None, typer.Option(help="triplets per task per batch; default: the recipe's")]
+PerTaskOpt = Annotated[int | None, _recipe("triplets per task per batch")]
 MiningOpt = Annotated[
-    str | None,
-    typer.Option(help="all-tasks | batch-all | none (the official code's sampled triplets only); "
-                 "default: the recipe's"),
-]  # fmt: skip
+    str | None, _recipe("all-tasks | batch-all | none (the official code's sampled triplets only)")
+]
 LossOpt = Annotated[
     str | None,
-    typer.Option(help="triplet (the paper's margin loss) | proxy (a softmax over per-task proxies of each "
-                 "label value, training-only); default: the recipe's"),
+    _recipe("triplet (the paper's margin loss) | proxy (a softmax over per-task proxies of each label value, "
+            "training-only)"),
 ]  # fmt: skip
-WarmupOpt = Annotated[
-    float | None, typer.Option(help="fraction of the steps spent ramping the lr up; default: the recipe's")
+WarmupOpt = Annotated[float | None, _recipe("fraction of the steps spent ramping the lr up")]
+AugmentOpt = Annotated[bool | None, _recipe("random left-right flips of training images")]
+CropScaleOpt = Annotated[
+    float | None,
+    _recipe("random resized crops of training images, side in [SCALE, 1] of the image's (1: none)"),
+]
+WeightDecayOpt = Annotated[float | None, _recipe("AdamW's weight decay")]
+EmaOpt = Annotated[
+    float | None, _recipe("store the weights' exponential moving average at this decay (0: the last step's)")
 ]
 
 
@@ -77,20 +84,6 @@ PretrainedPathOpt = Annotated[
     Path | None,
     typer.Option(help="start the backbone from a state_dict on disk: torchvision layout for "
                  "resnet18/34/50, EfficientNet-PyTorch layout for efficientnet_lite0"),
-]  # fmt: skip
-AugmentOpt = Annotated[
-    bool | None, typer.Option(help="random left-right flips of training images; default: the recipe's")
-]
-CropScaleOpt = Annotated[
-    float | None,
-    typer.Option(help="random resized crops of training images, side in [SCALE, 1] of the image's (1: none); "
-                 "default: the recipe's"),
-]  # fmt: skip
-WeightDecayOpt = Annotated[float | None, typer.Option(help="AdamW's weight decay; default: the recipe's")]
-EmaOpt = Annotated[
-    float | None,
-    typer.Option(help="store the weights' exponential moving average at this decay (0: the last step's); "
-                 "default: the recipe's"),
 ]  # fmt: skip
 
 
@@ -355,8 +348,8 @@ def compare(
     modules after every stage and on the embedding, and a 25% lr warmup (about 10 minutes for shared, mask
     and modulated on synthetic faces on 2 CPU cores); per-task statistics in the embedding's batch norm on
     synthfaces; on real data one batch norm, the proxy loss, width 32, 2,400 steps, flips and the weights'
-    moving average (about 15 minutes for the three on CelebA's official 7). The dataset is decoded once for every run; with
-    --pretrained or --pretrained-path each architecture trains twice, rows ``<arch>`` and
+    moving average (about 15 minutes for the three on CelebA's official 7). The dataset is decoded once
+    for every run; with --pretrained or --pretrained-path each architecture trains twice, rows ``<arch>`` and
     ``<arch> pretrained`` side by side.
     """
     from model.compare import compare as run_compare
