@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -448,7 +448,7 @@ def train(
         bar.set_postfix({"loss": f"{loss.item():.4f}", "images/s": f"{rate:.0f}"})
         bar.update(1)
         if step % steps_per_epoch == 0 or step == total_steps:
-            evaluated = model if ema is None else ema.module
+            evaluated = model if ema is None else cast(MultiTaskEmbedder, ema.module)
             history.append(
                 _validate(evaluated, pixels, dataset, val, preprocess, step, steps_per_epoch, loss)
             )

@@ -73,7 +73,13 @@ def test_a_folder_trains_with_the_measured_recipe_and_says_so_in_one_line(shirts
         "2 tasks (colour, sleeves)",
         f"width {budget['width']}",
     ]
-    expected += ["routing vector modules at 1,2,3,4,emb", "batch-all mining", "proxy loss", "flips", "EMA 0.998"]
+    expected += [
+        "routing vector modules at 1,2,3,4,emb",
+        "batch-all mining",
+        "proxy loss",
+        "flips",
+        "EMA 0.998",
+    ]
     expected += ["device cpu", "3 steps"]
     for said in expected:  # data, tasks, recipe, device, steps
         assert said in line, (said, line)
