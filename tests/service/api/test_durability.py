@@ -79,10 +79,12 @@ def serving(run_dir: Path, index_dir: Path) -> Iterator[tuple[subprocess.Popen[b
 
 @dataclass
 class Ledger:
-    """What the server acknowledged: added id per content, deleted ids."""
+    """What the server acknowledged: added id per content, deleted ids, and deletes in doubt (the server
+    was killed before it answered, so the delete may or may not have committed)."""
 
     added: dict[int, int] = field(default_factory=dict)  # face index -> id
     deleted: set[int] = field(default_factory=set)
+    in_doubt: set[int] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -99,6 +101,17 @@ def add(client: httpx.Client, ledger: Ledger, index: int) -> int | None:
     return item_id
 
 
+def pick_victim(ledger: Ledger, rng: random.Random) -> int | None:
+    """An acknowledged add neither deleted nor being deleted, marked in doubt until its delete answers."""
+    with ledger.lock:
+        victims = sorted(set(ledger.added.values()) - ledger.deleted - ledger.in_doubt)
+        if not victims:
+            return None
+        victim = rng.choice(victims)
+        ledger.in_doubt.add(victim)
+        return victim
+
+
 def writer(
     client: httpx.Client, ledger: Ledger, first: int, stop: threading.Event, rng: random.Random
 ) -> None:
@@ -112,21 +125,28 @@ def writer(
                 thread.start()
             for thread in threads:
                 thread.join()
-        elif roll < 0.45 and ledger.added:
-            with ledger.lock:
-                victim = rng.choice(sorted(set(ledger.added.values()) - ledger.deleted))
+        elif roll < 0.45 and (victim := pick_victim(ledger, rng)) is not None:
             try:
                 response = client.delete(f"/images/{victim}")
             except httpx.TransportError:
-                return
-            if response.status_code == 200:
-                with ledger.lock:
+                return  # killed before it answered: the delete stays in doubt until the next check
+            with ledger.lock:
+                ledger.in_doubt.discard(victim)
+                if response.status_code == 200:
                     ledger.deleted.add(victim)
         elif add(client, ledger, n) is None:
             return
 
 
 def check(client: httpx.Client, ledger: Ledger) -> None:
+    """Every acknowledged add is there and every acknowledged delete gone; a delete in doubt is settled by
+    what the restarted server says (either answer is allowed, but it must then stay that way)."""
+    for item_id in sorted(ledger.in_doubt):
+        status = client.get(f"/images/{item_id}").status_code
+        assert status in (200, 404), f"a delete in doubt of {item_id} left it answering {status}"
+        if status == 404:
+            ledger.deleted.add(item_id)
+    ledger.in_doubt.clear()
     for item_id in ledger.added.values():
         status = client.get(f"/images/{item_id}").status_code
         expected = 404 if item_id in ledger.deleted else 200
