@@ -12,6 +12,13 @@ task-independent prefix once per image), and resolves every future with its rows
 line. The model only ever runs on this thread, never on the event loop.
 ``max_batch_size=1`` turns batching off (one job per model call, still off the loop).
 
+A request that finds the model idle and nothing queued does not hand its job over: ``run_if_idle`` runs
+it on the caller's own worker thread, under the same model lock the worker takes for a batch. A lone
+search so saves two thread wake-ups (to the worker and back), which on a small CPU cost about as much as
+the plumbing around them; as soon as requests overlap, the second finds the lock held or the queue
+non-empty and queues for the worker as before, so batching under load is unchanged. The model still runs
+one call at a time and never on the event loop.
+
 Load shedding: a job's cost is its image-task rows (images × tasks asked for). Besides the job count
 (``max_queue``), the queued rows are bounded by what the model gets through in ``max_queue_delay_s``: the
 worker measures its throughput (rows/s) on a full batch before it takes any job, and keeps the estimate
@@ -98,6 +105,7 @@ class Batcher:
         max_queued_rows: int | None = None,
         mixed_precision: bool = True,
         threads: int | None = None,
+        run_idle_inline: bool = True,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("need max_batch_size >= 1, max_queue >= 1 and max_wait_ms >= 0")
@@ -115,6 +123,8 @@ class Batcher:
         self._fixed_bound = max_queued_rows
         self.rows_per_second: float | None = None  # measured model throughput, image-task rows
         self.threads = threads  # torch intra-op threads of the worker (None: torch's default)
+        self.run_idle_inline = run_idle_inline  # ``run_if_idle`` may run a job on its caller's thread
+        self._model_lock = threading.Lock()  # held by whoever runs the model: one call at a time
         self.cuda = model.device.type == "cuda"
         self._autocast = self.cuda and mixed_precision
         if self.cuda:
@@ -128,6 +138,7 @@ class Batcher:
         self._queued_rows = 0
         self.batches_run = 0
         self.images_embedded = 0
+        self.inline_runs = 0  # jobs ``run_if_idle`` ran on their caller's thread
 
     # ---------------------------------------------------------------------------------- lifecycle
 
@@ -156,6 +167,11 @@ class Batcher:
 
     def queue_depth(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def busy(self) -> bool:
+        """The model is running a call now (the worker's batch or an inline job)."""
+        return self._model_lock.locked()
 
     @property
     def queued_rows(self) -> int:
@@ -195,9 +211,7 @@ class Batcher:
             with self._rows_lock:
                 self._expected -= 1
 
-    def submit(self, pixels: Tensor, task_ids: tuple[int, ...] | None) -> Future[EmbedResult]:
-        """Queue ``pixels`` (n, 3, S, S) for embedding under ``task_ids`` (None: all tasks): uint8 (then
-        normalised on the model's device by ``normalize``) or already-normalised floats."""
+    def _check(self, pixels: Tensor, task_ids: tuple[int, ...] | None) -> None:
         if pixels.ndim != 4 or pixels.shape[0] < 1:
             raise ValueError(f"pixels must be (n, 3, S, S) with n >= 1, got {tuple(pixels.shape)}")
         if not pixels.is_floating_point() and self.normalize is None:
@@ -206,6 +220,11 @@ class Batcher:
             raise ValueError(f"task ids must be in [0, {self.num_tasks}), got {task_ids}")
         if not self._accepting:
             raise BatcherStopped("the model worker is not running")
+
+    def submit(self, pixels: Tensor, task_ids: tuple[int, ...] | None) -> Future[EmbedResult]:
+        """Queue ``pixels`` (n, 3, S, S) for embedding under ``task_ids`` (None: all tasks): uint8 (then
+        normalised on the model's device by ``normalize``) or already-normalised floats."""
+        self._check(pixels, task_ids)
         job = _Job(pixels, task_ids, rows=self._rows(int(pixels.shape[0]), task_ids))
         bound = self.max_queued_rows
         with self._rows_lock:
@@ -222,6 +241,30 @@ class Batcher:
         if self.metrics is not None:
             self.metrics.queue_depth.set(self._queue.qsize())
         return job.future
+
+    def run_if_idle(self, pixels: Tensor, task_ids: tuple[int, ...] | None) -> EmbedResult | None:
+        """Blocking: embed ``pixels`` on the calling thread if the model is idle and nothing is queued
+        (a lone request skips the hand-off to the worker and back); None otherwise, and the caller
+        ``submit``s. Checked as ``submit`` checks; the worker's thread count applies on this thread too."""
+        self._check(pixels, task_ids)
+        if not self.run_idle_inline or not self._queue.empty():
+            return None
+        if not self._model_lock.acquire(blocking=False):
+            return None  # a batch is running: queue behind it and join the next one
+        try:
+            if not self._queue.empty():
+                return None  # a job queued meanwhile would otherwise wait behind this one
+            if self.threads is not None and torch.get_num_threads() != self.threads:
+                torch.set_num_threads(self.threads)  # OpenMP's thread count is per calling thread
+            job = _Job(pixels, task_ids, rows=self._rows(int(pixels.shape[0]), task_ids))
+            started = time.perf_counter()
+            vectors = self._compute([job])[0]
+            elapsed = time.perf_counter() - started
+            self.inline_runs += 1
+            self._count(job.size, job.rows, elapsed, queue_s=0.0)
+        finally:
+            self._model_lock.release()
+        return EmbedResult(vectors, 0.0, elapsed, job.size)
 
     async def embed(self, pixels: Tensor, task_ids: tuple[int, ...] | None) -> EmbedResult:
         """``submit`` and await the result; cancelling the await cancels the job if not yet started."""
@@ -300,12 +343,13 @@ class Batcher:
         pixels = torch.zeros((self.max_batch_size, 3, size, size), dtype=torch.uint8)
         job = _Job(pixels if self.normalize is not None else pixels.float(), (0,))
         try:
-            self._compute([job])  # untimed: first-call allocations, cuDNN autotuning
-            times = []
-            for _ in range(_CALIBRATION_RUNS):
-                started = time.perf_counter()
-                self._compute([job])
-                times.append(time.perf_counter() - started)
+            with self._model_lock:  # an inline job waits for it (``run_if_idle`` finds the model busy)
+                self._compute([job])  # untimed: first-call allocations, cuDNN autotuning
+                times = []
+                for _ in range(_CALIBRATION_RUNS):
+                    started = time.perf_counter()
+                    self._compute([job])
+                    times.append(time.perf_counter() - started)
         except Exception:  # a model that cannot run fails the first real batch, which reports it
             log.exception("throughput calibration failed; shedding by queue delay is off until a batch runs")
             return
@@ -323,26 +367,34 @@ class Batcher:
         live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
         if not live:
             return
-        started = time.perf_counter()
-        try:
-            outputs = self._compute(live)
-        except Exception as exc:  # the model failed: every waiting request learns it
-            log.exception("batch of %d jobs failed", len(live))
-            for job in live:
-                job.future.set_exception(exc)
-            return
-        elapsed = time.perf_counter() - started
-        size = sum(job.size for job in live)
-        self.batches_run += 1
-        self.images_embedded += size
-        self._observe_throughput(sum(job.rows for job in live), elapsed)
-        if self.metrics is not None:
-            self.metrics.observe_batch(size, elapsed)
+        with self._model_lock:  # an inline job (``run_if_idle``) may hold it: wait for it
+            started = time.perf_counter()
+            try:
+                outputs = self._compute(live)
+            except Exception as exc:  # the model failed: every waiting request learns it
+                log.exception("batch of %d jobs failed", len(live))
+                for job in live:
+                    job.future.set_exception(exc)
+                return
+            elapsed = time.perf_counter() - started
+            size = sum(job.size for job in live)
+            self._count(size, sum(job.rows for job in live), elapsed, queue_s=None)
         for job, vectors in zip(live, outputs, strict=True):
             queue_s = started - job.enqueued
             if self.metrics is not None:
                 self.metrics.queue_seconds.observe(queue_s)
             job.future.set_result(EmbedResult(vectors, queue_s, elapsed, size))
+
+    def _count(self, images: int, rows: int, elapsed: float, queue_s: float | None) -> None:
+        """A model call's bookkeeping, under the model lock: counters, the throughput estimate, the batch
+        metrics (and the queue time of an inline job, which never queued)."""
+        self.batches_run += 1
+        self.images_embedded += images
+        self._observe_throughput(rows, elapsed)
+        if self.metrics is not None:
+            self.metrics.observe_batch(images, elapsed)
+            if queue_s is not None:
+                self.metrics.queue_seconds.observe(queue_s)
 
     def _precision(self) -> AbstractContextManager[object]:
         if self._autocast:
@@ -356,7 +408,8 @@ class Batcher:
         # different tasks share the call (and the task-independent prefix runs once per image).
         device = self.model.device
         # uint8 crosses to the device (4x fewer bytes than float) and is normalised there.
-        pixels = torch.cat([job.pixels for job in jobs]).to(device, non_blocking=True)  # (N, 3, S, S)
+        pixels = jobs[0].pixels if len(jobs) == 1 else torch.cat([job.pixels for job in jobs])  # (N, 3, S, S)
+        pixels = pixels.to(device, non_blocking=True)
         if not pixels.is_floating_point():
             assert self.normalize is not None
             pixels = self.normalize(pixels)

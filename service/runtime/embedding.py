@@ -5,7 +5,8 @@ the model's input size off the event loop; only the small uint8 pixels leave it,
 memory is given back as soon as its pixels exist. ``embed`` (awaited on the event loop) and
 ``embed_blocking`` (called from the worker thread that prepared the pixels, so a search needs no hop back
 to the loop between decoding and ranking) hand the pixels to the batcher, whose worker normalises them on
-the model's device.
+the model's device; ``embed_blocking`` runs them on its own thread instead when the model is idle and
+nothing is queued (``Batcher.run_if_idle``).
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ def embed_blocking(
     """Blocking ``embed``, for a worker thread: the batcher's result within ``timeout_s`` (the request's
     own limit, after which its answer is discarded anyway), else the job is cancelled if not started."""
     try:
+        done = loaded.batcher.run_if_idle(pixels, task_ids)  # a lone request: on this thread, no hand-off
+        if done is not None:
+            return done
         future = loaded.batcher.submit(pixels, task_ids)
     except QueueFull as exc:
         raise Overloaded(f"{exc}; retry shortly", retry_after_s=retry_after_s) from None

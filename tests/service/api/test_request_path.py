@@ -50,11 +50,17 @@ def test_tensors_reach_the_model_where_its_parameters_are(server: Server) -> Non
     model = loaded.batcher.model
     submitted: list[torch.Tensor] = []
     seen: list[tuple[torch.device, torch.dtype, str]] = []
-    original = loaded.batcher.submit
+    original, original_inline = loaded.batcher.submit, loaded.batcher.run_if_idle
 
     def spy(pixels: torch.Tensor, task_ids: tuple[int, ...] | None) -> Any:
         submitted.append(pixels)
         return original(pixels, task_ids)
+
+    def spy_inline(pixels: torch.Tensor, task_ids: tuple[int, ...] | None) -> Any:
+        done = original_inline(pixels, task_ids)
+        if done is not None:  # run on the request's thread; else it goes on to ``submit``
+            submitted.append(pixels)
+        return done
 
     def record(module: torch.nn.Module, args: tuple[object, ...]) -> None:
         name = type(module).__name__
@@ -62,6 +68,7 @@ def test_tensors_reach_the_model_where_its_parameters_are(server: Server) -> Non
 
     handles = [m.register_forward_pre_hook(record) for m in model.modules()]
     loaded.batcher.submit = spy  # type: ignore[method-assign]
+    loaded.batcher.run_if_idle = spy_inline  # type: ignore[method-assign]
     before = search(server, {"task": "Smiling", "k": 5}, face(300)[0])
     model.double()
     try:
@@ -70,6 +77,7 @@ def test_tensors_reach_the_model_where_its_parameters_are(server: Server) -> Non
     finally:
         model.float()
         loaded.batcher.submit = original  # type: ignore[method-assign]
+        loaded.batcher.run_if_idle = original_inline  # type: ignore[method-assign]
         for handle in handles:
             handle.remove()
     assert len(submitted) == 3

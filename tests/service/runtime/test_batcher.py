@@ -250,3 +250,58 @@ def test_bound_derives_from_measured_throughput(run: LoadedRun) -> None:
         b.stop()
     off = Batcher(run.model, max_queue_delay_s=None)
     assert off.max_queued_rows is None  # shedding by delay off: only max_queue bounds the queue
+
+
+def test_an_idle_model_runs_a_lone_job_on_the_callers_thread(run: LoadedRun) -> None:
+    batcher = Batcher(run.model, max_batch_size=16, max_queue=64, max_queue_delay_s=None)  # no calibration
+    batcher.start()
+    threads: list[str] = []
+    hook = run.model.trunk(0).stem.register_forward_hook(
+        lambda _m, _a, _o: threads.append(threading.current_thread().name)
+    )
+    pixels = images(2, seed=5)
+    try:
+        done = batcher.run_if_idle(pixels, (3, 1))
+    finally:
+        hook.remove()
+    assert done is not None and threads == [threading.current_thread().name]
+    assert (batcher.inline_runs, batcher.batches_run, batcher.images_embedded) == (1, 1, 2)
+    assert done.queue_s == 0.0 and done.batch_size == 2 and done.embed_s > 0
+    queued = batcher.submit(pixels, (3, 1)).result(timeout=30)  # the worker's path: the same vectors
+    np.testing.assert_allclose(done.vectors, queued.vectors, atol=1e-5)
+    batcher.stop()
+    with torch.inference_mode():
+        np.testing.assert_allclose(done.vectors, run.model.embed_tasks(pixels, (3, 1)).numpy(), atol=1e-5)
+
+
+def test_a_busy_model_or_queued_work_leaves_the_job_to_the_worker(run: LoadedRun) -> None:
+    b = Batcher(run.model, max_batch_size=4, max_wait_ms=0, max_queue=64)
+    b.start()
+    try:
+        busy = occupy(b)
+        while not b.busy and not busy.done():
+            threading.Event().wait(0.001)
+        assert b.run_if_idle(images(1), (0,)) is None  # the worker holds the model
+        behind = b.submit(images(1), (0,))
+        assert b.run_if_idle(images(1), (0,)) is None  # still None: a job is queued
+        busy.result(timeout=60)
+        behind.result(timeout=60)
+        assert b.inline_runs == 0
+    finally:
+        b.stop()
+    off = Batcher(run.model, max_batch_size=4, max_queue=4, run_idle_inline=False)
+    off.start()
+    try:
+        assert off.run_if_idle(images(1), (0,)) is None
+    finally:
+        off.stop()
+
+
+def test_run_if_idle_checks_as_submit_does(run: LoadedRun, batcher: Batcher) -> None:
+    with pytest.raises(ValueError):
+        batcher.run_if_idle(images(1), (9,))
+    with pytest.raises(ValueError):
+        batcher.run_if_idle(torch.zeros((0, 3, 32, 32)), (0,))
+    batcher.stop()
+    with pytest.raises(BatcherStopped):
+        batcher.run_if_idle(images(1), (0,))
