@@ -15,9 +15,9 @@ line. The model only ever runs on this thread, never on the event loop.
 A request that finds the model idle and nothing queued does not hand its job over: ``run_if_idle`` runs
 it on the caller's own worker thread, under the same model lock the worker takes for a batch. A lone
 search so saves two thread wake-ups (to the worker and back), which on a small CPU cost about as much as
-the plumbing around them; as soon as requests overlap, the second finds the lock held or the queue
-non-empty and queues for the worker as before, so batching under load is unchanged. The model still runs
-one call at a time and never on the event loop.
+the plumbing around them; as soon as requests overlap, the second finds the lock held, the queue
+non-empty or another request announced (``expecting``) and queues for the worker as before, so batching
+under load is unchanged. The model still runs one call at a time and never on the event loop.
 
 Load shedding: a job's cost is its image-task rows (images × tasks asked for). Besides the job count
 (``max_queue``), the queued rows are bounded by what the model gets through in ``max_queue_delay_s``: the
@@ -247,12 +247,12 @@ class Batcher:
         (a lone request skips the hand-off to the worker and back); None otherwise, and the caller
         ``submit``s. Checked as ``submit`` checks; the worker's thread count applies on this thread too."""
         self._check(pixels, task_ids)
-        if not self.run_idle_inline or not self._queue.empty():
-            return None
+        if not self.run_idle_inline or not self._queue.empty() or self._expected:
+            return None  # others are queued or about to be: batch with them on the worker
         if not self._model_lock.acquire(blocking=False):
             return None  # a batch is running: queue behind it and join the next one
         try:
-            if not self._queue.empty():
+            if not self._queue.empty() or self._expected:
                 return None  # a job queued meanwhile would otherwise wait behind this one
             if self.threads is not None and torch.get_num_threads() != self.threads:
                 torch.set_num_threads(self.threads)  # OpenMP's thread count is per calling thread

@@ -274,7 +274,7 @@ def test_an_idle_model_runs_a_lone_job_on_the_callers_thread(run: LoadedRun) -> 
         np.testing.assert_allclose(done.vectors, run.model.embed_tasks(pixels, (3, 1)).numpy(), atol=1e-5)
 
 
-def test_a_busy_model_or_queued_work_leaves_the_job_to_the_worker(run: LoadedRun) -> None:
+def test_a_busy_model_or_queued_or_announced_work_leaves_the_job_to_the_worker(run: LoadedRun) -> None:
     b = Batcher(run.model, max_batch_size=4, max_wait_ms=0, max_queue=64)
     b.start()
     try:
@@ -286,7 +286,10 @@ def test_a_busy_model_or_queued_work_leaves_the_job_to_the_worker(run: LoadedRun
         assert b.run_if_idle(images(1), (0,)) is None  # still None: a job is queued
         busy.result(timeout=60)
         behind.result(timeout=60)
+        with b.expecting():  # another request is preparing its pixels: batch with it on the worker
+            assert b.run_if_idle(images(1), (0,)) is None
         assert b.inline_runs == 0
+        assert b.run_if_idle(images(1), (0,)) is not None and b.inline_runs == 1
     finally:
         b.stop()
     off = Batcher(run.model, max_batch_size=4, max_queue=4, run_idle_inline=False)
