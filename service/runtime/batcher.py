@@ -308,32 +308,43 @@ class Batcher:
                 stopping = True
                 continue
             assert isinstance(first, _Job)
-            batch, size = [first], first.size
-            deadline = time.perf_counter() + self.max_wait_s
-            while size < self.max_batch_size:
+            # The model is reserved before the batch is collected: jobs that queue while an inline job
+            # (``run_if_idle``) holds the model join this batch instead of the next one.
+            with self._model_lock:
+                batch, carried, stopped = self._collect(first)
+                stopping = stopping or stopped
+                if self.metrics is not None:
+                    self.metrics.queue_depth.set(self._queue.qsize())
+                done = self._compute_batch(batch)
+            if done is not None:
+                self._resolve(*done)
+
+    def _collect(self, first: _Job) -> tuple[list[_Job], _Job | None, bool]:
+        """``first`` and what joins it (up to ``max_batch_size`` images): what is queued at once, and what
+        announced requests submit within ``max_wait_ms``. Also the job that did not fit (carried to the
+        next batch) and whether the stop sentinel was taken."""
+        batch, size = [first], first.size
+        deadline = time.perf_counter() + self.max_wait_s
+        while size < self.max_batch_size:
+            try:
+                nxt = self._queue.get_nowait()  # what is already queued joins at once
+            except queue.Empty:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0 or not self._expected:
+                    break  # nobody else is on the way: run now
                 try:
-                    nxt = self._queue.get_nowait()  # what is already queued joins at once
+                    nxt = self._queue.get(timeout=min(remaining, _POLL_S))
                 except queue.Empty:
-                    remaining = deadline - time.perf_counter()
-                    if remaining <= 0 or not self._expected:
-                        break  # nobody else is on the way: run now
-                    try:
-                        nxt = self._queue.get(timeout=min(remaining, _POLL_S))
-                    except queue.Empty:
-                        continue
-                self._take(nxt)
-                if nxt is _STOP:
-                    stopping = True
-                    break
-                assert isinstance(nxt, _Job)
-                if size + nxt.size > self.max_batch_size:
-                    carried = nxt
-                    break
-                batch.append(nxt)
-                size += nxt.size
-            if self.metrics is not None:
-                self.metrics.queue_depth.set(self._queue.qsize())
-            self._run_batch(batch)
+                    continue
+            self._take(nxt)
+            if nxt is _STOP:
+                return batch, None, True
+            assert isinstance(nxt, _Job)
+            if size + nxt.size > self.max_batch_size:
+                return batch, nxt, False
+            batch.append(nxt)
+            size += nxt.size
+        return batch, None, False
 
     def _calibrate(self) -> None:
         """Measure rows/s on a full batch of one task (the common request), before any job is taken."""
@@ -363,22 +374,27 @@ class Batcher:
         current = self.rows_per_second
         self.rows_per_second = measured if current is None else (1 - _EWMA) * current + _EWMA * measured
 
-    def _run_batch(self, jobs: list[_Job]) -> None:
+    def _compute_batch(self, jobs: list[_Job]) -> tuple[list[_Job], list[np.ndarray], float, float] | None:
+        """Run the jobs not cancelled meanwhile, under the model lock: (those jobs, their vectors, start
+        time, seconds), or None when none is left or the model failed (every waiting request learns it)."""
         live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
         if not live:
-            return
-        with self._model_lock:  # an inline job (``run_if_idle``) may hold it: wait for it
-            started = time.perf_counter()
-            try:
-                outputs = self._compute(live)
-            except Exception as exc:  # the model failed: every waiting request learns it
-                log.exception("batch of %d jobs failed", len(live))
-                for job in live:
-                    job.future.set_exception(exc)
-                return
-            elapsed = time.perf_counter() - started
-            size = sum(job.size for job in live)
-            self._count(size, sum(job.rows for job in live), elapsed, queue_s=None)
+            return None
+        started = time.perf_counter()
+        try:
+            outputs = self._compute(live)
+        except Exception as exc:
+            log.exception("batch of %d jobs failed", len(live))
+            for job in live:
+                job.future.set_exception(exc)
+            return None
+        elapsed = time.perf_counter() - started
+        self._count(sum(job.size for job in live), sum(job.rows for job in live), elapsed, queue_s=None)
+        return live, outputs, started, elapsed
+
+    def _resolve(self, live: list[_Job], outputs: list[np.ndarray], started: float, elapsed: float) -> None:
+        """Answer each job of a batch (outside the model lock: the next batch may start meanwhile)."""
+        size = sum(job.size for job in live)
         for job, vectors in zip(live, outputs, strict=True):
             queue_s = started - job.enqueued
             if self.metrics is not None:

@@ -308,3 +308,22 @@ def test_run_if_idle_checks_as_submit_does(run: LoadedRun, batcher: Batcher) -> 
     batcher.stop()
     with pytest.raises(BatcherStopped):
         batcher.run_if_idle(images(1), (0,))
+
+
+def test_jobs_queued_behind_an_inline_run_form_one_batch(run: LoadedRun) -> None:
+    b = Batcher(run.model, max_batch_size=16, max_wait_ms=0, max_queue=64, max_queue_delay_s=None)
+    b.start()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            inline = pool.submit(b.run_if_idle, images(3000), None)  # hundreds of ms on the caller's thread
+            while not b.busy and not inline.done():
+                threading.Event().wait(0.001)
+            queued = [b.submit(images(1), (0,))]
+            while b.queue_depth():  # the worker has taken it and waits for the model
+                threading.Event().wait(0.001)
+            queued += [b.submit(images(1, seed=i), (i,)) for i in (1, 2)]
+            assert inline.result(timeout=60) is not None
+        assert [f.result(timeout=60).batch_size for f in queued] == [3, 3, 3]
+        assert (b.inline_runs, b.batches_run) == (1, 2)
+    finally:
+        b.stop()
