@@ -1,6 +1,6 @@
 """Image preprocessing shared by training, evaluation, indexing and serving.
 
-An image is resized so its shorter side is ``image_size``, centre-cropped to a square, and normalised:
+An image is centre-cropped to a square, resized to ``image_size`` and normalised:
 ``(x / 255 - mean) / std``, with one mean/std for every channel (0.5/0.5: [-1, 1], what networks
 trained from scratch here use, and what every run written before per-channel statistics loads with) or
 one per channel (ImageNet's, for a pretrained backbone: its weights expect the statistics they were
@@ -51,16 +51,20 @@ class Preprocess:
         return cls(image_size)
 
     def to_uint8(self, image: Image.Image) -> np.ndarray:
-        """PIL image -> (3, S, S) uint8: RGB, shorter side resized to S, centre crop."""
+        """PIL image -> (3, S, S) uint8: RGB, the centre square of side min(W, H) resized to S.
+
+        The crop is taken in the source's coordinates before resizing, so the work and memory are bounded
+        by the source and the output, never by a resized intermediate: resizing a 1 x 200,000 strip's
+        shorter side to S first would build an S x 200,000·S image (gigabytes) to keep S x S of it.
+        """
         image = image.convert("RGB")
         size = self.image_size
         w, h = image.size
-        scale = size / min(w, h)
-        rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
-        if (rw, rh) != (w, h):
-            image = image.resize((rw, rh), Image.Resampling.BILINEAR, reducing_gap=3.0)
-        left, top = (rw - size) // 2, (rh - size) // 2
-        image = image.crop((left, top, left + size, top + size))
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        box = (left, top, left + side, top + side)
+        if (w, h) != (size, size):
+            image = image.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
         return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()  # (S, S, 3) -> (3, S, S)
 
     def normalize(self, pixels: Tensor) -> Tensor:

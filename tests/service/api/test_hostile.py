@@ -160,6 +160,17 @@ def test_unusual_modes_are_accepted(shared_server: Server, data: bytes, name: st
     assert len(response.json()["results"]) == 3
 
 
+@pytest.mark.parametrize("shape", [(1, 500_000), (500_000, 1)], ids=["1x500000", "500000x1"])
+def test_extreme_aspect_strips_are_searched(shared_server: Server, shape: tuple[int, int]) -> None:
+    """A strip of a few kilobytes under the pixel cap: its centre square is embedded (no resized
+    intermediate of gigabytes)."""
+    data = payloads.blank_png(*shape)
+    response = search(shared_server, {"task": "Smiling", "k": 2}, files=upload(data, "strip.png"))
+    assert response.status_code == 200, response.text
+    assert len(response.json()["results"]) == 2
+    assert_still_serving(shared_server)
+
+
 @pytest.mark.parametrize(
     ("params", "status"),
     [
