@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from index.metadata import MetadataError
 from index.store import StoreUnavailable
@@ -164,6 +165,13 @@ def install_error_handlers(app: FastAPI) -> None:
         message = f"the gallery's vector store is unavailable: {exc}"
         return error_response(request, 503, "vector_store_unavailable", message, headers={"Retry-After": "5"})
 
+    async def on_client_gone(request: Request, exc: Exception) -> JSONResponse:
+        # The client went away (or the protocol refused its framing) while its body was being read: not a
+        # server error. The answer is not delivered; 499 (nginx's "client closed request") is what the
+        # access log and the metrics record.
+        log.info("client disconnected", extra={"request_id": request_id_of(request.scope)})
+        return error_response(request, 499, "client_disconnected", "the client closed the request")
+
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", extra={"request_id": request_id_of(request.scope)})
         return error_response(request, 500, "internal_error", "internal error; see the server log")
@@ -174,6 +182,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(MetadataError, on_metadata_error)
     app.add_exception_handler(StoreUnavailable, on_store_unavailable)
+    app.add_exception_handler(ClientDisconnect, on_client_gone)
     app.add_exception_handler(Exception, on_unexpected)
 
 

@@ -10,7 +10,9 @@ the API's JSON error shape, then closes the connection:
   ``headers_too_large``; the bytes of a head still being received are counted per read, so a head that
   never ends is refused once it passes the cap (plus one read), not buffered;
 - anything the parser refuses (a malformed ``Content-Length``, ``Content-Length`` together with chunked
-  transfer encoding, a TLS hello on the plain port, bad chunk framing) → 400 ``bad_request``.
+  transfer encoding, a TLS hello on the plain port, bad chunk framing) → 400 ``bad_request``; when that
+  happens in a body the app is already reading, the app sees the client disconnect and its own answer
+  is dropped (the refusal is the one answer on the connection).
 
 ``limited_protocol(settings)`` returns the class configured with the settings' limits, for
 ``uvicorn.Config(http=...)``.
@@ -141,6 +143,17 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         log.info("refused", extra={"fields": {"status": status, "error": error}})
         if self.transport.is_closing():
             return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # The app is already running this request (the framing failed in its body): the refusal ends
+            # the connection, so the app's own answer is dropped (its receive() reports a disconnect),
+            # as uvicorn does when a connection is lost; one already under way cannot take a refusal in
+            # its middle, so that connection is just closed.
+            cycle.disconnected = True
+            cycle.message_event.set()
+            if cycle.response_started:
+                self.transport.close()
+                return
         self.transport.write(b"".join(head))
         if self.transport.can_write_eof():
             self.transport.write_eof()  # the answer is complete; read and drop what still arrives

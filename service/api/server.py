@@ -83,6 +83,9 @@ def server_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Con
         "http": limited_protocol(settings),
         "timeout_graceful_shutdown": max(5, int(settings.request_timeout_s) + 5),
         "server_header": False,
+        # No route is a WebSocket: an upgrade request is answered as the plain HTTP request it also is
+        # (JSON, or the route's 404), not with the websockets library's bare 403.
+        "ws": "none",
         **overrides,
     }
     return uvicorn.Config(app, **options)

@@ -4,6 +4,7 @@ JSON all answered in the API's JSON error shape (never uvicorn's plain text, nev
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -106,6 +107,75 @@ def test_normal_requests_still_pass_under_the_limits(shared_server: Server) -> N
     with shared_server.client() as client:
         headers = {f"X-Trace-{i}": "v" * 100 for i in range(40)}  # 40 headers, ~5 KB: well inside
         assert client.get("/tasks", headers=headers).status_code == 200
+
+
+CHUNKED_SEARCH = (
+    b"POST /search?task=Smiling HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
+    b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [b"zz\r\n", b"5\r\n--b\r\nxx\r\n", b"4\r\n--b\r\n" + b"FFFFFFFFFFFFFFFFFFFF\r\n"],
+    ids=["bad-chunk-size", "chunk-longer-than-declared", "chunk-size-overflow"],
+)
+def test_bad_framing_while_the_app_reads_the_body_is_one_clean_refusal(
+    shared_server: Server, framing: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The parser refuses the body after the app started on the request: the client gets the one JSON
+    400, and the app's own answer, which can no longer be sent, is dropped rather than written after the
+    refusal (an "unhandled error" in the log)."""
+    with caplog.at_level(logging.ERROR):
+        status, body = exchange(shared_server, [CHUNKED_SEARCH, framing])
+        assert (status, body["error"]) == (400, "bad_request")
+        time.sleep(0.5)  # the app's handler finishes after the refusal
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    with shared_server.client() as client:
+        assert client.get("/v2/health/live").status_code == 200
+
+
+def test_a_client_gone_mid_body_is_not_a_server_error(
+    shared_server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    where = urlsplit(shared_server.url)
+    head = CHUNKED_SEARCH.replace(b"Transfer-Encoding: chunked", b"Content-Length: 100000")
+    with caplog.at_level(logging.INFO):
+        with socket.create_connection((where.hostname, where.port), timeout=10) as conn:
+            conn.sendall(head + b"--b\r\nContent-Disposition: form-data; name=")
+            time.sleep(0.3)  # the app is reading the body when the client goes
+        time.sleep(0.5)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert "client disconnected" in caplog.text
+    with shared_server.client() as client:
+        assert client.get("/v2/health/live").status_code == 200
+
+
+def length(received: bytes) -> int:
+    head = received.partition(b"\r\n\r\n")[0].lower()
+    return int(head.split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+
+
+@pytest.mark.parametrize(("path", "status"), [(b"/tasks", 200), (b"/no-such-route", 404)])
+def test_a_websocket_upgrade_is_answered_as_plain_http(
+    shared_server: Server, path: bytes, status: int
+) -> None:
+    upgrade = (
+        b"GET " + path + b" HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    where = urlsplit(shared_server.url)
+    with socket.create_connection((where.hostname, where.port), timeout=10) as conn:
+        conn.sendall(upgrade)  # kept open: a half-closed connection would drop the answer
+        received = b""
+        while b"\r\n\r\n" not in received or len(received.partition(b"\r\n\r\n")[2]) < length(received):
+            part = conn.recv(65536)
+            assert part, received
+            received += part
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert int(head.split(b" ", 2)[1]) == status
+    assert b"content-type: application/json" in head.lower()
+    json.loads(body)
 
 
 def deep(depth: int) -> str:
