@@ -41,11 +41,18 @@ def _no_image(hint: str) -> ApiError:
     return ApiError(400, "missing_image", f"no image in the request: {hint}")
 
 
+_URL_SAFE = str.maketrans("-_", "+/")
+
+
 def _decode_base64(text: Any) -> bytes:
     if not isinstance(text, str):
         raise ApiError(400, "bad_json", "JSON field 'image' must be a base64 string")
     if text.startswith("data:"):
         text = text.partition(",")[2]  # a data: URL as produced by FileReader.readAsDataURL
+    # What encoders commonly produce is accepted: MIME line breaks (`base64` on the command line wraps at
+    # 76), the URL-safe alphabet (-_ for +/) and missing padding; anything else is refused.
+    text = "".join(text.split()).translate(_URL_SAFE)
+    text += "=" * (-len(text) % 4)
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):

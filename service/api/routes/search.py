@@ -34,7 +34,15 @@ _IMAGE_BODY: dict[str, Any] = {
             "application/json": {
                 "schema": {
                     "type": "object",
-                    "properties": {"image": {"type": "string", "description": "base64 image bytes"}},
+                    "properties": {
+                        "image": {
+                            "type": "string",
+                            "description": (
+                                "the image bytes in base64 (standard or URL-safe alphabet, padding and "
+                                "line breaks optional) or as a data: URL"
+                            ),
+                        }
+                    },
                     "required": ["image"],
                 }
             },

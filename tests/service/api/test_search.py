@@ -4,6 +4,7 @@ filters, paging; GET /tasks."""
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -44,11 +45,25 @@ def test_upload_search_shape(shared_server: Server, query: bytes) -> None:
     assert content.status_code == 200 and content.headers["content-type"] == "image/png"
 
 
-def test_json_base64_gives_the_same_answer(shared_server: Server, query: bytes) -> None:
+def wrapped(text: str, width: int = 76) -> str:
+    return "\n".join(text[i : i + width] for i in range(0, len(text), width)) + "\n"
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda data: base64.b64encode(data).decode(),
+        lambda data: wrapped(base64.b64encode(data).decode()),  # as `base64 FILE` prints it
+        lambda data: base64.urlsafe_b64encode(data).decode().rstrip("="),
+        lambda data: "data:image/png;base64," + base64.b64encode(data).decode(),
+    ],
+    ids=["standard", "mime-wrapped", "url-safe-unpadded", "data-url"],
+)
+def test_json_base64_gives_the_same_answer(
+    shared_server: Server, query: bytes, encode: Callable[[bytes], str]
+) -> None:
     multipart = post(shared_server, {"task": "Eyeglasses", "k": 4}, query).json()
-    as_json = post(
-        shared_server, {"task": "Eyeglasses", "k": 4}, json={"image": base64.b64encode(query).decode()}
-    )
+    as_json = post(shared_server, {"task": "Eyeglasses", "k": 4}, json={"image": encode(query)})
     assert as_json.status_code == 200
     assert [r["id"] for r in as_json.json()["results"]] == [r["id"] for r in multipart["results"]]
 
