@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(
         default=32 * 1024, ge=1024, le=1024 * 1024, description="request header bytes cap: 431 past it"
     )
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, le=300, description="time from a request's first byte to its last header: 408"
+    )
     request_timeout_s: float = Field(default=30.0, gt=0, description="per-request time limit (504 past it)")
 
     # Search

@@ -9,6 +9,8 @@ the API's JSON error shape, then closes the connection:
 - more than ``max_headers`` header lines, or header bytes over ``max_header_bytes`` → 431
   ``headers_too_large``; the bytes of a head still being received are counted per read, so a head that
   never ends is refused once it passes the cap (plus one read), not buffered;
+- a request line and headers not complete ``header_timeout_s`` after the request's first byte → 408
+  ``request_timeout`` (a head trickled in byte by byte would otherwise hold its connection forever);
 - anything the parser refuses (a malformed ``Content-Length``, ``Content-Length`` together with chunked
   transfer encoding, a TLS hello on the plain port, bad chunk framing) → 400 ``bad_request``; when that
   happens in a body the app is already reading, the app sees the client disconnect and its own answer
@@ -20,6 +22,7 @@ the API's JSON error shape, then closes the connection:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
@@ -44,13 +47,19 @@ class _HeadRefused(Exception):
     """Raised inside a parser callback: the parser stops and ``data_received`` answers the refusal."""
 
 
+def _default(name: str) -> Any:
+    return Settings.model_fields[name].default
+
+
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
-    max_url_bytes = 8 * 1024
-    max_headers = 100
-    max_header_bytes = 32 * 1024
+    max_url_bytes: int = _default("max_url_bytes")
+    max_headers: int = _default("max_headers")
+    max_header_bytes: int = _default("max_header_bytes")
+    header_timeout_s: float = _default("header_timeout_s")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._head_timer: asyncio.TimerHandle | None = None  # from a request's first byte to its headers' end
         self._in_head = True  # waiting for (the rest of) a request line and headers
         self._head_read = 0  # bytes received while in the head (over-counts by the body's first read)
         self._header_bytes = 0
@@ -73,10 +82,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 return
         super().data_received(data)
 
-    def on_message_begin(self) -> None:
+    def on_message_begin(self) -> None:  # the parser saw a request's first byte
         super().on_message_begin()
         self._in_head = True
         self._header_bytes = 0
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
@@ -97,6 +108,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             raise _HeadRefused
 
     def on_headers_complete(self) -> None:
+        self._cancel_head_timer()
         self._in_head = False
         self._head_read = 0
         super().on_headers_complete()
@@ -104,6 +116,23 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_head = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        # A head trickled in a byte at a time (slowloris) would hold its connection forever: uvicorn's
+        # keep-alive timeout only covers idle connections, and the request timeout starts with the app.
+        self._head_timer = None
+        if self._in_head and not self.transport.is_closing():
+            message = f"the request line and headers did not arrive within {self.header_timeout_s:g} s"
+            self._refuse_now(408, "request_timeout", message)
 
     def _headers_message(self) -> str:
         return (
@@ -177,5 +206,6 @@ def limited_protocol(settings: Settings) -> type[LimitedHttpToolsProtocol]:
             "max_url_bytes": settings.max_url_bytes,
             "max_headers": settings.max_headers,
             "max_header_bytes": settings.max_header_bytes,
+            "header_timeout_s": settings.header_timeout_s,
         },
     )

@@ -207,3 +207,38 @@ def test_api_docs_follow_the_api_key(run_dir: Path, index_dir: Path, public_docs
             assert keyed.status_code == 200, path
         spec = client.get("/openapi.json", headers={"X-API-Key": "reader-secret"}).json()
         assert "/search" in spec["paths"] and "/openapi.json" not in spec["paths"]
+
+
+def test_a_head_trickled_in_is_timed_out_and_a_prompt_one_is_not(run_dir: Path, index_dir: Path) -> None:
+    """Slowloris: a request head sent a byte at a time is answered 408 once ``header_timeout_s`` has
+    passed since its first byte (it held its connection forever before); the same head sent within the
+    time is served, on a keep-alive connection as much as on a new one."""
+    settings = settings_for(run_dir, index_dir, header_timeout_s=1.0)
+    with running_server(settings) as server:
+        where = urlsplit(server.url)
+        started = time.monotonic()
+        with socket.create_connection((where.hostname, where.port), timeout=10) as conn:
+            conn.sendall(b"GET /tasks HTTP/1.1\r\nHost: t\r\nX-Slow: ")
+            received = b""
+            for _ in range(40):  # one byte every 0.1 s: 4 s of head if the server never cut it off
+                try:
+                    conn.sendall(b"a")
+                except OSError:
+                    break
+                time.sleep(0.1)
+            conn.settimeout(2)
+            try:
+                while part := conn.recv(65536):
+                    received += part
+            except (ConnectionResetError, TimeoutError):
+                pass
+        elapsed = time.monotonic() - started
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), received[:200]
+        assert json.loads(body)["error"] == "request_timeout"
+        assert elapsed < 8, elapsed  # cut off near 1 s, not at the end of the 4 s trickle (generous)
+        with server.client() as client:  # keep-alive: the timer restarts with each request's first byte
+            for _ in range(3):
+                assert client.get("/tasks").status_code == 200
+                time.sleep(0.6)
+            assert client.get("/tasks").status_code == 200
