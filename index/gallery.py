@@ -294,9 +294,13 @@ class Gallery(ConfigView):
             raise DamagedGalleryError(
                 self.root,
                 "log",
-                f"the log starts at record {scan.first} but generation "
-                f"{manifest.generation if manifest else '-'} covers only up to {snapshot_at}: "
-                f"records {snapshot_at + 1}..{scan.first - 1} are missing",
+                f"the log starts at record {scan.first} but "
+                + (
+                    f"generation {manifest.generation} covers only up to {snapshot_at}"
+                    if manifest
+                    else "no snapshot is left (store/ is empty or missing)"
+                )
+                + f": records {snapshot_at + 1}..{scan.first - 1} are missing",
             )
         if applied > end:
             raise DamagedGalleryError(

@@ -4,8 +4,8 @@ The lifespan loads the run and opens the gallery (in a worker thread), starts th
 warm-up pass (one batch through the model and one search per task) and only then reports ready. On
 shutdown readiness goes to 503 first, the batcher finishes its queued jobs, and the gallery is saved.
 
-Middleware, outermost first: request log (request id, latency metric) → body limit → request timeout →
-CORS (only when origins are configured) → routes.
+Middleware, outermost first: the one-line startup failure (lifespan only) → request log (request id,
+latency metric) → body limit → request timeout → CORS (only when origins are configured) → routes.
 """
 
 from __future__ import annotations
@@ -17,17 +17,39 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.deps import ServiceState
 from service.api.errors import install_error_handlers
 from service.api.middleware import BodyLimitMiddleware, RequestLogMiddleware, RequestTimeoutMiddleware
 from service.api.routes import admin, docs, health, images, metrics, search, tasks, ui
-from service.runtime.loaded import load, shut_down, warm_up
+from service.runtime.loaded import LOAD_ERRORS, load, shut_down, warm_up
 from service.runtime.task_indexing import TaskIndexer
 from service.settings import Settings
 from service.telemetry import ServiceMetrics
 
 log = logging.getLogger("service.app")
+
+
+class OneLineStartupFailure:
+    """Outermost ASGI layer: when the lifespan failed on a run or gallery that cannot be served
+    (``ServiceState.startup_error``), the startup-failed message uvicorn logs is that one line instead of
+    the traceback Starlette puts in it."""
+
+    def __init__(self, app: ASGIApp, state: ServiceState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_one_line(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed" and self.state.startup_error is not None:
+                message = {**message, "message": f"cannot start: {self.state.startup_error}"}
+            await send(message)
+
+        await self.app(scope, receive, send_one_line)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -39,7 +61,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("starting", extra={"fields": {"settings": settings.redacted()}})
-        loaded = await run_in_threadpool(load, settings, state.metrics)
+        try:
+            loaded = await run_in_threadpool(load, settings, state.metrics)
+        except LOAD_ERRORS as exc:
+            state.startup_error = str(exc)  # reported in one line (OneLineStartupFailure, the CLI)
+            raise
         state.loaded = loaded
         try:
             if settings.warmup:
@@ -89,4 +115,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestTimeoutMiddleware, timeout_s=settings.request_timeout_s)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestLogMiddleware, metrics=state.metrics)
+    app.add_middleware(OneLineStartupFailure, state=state)
     return app

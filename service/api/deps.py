@@ -26,6 +26,7 @@ class ServiceState:
     metrics: ServiceMetrics
     loaded: Loaded | None = None
     ready: bool = False  # startup (load + warm-up) finished
+    startup_error: str | None = None  # why the run or gallery could not be loaded (``LOAD_ERRORS``)
     draining: bool = False  # shutdown requested: readiness reports 503, requests are still served
     stopped: bool = False  # lifespan shutdown began: no new work
     reloading: asyncio.Lock = field(default_factory=asyncio.Lock)  # one POST /admin/reload at a time

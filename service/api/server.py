@@ -28,6 +28,10 @@ from service.settings import Settings
 log = logging.getLogger("service.serve")
 
 
+class StartupFailed(Exception):
+    """The server did not start: the run or gallery cannot be served (the message says why)."""
+
+
 class DrainingServer(uvicorn.Server):
     """A uvicorn server whose exit signal first marks the app not-ready, then exits after a delay."""
 
@@ -38,6 +42,16 @@ class DrainingServer(uvicorn.Server):
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stop_signals: list[int] = []  # the signals that stopped the server
+
+    def run(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's run; ``StartupFailed`` instead of uvicorn's ``sys.exit(3)`` when the lifespan could
+        not load the run or gallery, for the caller to report in one line."""
+        try:
+            super().run(sockets)
+        except SystemExit:
+            if self.state.startup_error is not None:
+                raise StartupFailed(self.state.startup_error) from None
+            raise
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()

@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from service.api.server import build_server
-from service.cli.common import EXIT_ERROR, console
+from service.api.server import StartupFailed, build_server
+from service.cli.common import fail
 from service.runtime.loaded import preflight
 from service.settings import Settings
 
@@ -39,6 +39,8 @@ def serve(
     settings = Settings(**overrides)
     problem = preflight(settings)  # a damaged gallery: one line, before the server starts
     if problem is not None:
-        console.print(f"[red]error:[/red] {problem}", soft_wrap=True)
-        raise typer.Exit(code=EXIT_ERROR)
-    build_server(settings).run()
+        raise fail(problem)
+    try:
+        build_server(settings).run()
+    except StartupFailed as exc:  # found while loading: another model's gallery, a damaged run, a lock…
+        raise fail(str(exc)) from None

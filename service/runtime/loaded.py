@@ -26,10 +26,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from index.committer import CommitterError
 from index.gallery import Gallery, GalleryError
+from index.generations import GenerationError
+from index.metadata import MetadataError
 from index.served import ServedGallery
+from index.store import BackendUnavailableError, UnknownBackendError
 from index.tasks import check_model
-from model.run import METRICS, LoadedRun, load_run
+from index.wal import LogCorruptError
+from model.pretrained import PretrainedError
+from model.run import METRICS, LoadedRun, RunError, load_run
+from model.tasks import TaskError
 from service.runtime.batcher import Batcher
 from service.runtime.errors import TaskNotIndexed
 from service.runtime.images import DecodeBudget
@@ -38,6 +45,23 @@ from service.settings import Settings
 from service.telemetry import ServiceMetrics
 
 log = logging.getLogger("service.runtime")
+
+# What ``load`` raises for a run or gallery that cannot be served as they are (missing, damaged, another
+# model's, locked by another writer, an engine away): the message says what is wrong and what to do, so
+# the server reports it in one line, where any other exception is a bug and keeps its traceback.
+LOAD_ERRORS: tuple[type[Exception], ...] = (
+    RunError,
+    TaskError,
+    PretrainedError,
+    GalleryError,
+    GenerationError,
+    LogCorruptError,
+    CommitterError,
+    MetadataError,
+    UnknownBackendError,
+    BackendUnavailableError,
+    OSError,  # also StoreUnavailable, LockHeld: a path that is not a directory, permissions, a full disk
+)
 
 
 @dataclass
@@ -243,6 +267,8 @@ def preflight(settings: Settings) -> str | None:
         Gallery.preflight(settings.index_dir)
     except GalleryError as e:
         return str(e)
+    except OSError as e:  # a path that is not a directory, or one this user cannot read
+        return f"{settings.index_dir}: cannot open the gallery ({e.strerror or e}: {e.filename or ''})"
     return None
 
 

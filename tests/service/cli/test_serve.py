@@ -10,9 +10,11 @@ import shutil
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.factories import make_run
 from tests.processes import free_port, start, wait_ready
 
 MODRET = Path(sys.executable).with_name("modret")
@@ -47,3 +49,43 @@ def test_ctrl_c_ends_a_make_target_without_an_error(run_dir: Path, index_dir: Pa
     output, _ = proc.communicate(timeout=60)
     assert "***" not in output and "Traceback" not in output, output[-3000:]
     assert "Application shutdown complete" in output, output[-3000:]
+
+
+def _another_model(run_dir: Path, index_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    return make_run(tmp_path / "other", seed=7), index_dir
+
+
+def _truncated_weights(run_dir: Path, index_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    damaged = Path(shutil.copytree(run_dir, tmp_path / "damaged-run"))
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return damaged, index_dir
+
+
+def _index_is_a_file(run_dir: Path, index_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    shutil.rmtree(index_dir)
+    index_dir.write_text("not a gallery\n")
+    return run_dir, index_dir
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        (_another_model, "not the ones the gallery was built with"),
+        (_truncated_weights, "cannot load weights"),
+        (_index_is_a_file, "cannot open the gallery"),
+    ],
+    ids=["another-model", "truncated-weights", "index-is-a-file"],
+)
+def test_a_run_or_gallery_that_cannot_be_served_is_one_error_line_and_status_2(
+    run_dir: Path, index_dir: Path, tmp_path: Path, damage: Any, says: str
+) -> None:
+    """Found before the server starts or while it loads, the reason is one ``error:`` line and the exit
+    status is 2 (the CLI's convention), not uvicorn's traceback and status 3."""
+    run, index = damage(run_dir, index_dir, tmp_path)
+    proc = start(serve_command(run, index, free_port()), tmp_path)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and says in errors[0], output[-3000:]
