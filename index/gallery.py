@@ -291,17 +291,12 @@ class Gallery(ConfigView):
         applied = applied or 0
         end = max(scan.last, snapshot_at)
         if scan.segments and scan.first > snapshot_at + 1:
-            raise DamagedGalleryError(
-                self.root,
-                "log",
-                f"the log starts at record {scan.first} but "
-                + (
-                    f"generation {manifest.generation} covers only up to {snapshot_at}"
-                    if manifest
-                    else "no snapshot is left (store/ is empty or missing)"
-                )
-                + f": records {snapshot_at + 1}..{scan.first - 1} are missing",
+            gen = (
+                f"generation {manifest.generation} covers only" if manifest else "no snapshot (store/) covers"
             )
+            missing = f"records {snapshot_at + 1}..{scan.first - 1} are missing"
+            message = f"the log starts at record {scan.first} but {gen} up to {snapshot_at}: {missing}"
+            raise DamagedGalleryError(self.root, "log", message)
         if applied > end:
             raise DamagedGalleryError(
                 self.root, "log", f"{DB_NAME} has applied record {applied} but the log ends at {end}"
