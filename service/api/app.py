@@ -5,7 +5,8 @@ warm-up pass (one batch through the model and one search per task) and only then
 shutdown readiness goes to 503 first, the batcher finishes its queued jobs, and the gallery is saved.
 
 Middleware, outermost first: the one-line startup failure (lifespan only) → request log (request id,
-latency metric) → body limit → request timeout → CORS (only when origins are configured) → routes.
+latency metric) → body limit → request timeout → CORS (only when origins are configured) → HEAD as GET
+→ routes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.deps import ServiceState
 from service.api.errors import install_error_handlers
-from service.api.middleware import BodyLimitMiddleware, RequestLogMiddleware, RequestTimeoutMiddleware
+from service.api.middleware import (
+    BodyLimitMiddleware,
+    HeadAsGetMiddleware,
+    RequestLogMiddleware,
+    RequestTimeoutMiddleware,
+)
 from service.api.routes import admin, docs, health, images, metrics, search, tasks, ui
 from service.runtime.loaded import LOAD_ERRORS, load, shut_down, warm_up
 from service.runtime.task_indexing import TaskIndexer
@@ -104,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in routers:
         app.include_router(router)
     docs.mount_docs(app, keyed=settings.api_key is not None and not settings.public_docs)
+    app.add_middleware(HeadAsGetMiddleware)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

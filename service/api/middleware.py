@@ -1,4 +1,4 @@
-"""The app's ASGI middleware, outermost first: request log → body limit → request timeout.
+"""The app's ASGI middleware, outermost first: request log → body limit → request timeout → HEAD as GET.
 
 - **Request log.** The request id is the client's ``X-Request-ID`` when it is short and plain, a fresh one
   otherwise; it is echoed in the response header and in error bodies. Routes add the task they served with
@@ -11,6 +11,9 @@
   that a client still writing gets to read the 413 instead of a connection reset.
 - **Request timeout.** Past ``timeout_s`` the request is cancelled and, when no response has started yet,
   answered 504 with a JSON error (work already handed to a thread finishes there and is discarded).
+- **HEAD as GET.** FastAPI's routes list only GET where Starlette's also take HEAD: a HEAD request is
+  routed as its GET (status and headers, ``Content-Length`` included) and uvicorn, which still sees the
+  HEAD, sends no body; monitors and caches probe with HEAD.
 """
 
 from __future__ import annotations
@@ -214,3 +217,13 @@ class RequestTimeoutMiddleware:
                 raise
             message = f"request took longer than {self.timeout_s:g} s"
             await send_json_error(send, scope, 504, "timeout", message)
+
+
+class HeadAsGetMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}  # a copy: the server's own scope keeps HEAD (no body sent)
+        await self.app(scope, receive, send)

@@ -6,12 +6,13 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from index.gallery import Gallery
 from service.api.deps import ServiceState
 from tests.factories import face
-from tests.service.api.server import error_of, running_server, settings_for
+from tests.service.api.server import Server, error_of, running_server, settings_for
 
 
 def test_api_keys(run_dir: Path, index_dir: Path) -> None:
@@ -157,3 +158,19 @@ def test_health_routes(shared_server: object) -> None:
         ready = client.get("/v2/health/ready").json()
         assert ready["status"] == "ready" and ready["tasks"] == 4 and ready["gallery_size"] == 24
         assert ready["index_generation"] >= 1
+
+
+@pytest.mark.parametrize("path", ["/v2/health/live", "/v2/health/ready", "/", "/tasks", "/images/1/content"])
+def test_head_answers_as_get_without_a_body(shared_server: Server, path: str) -> None:
+    with shared_server.client() as client:
+        got, head = client.get(path), client.head(path)
+    assert got.status_code == head.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-type"] == got.headers["content-type"]
+    assert int(head.headers["content-length"]) == len(got.content)
+
+
+def test_head_on_a_post_only_route_is_405(shared_server: Server) -> None:
+    with shared_server.client() as client:
+        response = client.head("/search")
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
