@@ -42,10 +42,12 @@ def content(gallery: ServedGallery, item_id: int) -> tuple[bytes, str]:
     record = get_record(gallery, item_id)
     data = gallery.image_bytes(record)
     if data is None:
-        raise NotFound(
-            f"image {item_id} was indexed from {record.source!r} without keeping its bytes",
-            {"id": item_id},
-            code="no_image_content",
+        message = (
+            f"the stored bytes of image {item_id} are missing from the gallery (`modret index verify` "
+            "lists what is lost)"
+            if record.has_blob
+            else f"image {item_id} was indexed from {record.source!r} without keeping its bytes"
         )
+        raise NotFound(message, {"id": item_id}, code="no_image_content")
     fmt = sniff_format(data[:16])
     return data, MEDIA_TYPES.get(fmt or "", "application/octet-stream")

@@ -12,7 +12,7 @@ from PIL import Image
 from index.build import build_gallery, dataset_source
 from index.gallery import Gallery
 from model.run import load_run
-from tests.factories import IMAGE_SIZE, encode, face
+from tests.factories import IMAGE_SIZE, encode, face, stored_blob
 from tests.service.api.server import error_of, running_server, settings_for
 
 
@@ -163,3 +163,25 @@ def test_a_dataset_built_gallery_serves_its_images(run_dir: Path, tmp_path: Path
         with Image.open(io.BytesIO(content.content)) as image:
             assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(faces[4]))
         assert client.get("/images/1").json()["image_url"] == "/images/1/content"
+
+
+def test_a_lost_image_file_is_a_404_that_says_so(run_dir: Path, tmp_path: Path) -> None:
+    """An item whose kept bytes were deleted from the gallery's blobs (by hand, a bad restore) still
+    searches; its content is a 404 that says the bytes are missing, not that they were never kept."""
+    build_gallery(
+        load_run(run_dir), dataset_source("synthfaces", image_size=IMAGE_SIZE, num_images=4), tmp_path / "i"
+    )
+    gallery = Gallery.open(tmp_path / "i")
+    try:
+        blob = stored_blob(gallery, gallery.metadata.get([2])[2])
+    finally:
+        gallery.close()
+    assert blob is not None
+    blob.unlink()
+    with running_server(settings_for(run_dir, tmp_path / "i")) as server, server.client() as client:
+        lost = client.get("/images/2/content")
+        assert lost.status_code == 404
+        body = error_of(lost)
+        assert body["error"] == "no_image_content" and "missing" in body["message"]
+        assert client.get("/images/3/content").status_code == 200
+        assert client.post("/search", params={"task": "Smiling", "by_id": 2}).status_code == 200
