@@ -19,6 +19,7 @@ from service.runtime.errors import InvalidQuery, UnknownTask
 
 _LABEL = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_WEIGHT = 1000.0
+MIN_WEIGHT = 1e-3  # in size: smaller weights scale every score towards 0 (float32 scores end in ties)
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,11 @@ def parse_tasks(specs: Sequence[str], known: Sequence[str]) -> list[WeightedTask
                 weight = float(weight_text)
             except ValueError:
                 raise _invalid(f"task weight must be a number: {spec!r} (use Task:0.5)") from None
-            if not math.isfinite(weight) or weight == 0 or abs(weight) > MAX_WEIGHT:
-                raise _invalid(f"task weight must be non-zero and within ±{MAX_WEIGHT:g}: {spec!r}")
+            if not math.isfinite(weight) or not MIN_WEIGHT <= abs(weight) <= MAX_WEIGHT:
+                raise _invalid(
+                    f"task weight must be between {MIN_WEIGHT:g} and {MAX_WEIGHT:g} in size "
+                    f"(negative: unlike the query): {spec!r}"
+                )
         if canonical in seen:
             raise _invalid(f"task {canonical!r} given more than once; give each task once with its weight")
         seen.add(canonical)

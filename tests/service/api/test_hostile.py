@@ -181,6 +181,8 @@ def test_extreme_aspect_strips_are_searched(shared_server: Server, shape: tuple[
         ({"task": "Smiling:abc"}, 422),
         ({"task": "Smiling:0"}, 422),
         ({"task": "Smiling:nan"}, 422),
+        ({"task": "Smiling:1e-320"}, 422),
+        ({"task": "Smiling:-1e308"}, 422),
         ({"task": "Smiling", "k": 0}, 422),
         ({"task": "Smiling", "k": -1}, 422),
         ({"task": "Smiling", "k": 10**9}, 422),
