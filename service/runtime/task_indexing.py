@@ -25,7 +25,7 @@ import torch
 
 from index.gallery import Gallery, GalleryError
 from index.tasks import ImagesNotStoredError
-from service.runtime.errors import Conflict, Unavailable
+from service.runtime.errors import Conflict, NotFound, Unavailable
 from service.runtime.loaded import Loaded
 from service.runtime.queries import resolve_task
 
@@ -95,11 +95,15 @@ class TaskIndexer:
     def remove(self, loaded: Loaded, name: str) -> str:
         """Drop the gallery's index of task ``name`` (any case) durably, blocking; returns the task. For a
         task the run no longer has (uploads are refused until then) or one to index anew."""
-        task = resolve_task(name, loaded.gallery.tasks)
+        task = resolve_task(name, list(dict.fromkeys([*loaded.gallery.tasks, *loaded.tasks])))
         gallery = _local(loaded, task)
-        if len(gallery.tasks) == 1:
-            raise Conflict(f"{task} is the gallery's only task: it keeps at least one", {"task": task})
         with self._lock:  # no job starts meanwhile; one running is not for an indexed task
+            # Checked under the lock: of two removals at once, the second finds the task gone.
+            if task not in gallery.tasks:
+                message = f"the gallery has no index for {task}: nothing to drop"
+                raise NotFound(message, {"task": task, "tasks": list(gallery.tasks)}, code="no_task_index")
+            if len(gallery.tasks) == 1:
+                raise Conflict(f"{task} is the gallery's only task: it keeps at least one", {"task": task})
             if self._running is not None:
                 raise Conflict(
                     f"the gallery is being indexed under {self._running}; wait for that job",

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import io
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -166,6 +168,18 @@ def test_a_live_service_indexes_a_new_task_while_it_takes_uploads(child_dir: Pat
         assert client.post(f"/admin/tasks/{NEW}/index", headers=ADMIN).status_code == 202  # anew
         assert _wait_for_job(client, NEW)["embedded"] == 26
         assert_the_new_task_finds_a_face_itself(client)
+
+        def drop() -> httpx.Response:
+            with server.client() as other:
+                return other.delete(f"/admin/tasks/{NEW}/index", headers=ADMIN)
+
+        with ThreadPoolExecutor(3) as pool:  # three drops at once: one drops, the others find it gone
+            drops = sorted(pool.map(lambda _: drop(), range(3)), key=lambda r: r.status_code)
+        assert [r.status_code for r in drops] == [200, 404, 404], [r.text for r in drops]
+        assert {error_of(r)["error"] for r in drops[1:]} == {"no_task_index"}
+        assert upload(client, 9, ADMIN).status_code == 201  # the gallery still takes writes
+        assert client.post(f"/admin/tasks/{NEW}/index", headers=ADMIN).status_code == 202
+        assert _wait_for_job(client, NEW)["embedded"] == 27
     verified = CliRunner().invoke(index_app, ["verify", str(index_dir), "--run", str(child_dir)])
     assert verified.exit_code == 0, verified.output  # every item under every task, the new one included
 
