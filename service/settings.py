@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(
         default=32 * 1024, ge=1024, le=1024 * 1024, description="request header bytes cap: 431 past it"
     )
+    max_connections: int = Field(
+        default=2048, ge=1, le=1_000_000, description="open client connections cap: 503 to the ones past it"
+    )
     header_timeout_s: float = Field(
         default=10.0, gt=0, le=300, description="time from a request's first byte to its last header: 408"
     )

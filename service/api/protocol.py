@@ -9,6 +9,8 @@ the API's JSON error shape, then closes the connection:
 - more than ``max_headers`` header lines, or header bytes over ``max_header_bytes`` → 431
   ``headers_too_large``; the bytes of a head still being received are counted per read, so a head that
   never ends is refused once it passes the cap (plus one read), not buffered;
+- a connection past ``max_connections`` open ones → 503 ``too_many_connections`` with ``Retry-After`` (idle
+  and slow connections would otherwise hold file descriptors until the process runs out);
 - a request line and headers not complete ``header_timeout_s`` after the request's first byte → 408
   ``request_timeout`` (a head trickled in byte by byte would otherwise hold its connection forever);
 - anything the parser refuses (a malformed ``Content-Length``, ``Content-Length`` together with chunked
@@ -56,6 +58,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     max_headers: int = _default("max_headers")
     max_header_bytes: int = _default("max_header_bytes")
     header_timeout_s: float = _default("header_timeout_s")
+    max_connections: int = _default("max_connections")
+    retry_after_s: int = _default("retry_after_s")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -68,6 +72,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._drained = 0
 
     # --- counting --------------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:  # the server's set, this one included
+            message = f"the server holds {self.max_connections} connections, its cap; retry shortly"
+            self._refuse_now(503, "too_many_connections", message)
 
     def data_received(self, data: bytes) -> None:
         if self._draining:
@@ -164,6 +174,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             [
                 b"content-type: application/json\r\n",
                 b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
+                b"retry-after: %d\r\n" % self.retry_after_s if status == 503 else b"",
                 b"connection: close\r\n",
                 b"\r\n",
                 body,
@@ -207,5 +218,7 @@ def limited_protocol(settings: Settings) -> type[LimitedHttpToolsProtocol]:
             "max_headers": settings.max_headers,
             "max_header_bytes": settings.max_header_bytes,
             "header_timeout_s": settings.header_timeout_s,
+            "max_connections": settings.max_connections,
+            "retry_after_s": settings.retry_after_s,
         },
     )

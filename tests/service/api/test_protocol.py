@@ -242,3 +242,29 @@ def test_a_head_trickled_in_is_timed_out_and_a_prompt_one_is_not(run_dir: Path, 
                 assert client.get("/tasks").status_code == 200
                 time.sleep(0.6)
             assert client.get("/tasks").status_code == 200
+
+
+def test_connections_past_the_cap_get_a_json_503_and_the_rest_are_served(
+    run_dir: Path, index_dir: Path
+) -> None:
+    """Idle connections hold a file descriptor each until the keep-alive or head timeout: past
+    ``max_connections`` open ones a new connection is answered 503 (with Retry-After) and closed, and
+    once some close the server takes requests again."""
+    with running_server(settings_for(run_dir, index_dir, max_connections=8)) as server:
+        where = urlsplit(server.url)
+        idle = [socket.create_connection((where.hostname, where.port), timeout=10) for _ in range(8)]
+        try:
+            time.sleep(0.3)  # the server has accepted them
+            status, body = exchange(server, [GET + b"\r\n"])
+            assert (status, body["error"]) == (503, "too_many_connections")
+            with socket.create_connection((where.hostname, where.port), timeout=10) as refused:
+                head = refused.recv(65536).partition(b"\r\n\r\n")[0].lower()
+            assert head.startswith(b"http/1.1 503") and b"\r\nretry-after: 1" in head, head
+            for conn in idle[:4]:
+                conn.close()
+            time.sleep(0.3)
+            with server.client() as client:
+                assert client.get("/v2/health/live").status_code == 200
+        finally:
+            for conn in idle:
+                conn.close()
