@@ -11,8 +11,40 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from model.data.base import AttributeDataset
 from model.network import Arch, ModulationInit, Neck
-from model.train import DecodedData, Loss, Mining, TrainConfig, train
+from model.pixels import PixelCache
+from model.preprocess import Preprocess
+from model.train import DataConfig, Loss, Mining, TrainConfig, train
+
+
+@dataclass
+class DecodedData:
+    """A dataset and every one of its images decoded once at one input size, for several trainings that
+    share them (``modret compare``: every architecture, from scratch and pretrained, reads the same
+    pixels). The cache holds uint8 pixels, so runs with different normalisations can share it."""
+
+    data: DataConfig
+    image_size: int
+    dataset: AttributeDataset
+    pixels: PixelCache
+
+    @classmethod
+    def load(cls, data: DataConfig, image_size: int, progress: bool = True) -> DecodedData:
+        dataset = data.load(image_size)
+        everything = np.arange(len(dataset))
+        return cls(
+            data, image_size, dataset, PixelCache(dataset, everything, Preprocess(image_size), progress)
+        )
+
+    def check(self, cfg: TrainConfig) -> None:
+        if cfg.data != self.data or cfg.image_size != self.image_size:
+            raise ValueError(
+                f"the decoded data is {self.data} at {self.image_size} px; this run wants {cfg.data} at "
+                f"{cfg.image_size} px"
+            )
 
 
 @dataclass(frozen=True)
@@ -73,6 +105,7 @@ def compare(
     ``pretrained`` (``TrainConfig.pretrained``: "package" or a weights file) each architecture also trains
     from those weights into ``out/<arch>-pretrained`` (row ``<arch> pretrained``, beside its
     from-scratch row). The dataset is decoded once, for every run."""
+    base.check()  # before decoding anything
     decoded = DecodedData.load(base.data, base.image_size, progress)
     runs: list[tuple[str, str, TrainConfig]] = []  # (folder, row, config)
     for arch in archs:

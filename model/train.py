@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import torch
@@ -42,6 +42,9 @@ from model.pretrained import load_pretrained
 from model.progress import progress_bar
 from model.proxies import PROXY_LR_SCALE, TaskProxies
 from model.run import METRICS, RunError, atomic_write, resolve_device, save_run, write_json
+
+if TYPE_CHECKING:  # compare's decode-once data, handed to train()
+    from model.compare import DecodedData
 
 CHECKPOINT = "checkpoint.pt"
 Mining = Literal["all-tasks", "batch-all", "none"]
@@ -119,19 +122,34 @@ class TrainConfig:
     crop_scale: float = 1.0  # < 1: random resized crops, side in [crop_scale, 1] of the image's
     ema: float = 0.0  # > 0: the run stores the weights' exponential moving average at this decay
 
+    def check(self) -> None:
+        """``ValueError`` naming the first field out of its range (a typo'd option must not train)."""
+        limits: list[tuple[bool, str, str]] = [  # (within range, field, the range in words)
+            (self.steps is None or self.steps >= 1, "steps", "must be at least 1"),
+            (self.epochs >= 1, "epochs", "must be at least 1"),
+            (self.per_task >= 1, "per_task", "(triplets per task per batch) must be at least 1"),
+            (self.width is None or self.width >= 1, "width", "must be at least 1"),
+            (self.embedding_dim >= 1, "embedding_dim", "must be at least 1"),
+            (self.image_size >= 8, "image_size", "must be at least 8 px"),
+            (self.lr is None or self.lr > 0, "lr", "must be positive"),
+            (self.weight_decay >= 0, "weight_decay", "must be at least 0"),
+            (self.margin >= 0, "margin", "must be at least 0"),
+            (self.proxy_temperature > 0, "proxy_temperature", "must be positive"),
+            (self.pretrained_lr_scale >= 0, "pretrained_lr_scale", "must be at least 0"),
+            (self.decorrelation >= 0, "decorrelation", "must be at least 0"),
+            (0.0 <= self.decorrelation_ramp <= 1.0, "decorrelation_ramp", "is a fraction, in [0, 1]"),
+            (0.0 <= self.warmup < 1.0, "warmup", "is a fraction of the steps, in [0, 1)"),
+            (0.0 <= self.ema < 1.0, "ema", "is the weights' moving-average decay, in [0, 1) (0: off)"),
+            (0.0 < self.crop_scale <= 1.0, "crop_scale", "is the smallest crop's side, in (0, 1] (1: off)"),
+        ]
+        for ok, name, rule in limits:
+            if not ok:
+                raise ValueError(f"{name} {rule}, got {getattr(self, name)}")
+
     def model_config(self, task_names: list[str]) -> ModelConfig:
-        return ModelConfig(
-            task_names=task_names,
-            arch=self.arch,
-            modulation=self.modulation,
-            modulation_init=self.modulation_init,
-            neck=self.neck,
-            backbone=self.backbone,
-            width=self.width,
-            image_size=self.image_size,
-            embedding_dim=self.embedding_dim,
-            modulate=self.modulate,
-        )
+        """The network this recipe trains: every ``ModelConfig`` field but the tasks is one of ours."""
+        shared = {f.name: getattr(self, f.name) for f in fields(ModelConfig) if f.name != "task_names"}
+        return ModelConfig(task_names=task_names, **shared)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -315,33 +333,6 @@ def _optimizer(model: MultiTaskEmbedder, cfg: TrainConfig) -> torch.optim.Optimi
     return torch.optim.AdamW(groups, lr=lr)
 
 
-@dataclass
-class DecodedData:
-    """A dataset and every one of its images decoded once at one input size, for several trainings that
-    share them (``modret compare``: every architecture, from scratch and pretrained, reads the same
-    pixels). The cache holds uint8 pixels, so runs with different normalisations can share it."""
-
-    data: DataConfig
-    image_size: int
-    dataset: AttributeDataset
-    pixels: PixelCache
-
-    @classmethod
-    def load(cls, data: DataConfig, image_size: int, progress: bool = True) -> DecodedData:
-        dataset = data.load(image_size)
-        everything = np.arange(len(dataset))
-        return cls(
-            data, image_size, dataset, PixelCache(dataset, everything, Preprocess(image_size), progress)
-        )
-
-    def check(self, cfg: TrainConfig) -> None:
-        if cfg.data != self.data or cfg.image_size != self.image_size:
-            raise ValueError(
-                f"the decoded data is {self.data} at {self.image_size} px; this run wants {cfg.data} at "
-                f"{cfg.image_size} px"
-            )
-
-
 def train(
     cfg: TrainConfig,
     out: Path,
@@ -356,13 +347,8 @@ def train(
     decoded (``DecodedData`` of ``cfg.data`` at ``cfg.image_size``), read instead of decoding again."""
     out = Path(out)
     device = resolve_device(cfg.device)
+    cfg.check()
     _warn_if_task_statistics_are_thin(cfg)
-    if not 0.0 <= cfg.ema < 1.0:
-        raise ValueError(f"ema is the weights' moving-average decay, in [0, 1) (0: off), got {cfg.ema}")
-    if not 0.0 < cfg.crop_scale <= 1.0:
-        raise ValueError(
-            f"crop_scale is the smallest crop's side fraction, in (0, 1] (1: off), got {cfg.crop_scale}"
-        )
     torch.manual_seed(cfg.seed)
     if decoded is not None:
         decoded.check(cfg)

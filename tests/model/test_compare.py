@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from model.compare import compare, compare_budget, markdown_table
+from model.compare import DecodedData, compare, compare_budget, markdown_table
 from model.data import DATASETS
 from model.data.synthfaces import SynthFaces
 from model.network import BatchNeck, MultiTaskEmbedder, TaskNeck, create_model
-from model.train import DataConfig, DecodedData, TrainConfig, train
+from model.train import DataConfig, TrainConfig, train
 from tests.factories import tiny_train_config
 from tests.model.test_pretrained import tv_resnet
 

@@ -124,9 +124,15 @@ def test_the_run_stores_the_moving_average_of_the_weights(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("ema", 1.0), ("ema", -0.1), ("crop_scale", 0.0), ("crop_scale", 1.2)]
-)
-def test_out_of_range_averaging_or_crops_are_clear_errors(tmp_path, field, value):
+    ("field", "value"),
+    [
+        ("ema", 1.0), ("ema", -0.1), ("crop_scale", 0.0), ("crop_scale", 1.2), ("steps", 0), ("steps", -5),
+        ("epochs", 0), ("per_task", 0), ("lr", 0.0), ("lr", -1e-3), ("warmup", 1.0), ("warmup", -0.1),
+        ("image_size", 4), ("width", 0), ("embedding_dim", 0), ("weight_decay", -1.0), ("margin", -0.2),
+        ("proxy_temperature", 0.0),
+    ],
+)  # fmt: skip
+def test_out_of_range_options_are_clear_errors_before_any_work(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
         train(tiny_config(**{field: value}), tmp_path, progress=False)
 
