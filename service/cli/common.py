@@ -15,10 +15,13 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
+
+from service.settings import Settings
 
 EXIT_PROBLEMS = 1
 EXIT_ERROR = 2
@@ -32,6 +35,21 @@ def fail(message: str) -> typer.Exit:
     """Report ``message`` on stderr; the ``typer.Exit`` to raise when the command cannot go on (exit 2)."""
     console.print(f"[red]error:[/red] {message}", soft_wrap=True)  # a path or command stays whole
     return typer.Exit(code=EXIT_ERROR)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """``Settings(**overrides)`` (the rest from ``MODRET_*`` and ``.env``), or ``fail`` naming each value
+    out of range, e.g. ``port: Input should be less than or equal to 65535, got 99999 (--port or
+    MODRET_PORT)``, instead of pydantic's traceback."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = ".".join(str(part) for part in error["loc"])
+            source = f"--{name.replace('_', '-')} or MODRET_{name.upper()}"
+            problems.append(f"{name}: {error['msg']}, got {error.get('input')!r} ({source})")
+        raise fail("invalid settings: " + "; ".join(problems)) from None
 
 
 def problems_found() -> typer.Exit:

@@ -40,7 +40,7 @@ from index.store import BACKENDS
 from model.compare import SYNTHFACES_BUDGET
 from model.run import LoadedRun
 from model.train import DataConfig, TrainConfig
-from service.cli.common import DeviceOpt
+from service.cli.common import DeviceOpt, load_settings
 from service.cli.demo_cache import DemoPaths, data_dir_lock, prepare_index, prepare_run
 from service.cli.demo_example import Example, find_example, write_example
 from service.settings import Settings
@@ -190,7 +190,7 @@ def demo(
         raise typer.BadParameter(
             f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}", param_hint="--backend"
         )
-    settings = Settings()
+    settings = load_settings()
     paths = DemoPaths(data_dir if data_dir is not None else settings.data_dir)
     n = DEMO_IMAGES if num_images is None else num_images
     cfg = demo_train_config(

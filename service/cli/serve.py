@@ -8,9 +8,8 @@ from typing import Annotated, Any
 import typer
 
 from service.api.server import StartupFailed, build_server
-from service.cli.common import fail
+from service.cli.common import fail, load_settings
 from service.runtime.loaded import preflight
-from service.settings import Settings
 
 
 def serve(
@@ -36,7 +35,7 @@ def serve(
     ):
         if value is not None:
             overrides[name] = value
-    settings = Settings(**overrides)
+    settings = load_settings(**overrides)
     problem = preflight(settings)  # a damaged gallery: one line, before the server starts
     if problem is not None:
         raise fail(problem)

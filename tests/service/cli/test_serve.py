@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
+from service.cli import app
 from tests.factories import make_run
 from tests.processes import free_port, start, wait_ready
 
@@ -89,3 +91,22 @@ def test_a_run_or_gallery_that_cannot_be_served_is_one_error_line_and_status_2(
     assert "Traceback" not in output, output[-3000:]
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and says in errors[0], output[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        (["--port", "99999"], {}, "port: Input should be less than or equal to 65535, got 99999 (--port or"),
+        ([], {"MODRET_MAX_QUEUE": "abc"}, "max_queue: Input should be a valid integer"),
+        ([], {"MODRET_HEADER_TIMEOUT_S": "0"}, "header_timeout_s: Input should be greater than 0"),
+    ],
+    ids=["port-out-of-range", "env-not-a-number", "env-out-of-range"],
+)
+def test_an_invalid_setting_is_one_error_line_and_status_2(
+    run_dir: Path, index_dir: Path, args: list[str], env: dict[str, str], says: str
+) -> None:
+    command = ["serve", "--run", str(run_dir), "--index", str(index_dir), *args]
+    result = CliRunner().invoke(app, command, env=env)
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert says in result.output and "Traceback" not in result.output, result.output
