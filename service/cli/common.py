@@ -39,15 +39,16 @@ def fail(message: str) -> typer.Exit:
 
 def load_settings(**overrides: Any) -> Settings:
     """``Settings(**overrides)`` (the rest from ``MODRET_*`` and ``.env``), or ``fail`` naming each value
-    out of range, e.g. ``port: Input should be less than or equal to 65535, got 99999 (--port or
-    MODRET_PORT)``, instead of pydantic's traceback."""
+    out of range and where it came from, e.g. ``port: Input should be less than or equal to 65535, got 99999
+    (--port)``, instead of pydantic's traceback."""
     try:
         return Settings(**overrides)
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
             name = ".".join(str(part) for part in error["loc"])
-            source = f"--{name.replace('_', '-')} or MODRET_{name.upper()}"
+            # Where the value came from: the command's own option, else the environment (or .env).
+            source = f"--{name.replace('_', '-')}" if name in overrides else f"MODRET_{name.upper()}"
             problems.append(f"{name}: {error['msg']}, got {error.get('input')!r} ({source})")
         raise fail("invalid settings: " + "; ".join(problems)) from None
 

@@ -96,7 +96,7 @@ def test_a_run_or_gallery_that_cannot_be_served_is_one_error_line_and_status_2(
 @pytest.mark.parametrize(
     ("args", "env", "says"),
     [
-        (["--port", "99999"], {}, "port: Input should be less than or equal to 65535, got 99999 (--port or"),
+        (["--port", "99999"], {}, "port: Input should be less than or equal to 65535, got 99999 (--port)"),
         ([], {"MODRET_MAX_QUEUE": "abc"}, "max_queue: Input should be a valid integer"),
         ([], {"MODRET_HEADER_TIMEOUT_S": "0"}, "header_timeout_s: Input should be greater than 0"),
     ],
@@ -110,3 +110,5 @@ def test_an_invalid_setting_is_one_error_line_and_status_2(
     assert result.exit_code == 2, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert says in result.output and "Traceback" not in result.output, result.output
+    source = f"({args[0]})" if args else f"({next(iter(env))})"  # where the bad value came from
+    assert source in result.output, result.output
