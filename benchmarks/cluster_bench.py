@@ -21,7 +21,6 @@ correctly, not that it doubles throughput: they compete for the same cores. The 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -37,6 +36,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from report import json_out, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -164,7 +164,7 @@ def main() -> None:
     parser.add_argument("--gallery", type=int, default=5000)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=json_out)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="modret-cluster-bench-"))
     postgres = PostgresServer.start()
@@ -210,7 +210,7 @@ def main() -> None:
             )
         print(f"note: {NOTE}")
         if args.json:
-            args.json.write_text(json.dumps(result, indent=2))
+            write_json(args.json, result)
     finally:
         for process in processes:
             if process.poll() is None:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from report import json_out, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 READY = re.compile(r"modret demo ready in ([0-9.]+) s")
@@ -110,7 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clone", action="store_true", help="measure from a fresh clone and install")
     parser.add_argument("--skip-index", action="store_true")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=json_out)
     args = parser.parse_args()
     result: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
@@ -130,7 +131,7 @@ def main() -> None:
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
-        args.json.write_text(text + "\n")
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ Prints a short table at the end and writes the same numbers as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from report import json_out, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the serving section's benchmarks/gpu_serving.py
 
@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--sizes", type=int, nargs="+", default=[112, 224])
-    parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
+    parser.add_argument("--out", type=json_out, default=Path("gpu_check.json"))
     parser.add_argument("--sections", nargs="+", choices=("model", "serving"), default=["model", "serving"])
     parser.add_argument("--quick", action="store_true", help="serving: small sizes (a CPU dry run)")
     args = parser.parse_args()
@@ -150,7 +150,7 @@ def main() -> None:
         from gpu_serving import check_serving, print_serving  # needs the service's wheels
 
         report["serving"] = check_serving(args.device, quick=args.quick)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(f"device: {report['device']}  torch {report['torch']}")
     if "serving" in report:
         print_serving(report["serving"])

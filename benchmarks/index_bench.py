@@ -15,7 +15,6 @@ figures are a lower bound for real embeddings.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
@@ -25,6 +24,7 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
+from report import json_out, write_json
 
 from index.faiss_store import FaissStore
 from index.gpu_search import TorchExactSearcher
@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=ModelConfig(task_names=["t"]).embedding_dim)
     parser.add_argument("--queries", type=int, default=1000, help="batch size of the batched measurement")
     parser.add_argument("--single", type=int, default=200, help="single queries timed one by one")
-    parser.add_argument("--json", type=Path, help="write all rows here")
+    parser.add_argument("--json", type=json_out, help="write all rows here")
     args = parser.parse_args()
     print(f"machine: {machine()}; dim {args.dim}", flush=True)
     rows = [row for n in args.sizes for row in bench_size(n, args.dim, args.kinds, args.queries, args.single)]
@@ -151,7 +151,7 @@ def main() -> None:
             f"{r['mb_per_million']:.0f} |"
         )
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "dim": args.dim, "rows": rows}, indent=2))
+        write_json(args.json, {"machine": machine(), "dim": args.dim, "rows": rows})
 
 
 if __name__ == "__main__":

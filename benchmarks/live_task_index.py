@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from report import json_out, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/load.py (it adds the repository)
 
@@ -144,7 +145,7 @@ def main() -> None:
     parser.add_argument("--gallery", type=int, default=4000, help="images in the temporary gallery")
     parser.add_argument("--concurrency", type=int, default=4, help="concurrent searches before and during")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the 'before' search level")
-    parser.add_argument("--json", type=Path, help="also write the report here")
+    parser.add_argument("--json", type=json_out, help="also write the report here")
     args = parser.parse_args()
 
     from model.data.synthfaces import render_face
@@ -186,7 +187,7 @@ def main() -> None:
     report["command"] = " ".join(sys.argv)
     print(json.dumps(report, indent=2))
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from typing import Any
 
 import httptools
 import httpx
+from report import json_out, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -338,7 +339,7 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--device", default="cpu", help="the server's MODRET_DEVICE (cpu, cuda)")
-    parser.add_argument("--json", type=Path, help="also write the report (model_only_ms, levels) here")
+    parser.add_argument("--json", type=json_out, help="also write the report (model_only_ms, levels) here")
     args = parser.parse_args()
 
     from model.data.synthfaces import render_face
@@ -380,7 +381,7 @@ def main() -> None:
     print(markdown(rows))
     print("\n".join(ratios(report)))
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
 
 
 def model_threads() -> int:

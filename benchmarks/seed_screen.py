@@ -22,6 +22,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from report import json_out, write_json
+
 from model.data import TASK_PRESETS
 
 UNLEARNED = 0.7  # a task under this triplet accuracy is counted as not learned
@@ -71,7 +73,7 @@ def main() -> None:
     parser.add_argument("--tasks", help="comma-separated task names or a preset (official7, all39)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--json", type=Path, help="write all rows here")
+    parser.add_argument("--json", type=json_out, help="write all rows here")
     args = parser.parse_args()
     tasks = TASK_PRESETS.get((args.tasks or "").lower()) or (args.tasks.split(",") if args.tasks else None)
     data = {"dataset": args.dataset, "data_dir": args.data_dir, "tasks": list(tasks) if tasks else None}
@@ -91,7 +93,7 @@ def main() -> None:
         means = [r["mean"] for r in rows if r["variant"] == variant]
         print(f"{variant or 'budget'}: mean over seeds {sum(means) / len(means):.3f}, worst {min(means):.3f}")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from report import json_out, write_json
 
 from model.data import load_dataset
 from model.data.synthfaces import DEFAULT_TASKS
@@ -144,7 +145,7 @@ def main() -> None:
     parser.add_argument("--per-task", type=int)
     parser.add_argument("--inits", nargs="+", default=["routing", "mean"], help="new rows' starts to compare")
     parser.add_argument("--losses", nargs="+", default=["triplet"], help="losses to compare (triplet, proxy)")
-    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--json", type=json_out, help="also write the rows here")
     args = parser.parse_args()
     given = {"steps": args.steps, "lr": args.lr, "per_task": args.per_task}
     cfg = replace(TaskTrainConfig(), **{k: v for k, v in given.items() if v is not None})
@@ -172,12 +173,8 @@ def main() -> None:
             f"(+ {r['added']['buffers']} neck statistics) |"
         )
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {"config": asdict(cfg), "inits": args.inits, "losses": args.losses, "rows": rows}, indent=2
-            )
-            + "\n"
-        )
+        report = {"config": asdict(cfg), "inits": args.inits, "losses": args.losses, "rows": rows}
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from report import json_out, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -371,7 +372,7 @@ def main() -> None:
     parser.add_argument("--mixed-seconds", type=float, default=15.0)
     parser.add_argument("--snapshot-every-s", type=float, default=5.0)
     parser.add_argument("--crash-kills", type=int, default=0, help="run the crash loop instead")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=json_out)
     args = parser.parse_args()
     command = " ".join([Path(sys.executable).name, *sys.argv])
     result: Any
@@ -383,7 +384,7 @@ def main() -> None:
             for size in args.sizes
         ]
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,31 @@
+"""What every benchmark's ``--json PATH`` shares: the path is checked (its folder made) when the options
+are parsed, so that a long run never ends by failing to write its report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def json_out(text: str) -> Path:
+    """``argparse`` type of ``--json``: PATH with its folder created, refused at once if not writable."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a folder: give a file name for the JSON report")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot create the folder of {path}: {exc.strerror}") from exc
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise argparse.ArgumentTypeError(f"{path} is not writable")
+    return path
+
+
+def write_json(path: Path, report: Any) -> None:
+    """Write ``report`` to ``path`` whole or not at all (a temporary file renamed over it)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, path)
