@@ -7,8 +7,9 @@ One thread, the committer, decides, logs, fsyncs and applies every write of the 
    the gallery (or earlier in the batch), which ids a remove really removes.
 3. It appends one record per write that changes something and fsyncs once for the batch (group commit:
    concurrent writers share the fsync).
-4. It applies the records in log order: metadata first then vectors for an add (a search finds an item
-   only once its metadata exists), vectors first then metadata for a remove.
+4. It applies the records in log order, each record's metadata (one SQLite transaction) before its
+   vectors: a search finds an added item only once its metadata exists, and one that finds a removed
+   item's vector in between skips it for its missing metadata.
 5. Only then is every write of the batch answered. So an answer that names an id (a duplicate's too)
    comes after the record that created that id is durable, and whatever a reader sees is durable.
 
@@ -19,9 +20,13 @@ written by a second thread while writes continue; a snapshot asked for by ``snap
 compact``, ``Gallery.save``) or at ``close`` is waited for. The writer of a snapshot then deletes the log
 segments every kept generation covers.
 
-If the log cannot be written or a logged record cannot be applied, the committer stops taking writes (every
-later one raises ``GalleryError`` asking for a restart, which replays the log): it never answers a write
-whose state it does not know.
+No room on the disk (ENOSPC, a spent quota, SQLite's "database or disk is full") refuses writes, it does
+not stop the gallery: an append that fails is cut back by the log, a record whose metadata could not be
+written is cut from the log (its transaction rolled back, its vectors not yet applied), and the writes from
+the first refused one on raise ``StorageFull``; the next batch is taken as usual, so freeing space is all
+it takes. Any other failure to write the log or apply a logged record stops the committer (every later
+write raises ``GalleryError`` asking for a restart, which replays the log): it never answers a write whose
+state it does not know.
 """
 
 from __future__ import annotations
@@ -39,11 +44,13 @@ from typing import Any
 
 import numpy as np
 
+from index.gallery_files import StorageFull
 from index.generations import Manifest
 from index.metadata import Metadata, NewItem
 from index.store import VectorStore
 from index.wal import ADD, REMOVE, ItemRecord, Record, WriteAheadLog, encode_add, encode_remove
 from model.data.base import as_label_value
+from model.durable import storage_full
 
 log = logging.getLogger(__name__)
 
@@ -228,18 +235,40 @@ class Committer:
                 write.future.set_exception(CommitterError(self._failed))
             return
         try:
-            records, results = self._plan(batch)
+            records, results, owners = self._plan(batch)
             if records:
                 self.wal.append([(kind, payload) for kind, payload, _ in records])
                 self.batches += 1
+        except OSError as e:  # the log cut its append back (else LogStateUnknown, below)
+            if storage_full(e):
+                self._refuse(batch, 0, e)
+            else:
+                self._fail(f"the write-ahead log could not be written ({e!r})", batch)
+            return
         except BaseException as e:  # the log is in an unknown state: stop rather than guess
             self._fail(f"the write-ahead log could not be written ({e!r})", batch)
             return
-        try:
-            for kind, _, record in records:
-                self.position += 1
+        for r, (kind, _, record) in enumerate(records):
+            position = self.position + 1
+            try:  # metadata first: one SQLite transaction, rolled back whole if it fails
                 if kind == ADD:
-                    self.metadata.apply_add(record.items, record.ids, self.position)
+                    self.metadata.apply_add(record.items, record.ids, position)
+                else:
+                    self.metadata.apply_remove(record.ids, position)
+            except BaseException as e:
+                if not storage_full(e):
+                    self._fail(f"a logged write could not be applied ({e!r})", batch)
+                    return
+                try:  # nothing of record r is applied: drop it and the batch's later ones from the log
+                    self.wal.rewind(self.position)
+                except BaseException as cut:
+                    self._fail(f"a logged write could not be applied ({e!r}) nor unlogged ({cut!r})", batch)
+                    return
+                self._refuse(batch, owners[r], e, results)
+                return
+            try:  # then the vectors: a search finds an added item once its metadata exists, and a
+                # removed item found meanwhile is skipped for its missing metadata (service.runtime.ranking)
+                if kind == ADD:
                     if record.items:
                         assert record.vectors is not None
                         ids = np.array([item.id for item in record.items], dtype=np.int64)
@@ -247,12 +276,28 @@ class Committer:
                         self.store.add(ids, {t: vectors[:, j] for j, t in enumerate(self.tasks)})
                 else:
                     self.store.remove(np.array(record.ids, dtype=np.int64))
-                    self.metadata.apply_remove(record.ids, self.position)
-        except BaseException as e:
-            self._fail(f"a logged write could not be applied ({e!r})", batch)
-            return
+            except BaseException as e:
+                self._fail(f"a logged write could not be applied ({e!r})", batch)
+                return
+            self.position = position
         for write, result in zip(batch, results, strict=True):
             write.future.set_result(result)
+
+    def _refuse(
+        self, batch: list[_Write], first: int, exc: BaseException, results: Sequence[Any] = ()
+    ) -> None:
+        """No room on the disk: the writes from ``batch[first]`` on are not applied (nor logged) and get
+        ``StorageFull``; those before it were applied and get their ``results``. The next batch is taken
+        as usual, so freeing space is all it takes for writes to succeed again."""
+        error = StorageFull(self.wal.directory.parent, exc)
+        log.error("%s", error)
+        with contextlib.suppress(Exception):  # the refused adds' ids are free again (else merely skipped)
+            self._next_id = self.metadata.next_id()
+        for i, write in enumerate(batch):
+            if i < first:
+                write.future.set_result(results[i])
+            else:
+                write.future.set_exception(error)
 
     def _fail(self, reason: str, batch: list[_Write]) -> None:
         self._failed = f"{reason}; the gallery takes no more writes: restart the service (it replays the log)"
@@ -261,15 +306,17 @@ class Committer:
             if not write.future.done():
                 write.future.set_exception(CommitterError(self._failed))
 
-    def _plan(self, batch: list[_Write]) -> tuple[list[tuple[int, bytes, Record]], list[Any]]:
-        """The records the batch needs (kind, payload, decoded form) and each write's answer."""
+    def _plan(self, batch: list[_Write]) -> tuple[list[tuple[int, bytes, Record]], list[Any], list[int]]:
+        """The records the batch needs (kind, payload, decoded form), each write's answer, and for each
+        record the index of the write it belongs to (a write has at most one)."""
         records: list[tuple[int, bytes, Record]] = []
         results: list[Any] = []
+        owners: list[int] = []
         taken: dict[str, int] = {}  # content hash -> id, new in this batch
         added: set[int] = set()
         removed: set[int] = set()
         added_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        for write in batch:
+        for w, write in enumerate(batch):
             if write.kind == "add":
                 assert write.vectors is not None
                 known = self.metadata.ids_by_hash([item.content_hash for item in write.items])
@@ -309,6 +356,7 @@ class Committer:
                     vectors = np.ascontiguousarray(write.vectors[rows], dtype=np.float32)
                     record = Record(0, ADD, items=logged, vectors=vectors, ids=blob_ids)
                     records.append((ADD, encode_add(logged, vectors, blob_ids), record))
+                    owners.append(w)
                 results.append(AddResult(ids, new))
             else:
                 assert write.ids is not None
@@ -318,8 +366,9 @@ class Committer:
                 removed.update(present)
                 if present:
                     records.append((REMOVE, encode_remove(present), Record(0, REMOVE, ids=present)))
+                    owners.append(w)
                 results.append(len(present))
-        return records, results
+        return records, results, owners
 
     # --- snapshots -----------------------------------------------------------------------------------
 
@@ -346,8 +395,12 @@ class Committer:
     def _write(self, capture: Any, position: int) -> Manifest:
         try:
             manifest = self._write_snapshot(capture, position)
-        except BaseException:
-            log.exception("snapshot at log position %d failed; the log keeps every record", position)
+        except BaseException as e:
+            if storage_full(e):  # expected while the disk is full: one line, the next snapshot tries again
+                log.error("snapshot at log position %d failed for want of disk space (%s); the log keeps "
+                          "every record", position, e)  # fmt: skip
+            else:
+                log.exception("snapshot at log position %d failed; the log keeps every record", position)
             raise
         self.snapshot_position = max(self.snapshot_position, position)
         return manifest

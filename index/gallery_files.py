@@ -21,6 +21,17 @@ class GalleryError(RuntimeError):
     """A gallery that cannot be opened or used as asked; the message says why."""
 
 
+class StorageFull(GalleryError):
+    """A write found no room on the gallery's disk (or quota): it was not applied, and the gallery takes
+    the next write as usual, so freeing space is all that is needed."""
+
+    def __init__(self, root: Path, exc: BaseException) -> None:
+        super().__init__(
+            f"no room to write under {root} ({exc}): the write was not applied; free disk space (or raise "
+            "the quota) there and retry"
+        )
+
+
 class DamagedGalleryError(GalleryError):
     """A file of the gallery is damaged; ``part`` is ``"config"``, ``"metadata"`` or ``"log"``."""
 

@@ -50,9 +50,10 @@ from typing import Any
 
 import numpy as np
 
+from index.gallery_files import GalleryError, StorageFull
 from index.wal import ItemRecord
 from model.data.base import LabelValue, as_label_value
-from model.durable import atomic_write_bytes, bytes_sha256, fsync_path
+from model.durable import atomic_write_bytes, bytes_sha256, fsync_path, storage_full
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -214,8 +215,17 @@ class Metadata:
         return path.parent
 
     def store_blobs(self, items: Sequence[NewItem]) -> None:
-        """Durably write the image bytes of ``items`` (before any record refers to them)."""
-        self._store_blobs(items)
+        """Durably write the image bytes of ``items`` (before any record refers to them). A failure
+        leaves at most unreferenced blobs (content-addressed: a later add of the same image reuses them)
+        and raises ``StorageFull`` when the disk had no room, else ``GalleryError``."""
+        try:
+            self._store_blobs(items)
+        except OSError as e:
+            if storage_full(e):
+                raise StorageFull(self.blob_dir, e) from e
+            raise GalleryError(
+                f"{self.blob_dir}: the images could not be stored ({e}); nothing was added"
+            ) from e
 
     def read_blob(self, digest: str) -> bytes | None:
         """The stored bytes of content ``digest``, None when none are stored."""

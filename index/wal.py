@@ -57,6 +57,10 @@ class LogCorruptError(RuntimeError):
     """The log is damaged where acknowledged records follow (not a torn tail); the message says where."""
 
 
+class LogStateUnknown(RuntimeError):
+    """A failed append could not be undone: what the segment's end holds is unknown until it is read."""
+
+
 @dataclass(frozen=True)
 class ItemRecord:
     """One gallery item as the log records it and the metadata returns it (``index.metadata``)."""
@@ -196,6 +200,7 @@ class WriteAheadLog:
         self.next_position = 1
         self.syncs = 0  # fsyncs done by append (group commit shares them)
         self.appended = 0  # records appended by this process
+        self._last_append: tuple[int, int, list[int]] | None = None  # (first position, offset, frame sizes)
 
     def segments(self) -> list[Path]:
         if not self.directory.is_dir():
@@ -262,6 +267,7 @@ class WriteAheadLog:
             os.close(self._fd)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._segment = path
+        self._last_append = None  # rewind only ever cuts the segment it appended to
 
     def rotate(self) -> None:
         """Start a new segment at ``next_position`` (its directory entry made durable first)."""
@@ -272,7 +278,11 @@ class WriteAheadLog:
         fsync_path(self.directory)
 
     def append(self, records: Sequence[tuple[int, bytes]]) -> int:
-        """Append ``(kind, payload)`` records with one write and one fsync; returns the last position."""
+        """Append ``(kind, payload)`` records with one write and one fsync; returns the last position.
+
+        If the write or the fsync fails, the segment is cut back to where the append began (and fsynced):
+        the log is then as before and the error propagates, so a full disk refuses one batch and the log
+        takes the next. If even that fails, ``LogStateUnknown`` is raised from the error."""
         if self._fd is None:
             raise RuntimeError("the write-ahead log is not open for appending")
         if not records:
@@ -281,14 +291,47 @@ class WriteAheadLog:
         for kind, payload in records:
             frames.append(frame(self.next_position + len(frames), kind, payload))
         data = b"".join(frames)
-        written = os.write(self._fd, data)
-        while written < len(data):  # os.write may write less; the rest follows
-            written += os.write(self._fd, data[written:])
-        os.fdatasync(self._fd)
+        start = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            written = os.write(self._fd, data)
+            while written < len(data):  # os.write may write less; the rest follows
+                written += os.write(self._fd, data[written:])
+            os.fdatasync(self._fd)
+        except OSError:
+            self._cut(start)
+            raise
         self.syncs += 1
         self.appended += len(records)
+        self._last_append = (self.next_position, start, [len(f) for f in frames])
         self.next_position += len(records)
         return self.next_position - 1
+
+    def rewind(self, keep_through: int) -> None:
+        """Drop the records after position ``keep_through`` that the last ``append`` wrote (never applied:
+        the committer could not apply them), cutting the segment back durably."""
+        if self._last_append is None:
+            raise RuntimeError("nothing appended to rewind")
+        first, start, sizes = self._last_append
+        keep = keep_through - first + 1
+        if not 0 <= keep <= len(sizes):
+            raise ValueError(
+                f"position {keep_through} is outside the last append ({first}..{first + len(sizes) - 1})"
+            )
+        self._cut(start + sum(sizes[:keep]))
+        self.appended -= len(sizes) - keep
+        self.next_position = keep_through + 1
+        self._last_append = None
+
+    def _cut(self, size: int) -> None:
+        """Truncate the open segment to ``size`` bytes, durably; ``LogStateUnknown`` if that fails."""
+        assert self._fd is not None
+        try:
+            os.ftruncate(self._fd, size)
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise LogStateUnknown(
+                f"{self._segment}: a failed append could not be cut back to {size} bytes ({exc})"
+            ) from exc
 
     def truncate_through(self, position: int) -> list[Path]:
         """Delete the segments whose records all have positions ≤ ``position`` (never the newest)."""

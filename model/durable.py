@@ -46,6 +46,7 @@ __all__ = [
     "bytes_sha256",
     "file_sha256",
     "fsync_path",
+    "storage_full",
 ]
 
 TEMP_SUFFIX = ".tmp"  # temporary files are ``.<name>.<random>.tmp`` beside their target
@@ -62,6 +63,27 @@ def fsync_path(path: Path) -> None:
 
 
 FILE_MODE = 0o644
+
+# errno values that mean "no room to write": the volume is full, the user's quota is spent, or the file
+# would pass the size limit (RLIMIT_FSIZE); freeing space (or raising the limit) is the remedy for each.
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_SQLITE_FULL = 13  # SQLITE_FULL: "database or disk is full"
+
+
+def storage_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) says the disk or quota had no room for a write: an
+    ``OSError`` with ENOSPC/EDQUOT/EFBIG, or SQLite's SQLITE_FULL. Such a write can be retried once space
+    is freed; other I/O errors cannot be assumed to leave the file as it was."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _NO_ROOM:
+            return True
+        if getattr(current, "sqlite_errorcode", None) == _SQLITE_FULL:  # sqlite3.Error (Python 3.11+)
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _temp_beside(path: Path) -> tuple[int, Path]:

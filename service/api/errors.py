@@ -66,6 +66,7 @@ STATUS: dict[type[domain.ServiceError], int] = {
     domain.Conflict: 409,  # TaskNotIndexed, GalleryOutOfDate, ReloadFailed
     domain.InvalidQuery: 422,
     domain.Unavailable: 503,
+    domain.InsufficientStorage: 507,
 }
 
 
@@ -91,6 +92,7 @@ HTTP_CODES = {
     500: "internal_error",
     503: "unavailable",
     504: "timeout",
+    507: "insufficient_storage",
 }
 
 
@@ -199,6 +201,7 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         422: "Invalid parameters",
         503: "Not ready, shutting down, or queue full (see Retry-After)",
         504: "Request took longer than the configured timeout",
+        507: "No room on the gallery's disk: nothing was written; free space and retry (see Retry-After)",
     }
     return {
         s: {"model": ErrorBody, "description": described.get(s, HTTP_CODES.get(s, "error"))} for s in statuses

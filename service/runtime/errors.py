@@ -139,6 +139,16 @@ class Unavailable(ServiceError):
         super().__init__(message, code=code, retry_after_s=retry_after_s)
 
 
+class InsufficientStorage(ServiceError):
+    """The gallery's disk (or quota) had no room for a write: nothing was applied; once space is freed
+    the same request succeeds (an add of the same image then returns its id either way)."""
+
+    code = "insufficient_storage"
+
+    def __init__(self, message: str, *, retry_after_s: int = 30) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+
+
 class Overloaded(Unavailable):
     """The model's queue is full or its worker is stopping."""
 

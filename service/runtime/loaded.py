@@ -274,5 +274,12 @@ def preflight(settings: Settings) -> str | None:
 
 def shut_down(loaded: Loaded, settings: Settings) -> None:
     loaded.batcher.stop()
-    loaded.gallery.close(snapshot=settings.save_on_shutdown)
+    try:
+        loaded.gallery.close(snapshot=settings.save_on_shutdown)
+    except Exception as e:  # the final snapshot (a full disk, say): every acknowledged write is logged
+        log.error(
+            "gallery closed without its final snapshot; the next start replays the log",
+            extra={"fields": {"reason": repr(e)}},
+        )
+        return
     log.info("gallery closed", extra={"fields": {"generation": loaded.writer.generation()}})

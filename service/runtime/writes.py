@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from index.gallery_files import GalleryError
+from index.gallery_files import GalleryError, StorageFull
 from index.metadata import NewItem
 from index.served import ServedGallery
-from service.runtime.errors import GalleryOutOfDate, Unavailable
+from service.runtime.errors import GalleryOutOfDate, InsufficientStorage, Unavailable
 
 log = logging.getLogger("service.gallery")
 
@@ -73,10 +73,13 @@ def gallery_columns(vectors: np.ndarray, tasks: Sequence[str], gallery_tasks: Se
     return vectors[:, [list(tasks).index(task) for task in gallery_tasks]]
 
 
-def _not_writable(exc: GalleryError) -> Unavailable:
-    """The gallery stopped taking writes (its log could not be written): searches go on; a restart
-    replays the log. Answered 503, never as an internal error."""
+def _not_writable(exc: GalleryError) -> InsufficientStorage | Unavailable:
+    """No room on the disk for this write (507: free space and retry, nothing else to do), or the gallery
+    stopped taking writes (its log could not be written: 503; searches go on, a restart replays the
+    log). Never an internal error."""
     log.error("gallery write refused", extra={"fields": {"reason": str(exc)}})
+    if isinstance(exc, StorageFull):
+        return InsufficientStorage(str(exc))
     return Unavailable(
         f"the gallery is not taking writes: {exc}", code="gallery_unavailable", retry_after_s=30
     )

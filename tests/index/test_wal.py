@@ -1,25 +1,31 @@
 """The write-ahead log and the gallery writing through it: records round-trip, a torn or bit-flipped tail is
 dropped with a warning naming it (damage before the end is refused), recovery replays the records after
 the newest snapshot (removes in order with adds), concurrent writers share fsyncs, snapshots run in the
-background and truncate the log, a fall-back to an older generation loses nothing, and damaged metadata or
-config refuse to open without deleting anything and are rebuilt by ``index.recovery.recover``."""
+background and truncate the log, a fall-back to an older generation loses nothing, damaged metadata or
+config refuse to open without deleting anything and are rebuilt by ``index.recovery.recover``, and a full
+disk refuses a write without stopping the gallery: once there is room the next write succeeds."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from index.gallery import LOG_DIR, STORE_DIR, DamagedGalleryError, Gallery, GalleryError
+from index.gallery_files import StorageFull
+from index.metadata import content_hash
 from index.recovery import recover
 from index.wal import ADD, REMOVE, ItemRecord, LogCorruptError, WriteAheadLog, encode_add, encode_remove
 from tests.index.conftest import DIM, MODEL_HASH, TASKS
 from tests.index.test_gallery import create, item, vectors
+from tests.volumes import small_volume
 
 
 def logged(n: int) -> ItemRecord:
@@ -349,3 +355,57 @@ def test_legacy_gallery_without_a_log_is_converted(tmp_path: Path) -> None:
     reopened = Gallery.open(tmp_path, model_hash=MODEL_HASH)
     assert reopened.metadata.ids().tolist() == [1, 2, 3, 4] and reopened.verify(MODEL_HASH).ok
     reopened.close()
+
+
+def test_an_append_without_room_leaves_the_log_as_it_was(tmp_path: Path) -> None:
+    with small_volume(tmp_path / "vol", "1m") as volume:
+        wal = write_log(volume.root / "log", 2)
+        [segment] = wal.segments()
+        size = segment.stat().st_size
+        volume.fill(leave=4096)
+        big = np.zeros((64, len(TASKS), 1024), dtype=np.float32)  # 512 KiB: more than is left
+        with pytest.raises(OSError) as raised:
+            wal.append(
+                [(ADD, encode_add([logged(3)], big[:1].repeat(64, 0), [])), (REMOVE, encode_remove([1]))]
+            )
+        assert raised.value.errno == errno.ENOSPC
+        assert segment.stat().st_size == size and wal.next_position == 3  # cut back: as if never tried
+        volume.free()
+        assert wal.append([(REMOVE, encode_remove([2]))]) == 3
+        wal.close()
+        scan = WriteAheadLog(volume.root / "log").scan()
+        assert [r.position for r in scan.records] == [1, 2, 3] and scan.tail is None
+
+
+def test_a_full_disk_refuses_writes_and_the_next_one_succeeds_once_there_is_room(tmp_path: Path) -> None:
+    """The three places a logged add meets a full disk: its image bytes, the log's append, the metadata
+    (SQLite's SQLITE_FULL, with ``max_page_count`` as the quota). Each refusal changes nothing."""
+    with small_volume(tmp_path / "vol", "4m") as volume:
+        root = volume.root / "gallery"
+        gallery = create(root)
+        assert gallery.add([item(0, 0, upload=True)], vectors(1)) == [1]
+        volume.fill(leave=8192)
+        big = b"\xff" * 65536
+        large = replace(item(1, 1), data=big, content_hash=content_hash(big))
+        with pytest.raises(StorageFull, match="no room to write"):  # the image bytes, before the log
+            gallery.add([large], vectors(1, seed=1))
+        with pytest.raises(StorageFull):  # the log (64 items' vectors do not fit either)
+            gallery.add([item(n, 0) for n in range(2, 66)], vectors(64, seed=2))
+        volume.free()
+        db = gallery.metadata._db
+        db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
+        assert gallery.committer is not None
+        with pytest.raises(StorageFull):  # logged, then cut from the log when its metadata could not be
+            gallery.add([item(n, 0) for n in range(100, 400)], vectors(300, seed=3))
+        assert gallery.metadata.count() == 1 and gallery.store.count("Smiling") == 1
+        db.execute("PRAGMA max_page_count = 1073741823")
+        assert gallery.add([item(1, 1, upload=True)], vectors(1, seed=1)) == [2]  # room again
+        assert gallery.remove([1]) == 1
+        gallery.close(snapshot=False)
+        reopened = Gallery.open(root, model_hash=MODEL_HASH)
+        assert reopened.metadata.ids().tolist() == [2]
+        assert reopened.items([2])[2].has_blob
+        scan = reopened.scan
+        assert scan is not None and scan.tail is None
+        assert reopened.verify(MODEL_HASH).ok
+        reopened.close()

@@ -1,10 +1,13 @@
-"""model.durable on real files: atomic replacement and cleanup, fsync of file and directory, streamed
-sha256, and flock-based locks between real processes."""
+"""model.durable on real files: atomic replacement and cleanup (a full disk included), fsync of file and
+directory, streamed sha256, flock-based locks between real processes, and telling a full disk from other
+write errors."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -23,7 +26,9 @@ from model.durable import (
     bytes_sha256,
     file_sha256,
     fsync_path,
+    storage_full,
 )
+from tests.volumes import small_volume
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -280,3 +285,36 @@ def test_a_dropped_holder_frees_the_lock(tmp_path: Path) -> None:
     FileLock(lock).acquire()  # not kept
     with FileLock(lock, blocking=False):
         pass
+
+
+def test_a_full_disk_is_told_apart_and_leaves_the_target_as_it_was(tmp_path: Path) -> None:
+    with small_volume(tmp_path / "vol", "1m") as volume:
+        target = volume.root / "blob"
+        atomic_write_bytes(target, b"old")
+        volume.fill(leave=4096)
+        with pytest.raises(OSError) as raised:
+            atomic_write_bytes(target, b"x" * (1 << 20))
+        assert storage_full(raised.value) and raised.value.errno == errno.ENOSPC
+        assert target.read_bytes() == b"old"
+        assert not [p for p in volume.root.iterdir() if p.name.endswith(durable.TEMP_SUFFIX)]
+        volume.free()
+        atomic_write_bytes(target, b"x" * (1 << 19))  # room again: the same write succeeds
+        assert target.stat().st_size == 1 << 19
+
+
+def test_storage_full_knows_sqlite_full_and_chains_and_nothing_else(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "m.sqlite")
+    db.execute("CREATE TABLE t (x BLOB)")
+    db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
+    with pytest.raises(sqlite3.OperationalError) as full:
+        db.execute("INSERT INTO t VALUES (?)", (b"x" * 100_000,))
+    assert storage_full(full.value)
+    with pytest.raises(sqlite3.OperationalError) as missing:
+        db.execute("SELECT * FROM nowhere")
+    assert not storage_full(missing.value)
+    try:
+        raise RuntimeError("wrapped") from OSError(errno.EDQUOT, "quota")
+    except RuntimeError as wrapped:
+        assert storage_full(wrapped)
+    assert not storage_full(OSError(errno.EIO, "I/O error"))
+    assert not storage_full(PermissionError(errno.EACCES, "denied"))

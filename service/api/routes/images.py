@@ -53,7 +53,7 @@ _UPLOAD_BODY: dict[str, Any] = {
     "/images",
     status_code=201,
     response_model=AddImagesResponse,
-    responses=responses(400, 401, 403, 413, 415, 503, 504),
+    responses=responses(400, 401, 403, 413, 415, 503, 504, 507),
     openapi_extra=_UPLOAD_BODY,
     dependencies=[AdminKey],
     summary="Add images to the gallery (embedded under every task; duplicates return the existing id)",
@@ -107,7 +107,7 @@ async def get_image_content(image_id: ImageId, loaded: LoadedDep) -> Response:
 @router.delete(
     "/images/{image_id}",
     response_model=Deleted,
-    responses=responses(401, 403, 404, 503, 504),
+    responses=responses(401, 403, 404, 503, 504, 507),
     dependencies=[AdminKey],
 )
 async def delete_image(image_id: ImageId, loaded: LoadedDep) -> Deleted:

@@ -1,5 +1,5 @@
-"""Acknowledged writes survive SIGKILL of a real ``modret serve`` process, and a damaged gallery is refused
-with one line.
+"""Acknowledged writes survive SIGKILL of a real ``modret serve`` process, a full disk refuses writes with
+507 until space is freed, and a damaged gallery is refused with one line.
 
 ``modret serve`` runs in a subprocess on a free loopback port over a copy of the ``index_dir`` fixture.
 The kill loop adds (new images, and the same bytes twice at once: the duplicate's answer names the
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +30,8 @@ from typer.testing import CliRunner
 
 from service.cli.index import index_app
 from tests.factories import face
-from tests.service.api.server import free_socket
+from tests.service.api.server import error_of, free_socket
+from tests.volumes import small_volume
 
 KILLS = 3
 runner = CliRunner()
@@ -41,13 +43,16 @@ def serve_command(run_dir: Path, index_dir: Path) -> list[str]:
 
 
 @contextmanager
-def serving(run_dir: Path, index_dir: Path) -> Iterator[tuple[subprocess.Popen[bytes], httpx.Client]]:
-    """``modret serve`` in a subprocess, ready; killed (SIGKILL) afterwards if it still runs."""
+def serving(
+    run_dir: Path, index_dir: Path, log: Path | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], httpx.Client]]:
+    """``modret serve`` in a subprocess, ready; killed (SIGKILL) afterwards if it still runs. Its output
+    goes to ``log`` (default: beside the index)."""
     sock = free_socket()
     port = sock.getsockname()[1]
     sock.close()
     env = {**os.environ, "MODRET_WARMUP": "false", "MODRET_MAX_WAIT_MS": "1"}
-    logs = index_dir.with_name(f"{index_dir.name}-serve.log").open("ab")
+    logs = (log or index_dir.with_name(f"{index_dir.name}-serve.log")).open("ab")
     process = subprocess.Popen(
         [*serve_command(run_dir, index_dir), "--port", str(port), "--device", "cpu"],
         env=env,
@@ -235,3 +240,42 @@ def test_a_damaged_gallery_is_refused_in_one_line(run_dir: Path, index_dir: Path
     recovered = runner.invoke(index_app, ["recover", str(index_dir)])
     assert recovered.exit_code == 0, recovered.output
     assert runner.invoke(index_app, ["verify", str(index_dir)]).exit_code == 0
+
+
+def test_a_full_disk_answers_507_searches_go_on_and_writes_resume_once_freed(
+    run_dir: Path, index_dir: Path, tmp_path: Path
+) -> None:
+    with small_volume(tmp_path / "vol", "16m") as volume:
+        index = volume.root / "index"
+        shutil.copytree(index_dir, index)
+        (index / "writer.lock").unlink(missing_ok=True)
+        with serving(run_dir, index, log=tmp_path / "serve.log") as (_, client):
+            first = client.post("/images", files={"images": ("a.png", face(900)[0], "image/png")})
+            assert first.status_code == 201, first.text
+            first_id = first.json()["items"][0]["id"]
+            volume.fill(leave=4096)
+            refused = client.post("/images", files={"images": ("b.png", face(901, size=256)[0], "image/png")})
+            assert refused.status_code == 507, refused.text
+            body = error_of(refused)
+            assert body["error"] == "insufficient_storage" and "free disk space" in body["message"]
+            assert int(refused.headers["retry-after"]) > 0
+            deleted = client.delete(f"/images/{first_id}")  # SQLite may still have room for a delete
+            assert deleted.status_code in (200, 507), deleted.text
+            searched = client.post(
+                "/search",
+                params={"task": "Smiling", "k": 2},
+                files={"image": ("q.png", face(3)[0], "image/png")},
+            )
+            assert searched.status_code == 200, searched.text
+            assert client.get("/v2/health/ready").status_code == 200
+            volume.free()
+            again = client.post("/images", files={"images": ("b.png", face(901, size=256)[0], "image/png")})
+            assert again.status_code == 201, again.text  # room again: no restart needed
+            second_id = again.json()["items"][0]["id"]
+        with serving(run_dir, index, log=tmp_path / "serve.log") as (_, client):
+            assert client.get(f"/images/{second_id}").status_code == 200
+            assert client.get(f"/images/{first_id}").status_code == (
+                404 if deleted.status_code == 200 else 200
+            )
+        result = runner.invoke(index_app, ["verify", str(index)])
+        assert result.exit_code == 0, result.output
