@@ -65,6 +65,7 @@ from index.gallery_files import (
     GalleryError,
     VerifyReport,
     busy,
+    check_writable,
     parse_config,
 )
 from index.generations import GenerationError, Generations, Manifest
@@ -207,6 +208,7 @@ class Gallery(ConfigView):
         task_check = check_model(root, config, model_hash, fingerprints)
         lock_file = None
         if not read_only:
+            check_writable(root)
             try:
                 lock_file = FileLock(root / "writer.lock", blocking=False).acquire()
             except LockHeld:

@@ -6,6 +6,7 @@ Apart from ``index.gallery`` so that ``index.checks`` (verify) can use them with
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -43,6 +44,17 @@ class DamagedGalleryError(GalleryError):
         )
         super().__init__(f"{root}: {what}; {hint}")
         self.part = part
+
+
+def check_writable(root: Path) -> None:
+    """``GalleryError`` unless this process may write in ``root``: a read-only mount is said as such, not
+    met later as SQLite failing to open (which reads like a damaged database)."""
+    if not os.access(root, os.W_OK):
+        raise GalleryError(
+            f"{root} is not writable (a read-only mount, or no write permission for this user): a gallery "
+            "open for writing keeps its log, uploads and snapshots there; make it writable (`modret index "
+            "info` and `verify` read it as it is)"
+        )
 
 
 def busy(root: Path) -> NoReturn:

@@ -145,6 +145,9 @@ class Generations:
     def locked(self, *, shared: bool) -> Iterator[None]:
         """The root's flock: exclusive while committing or pruning, shared while reading generations
         (and, for a gallery, its log: see ``index.gallery``)."""
+        if shared and self.root.is_dir() and not os.access(self.root, os.W_OK):
+            yield  # a read-only mount: no writer can commit or prune here, so there is nothing to wait for
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         with FileLock(self.root / ".lock", shared=shared):
             yield

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -140,7 +141,9 @@ class Metadata:
             raise MetadataError(f"{self.path.name} is missing")
         try:
             if read_only:
-                uri = f"file:{self.path}?mode=ro"
+                # On a read-only mount SQLite cannot make the WAL's shared-memory file: nothing can write
+                # there, so the database is opened as immutable (no locks, no -shm) instead.
+                uri = f"file:{self.path}?mode=ro" + ("" if os.access(root, os.W_OK) else "&immutable=1")
                 self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
             else:
                 root.mkdir(parents=True, exist_ok=True)

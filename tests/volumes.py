@@ -2,7 +2,8 @@
 
 Mounting needs root (CI runs as root); elsewhere the tests that need it skip, saying why. ``fill`` takes
 all but a few bytes of the volume with one file, ``Volume.free`` deletes it again: the disk is full, then
-it is not, with nothing of the code under test changed in between.
+it is not, with nothing of the code under test changed in between. ``Volume.read_only`` remounts it
+read-only.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ class Volume:
 
     def free(self) -> None:
         self.filler.unlink(missing_ok=True)
+
+    def read_only(self) -> None:
+        """Remount the volume read-only (as a replica's image volume, or a disk the kernel gave up on)."""
+        subprocess.run(["mount", "-o", "remount,ro", str(self.root)], check=True, capture_output=True)
 
 
 @contextmanager

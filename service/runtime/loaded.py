@@ -28,6 +28,7 @@ import torch
 
 from index.committer import CommitterError
 from index.gallery import Gallery, GalleryError
+from index.gallery_files import check_writable
 from index.generations import GenerationError
 from index.metadata import MetadataError
 from index.served import ServedGallery
@@ -265,6 +266,7 @@ def preflight(settings: Settings) -> str | None:
         return None
     try:
         Gallery.preflight(settings.index_dir)
+        check_writable(settings.index_dir)  # the service opens it for writing
     except GalleryError as e:
         return str(e)
     except OSError as e:  # a path that is not a directory, or one this user cannot read

@@ -1,5 +1,5 @@
 """Acknowledged writes survive SIGKILL of a real ``modret serve`` process, a full disk refuses writes with
-507 until space is freed, and a damaged gallery is refused with one line.
+507 until space is freed, and a damaged or read-only gallery is refused with one line.
 
 ``modret serve`` runs in a subprocess on a free loopback port over a copy of the ``index_dir`` fixture.
 The kill loop adds (new images, and the same bytes twice at once: the duplicate's answer names the
@@ -279,3 +279,23 @@ def test_a_full_disk_answers_507_searches_go_on_and_writes_resume_once_freed(
             )
         result = runner.invoke(index_app, ["verify", str(index)])
         assert result.exit_code == 0, result.output
+
+
+def test_a_read_only_gallery_is_refused_in_one_line_and_still_reads(
+    run_dir: Path, index_dir: Path, tmp_path: Path
+) -> None:
+    """Said as what it is, not as a damaged database (SQLite cannot open its WAL there), and nothing
+    suggests a recovery; the read-only commands read it as it is."""
+    with small_volume(tmp_path / "vol", "64m") as volume:
+        index = volume.root / "index"
+        shutil.copytree(index_dir, index)
+        (index / "writer.lock").unlink(missing_ok=True)
+        volume.read_only()
+        served = subprocess.run(serve_command(run_dir, index), capture_output=True, text=True, timeout=120)
+        assert served.returncode == 2, served.stderr
+        lines = [line for line in served.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in served.stderr, served.stderr
+        assert "not writable" in lines[0] and "recover" not in lines[0]
+        for command in ("info", "verify"):
+            result = runner.invoke(index_app, [command, str(index)])
+            assert result.exit_code == 0, result.output
