@@ -240,9 +240,11 @@ def _check_interrupted_run(checkpoint: Path, resume: bool, overwrite: bool) -> N
 
 
 def _load_for_eval(
-    run: Path, dataset: str | None, data_dir: Path | None, device: str
+    run: Path, dataset: str | None, data_dir: Path | None, device: str, tasks: str | None = None
 ) -> tuple[Any, Any, Any]:
+    """The run (its model restricted to ``tasks`` when given), the dataset of those tasks, its config."""
     from model.run import load_run
+    from model.tasks import select_tasks
     from model.train import DataConfig
 
     loaded = load_run(run, device)
@@ -251,6 +253,8 @@ def _load_for_eval(
         data.dataset, data.data_dir = dataset, str(data_dir) if data_dir else None
     elif data_dir is not None:
         data.data_dir = str(data_dir)
+    if tasks is not None:  # each kept task embeds exactly as in the whole model
+        loaded.model = select_tasks(loaded.model, _tasks(tasks) or [])
     data.tasks = loaded.task_names
     return loaded, data.load(loaded.preprocess.image_size), data
 
@@ -262,6 +266,10 @@ def eval_(
     split: Annotated[str, typer.Option(help="train | val | test")] = "test",
     as_json: Annotated[bool, typer.Option("--json", help="print the eval JSON")] = False,
     device: DeviceOpt = "auto",
+    tasks: Annotated[
+        str | None,
+        typer.Option(help="only these of the run's tasks: comma-separated names, or official7 / all39"),
+    ] = None,
 ) -> None:
     """Triplet accuracy, mAP and precision@10 per task on the test split."""
     from model.data.base import DataFormatError
@@ -269,10 +277,10 @@ def eval_(
     from model.run import RunError
 
     try:
-        loaded, ds, data = _load_for_eval(run, dataset, data_dir, device)
+        loaded, ds, data = _load_for_eval(run, dataset, data_dir, device, tasks)
         seed = int(loaded.config.get("train", {}).get("seed", 0))
         result = evaluate(loaded.model, ds, loaded.preprocess, seed=seed, split_seed=data.seed, split=split)
-    except (DataFormatError, RunError, ValueError) as exc:
+    except (DataFormatError, RunError, ValueError) as exc:  # a TaskError (an unknown task) too
         raise fail(str(exc)) from exc
     if as_json:
         typer.echo(json.dumps(result, indent=2))

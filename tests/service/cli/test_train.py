@@ -139,6 +139,23 @@ def test_eval_json_has_the_documented_shape(trained_run_dir):
     assert report["params"]["per_task_extra"] > 0
 
 
+def test_eval_of_some_tasks_scores_them_as_the_whole_model_does(trained_run_dir):
+    """``--tasks``: the run's model restricted to them (each embeds as before), on a dataset of those."""
+    whole = runner.invoke(app, ["eval", "--run", str(trained_run_dir), "--json", "--device", "cpu"])
+    some = runner.invoke(
+        app, ["eval", "--run", str(trained_run_dir), "--json", "--device", "cpu", "--tasks", "wearing_hat"]
+    )
+    assert whole.exit_code == 0 and some.exit_code == 0, some.output
+    report = json.loads(some.stdout)
+    assert set(report["tasks"]) == {"Wearing_Hat"}
+    # every known test image queries the others: the ranking metric is the same embedding's, to the bit
+    assert report["tasks"]["Wearing_Hat"]["map"] == json.loads(whole.stdout)["tasks"]["Wearing_Hat"]["map"]
+    unknown = runner.invoke(
+        app, ["eval", "--run", str(trained_run_dir), "--tasks", "Smiling", "--device", "cpu"]
+    )
+    assert unknown.exit_code != 0 and "Smiling" in unknown.output and "Traceback" not in unknown.output
+
+
 def test_diagnose_reports_cosines_overall_and_per_layer(trained_run_dir):
     result = runner.invoke(
         app, ["diagnose", "--run", str(trained_run_dir), "--json", "--batches", "1", "--device", "cpu"]
