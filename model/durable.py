@@ -72,8 +72,9 @@ _SQLITE_FULL = 13  # SQLITE_FULL: "database or disk is full"
 
 def storage_full(exc: BaseException) -> bool:
     """Whether ``exc`` (or what it was raised from) says the disk or quota had no room for a write: an
-    ``OSError`` with ENOSPC/EDQUOT/EFBIG, or SQLite's SQLITE_FULL. Such a write can be retried once space
-    is freed; other I/O errors cannot be assumed to leave the file as it was."""
+    ``OSError`` with ENOSPC/EDQUOT/EFBIG, SQLite's SQLITE_FULL, or a plain ``RuntimeError`` quoting one
+    of those errnos' text. Such a write can be retried once space is freed; other I/O errors cannot be
+    assumed to leave the file as it was."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
@@ -82,6 +83,8 @@ def storage_full(exc: BaseException) -> bool:
             return True
         if getattr(current, "sqlite_errorcode", None) == _SQLITE_FULL:  # sqlite3.Error (Python 3.11+)
             return True
+        if type(current) is RuntimeError and any(os.strerror(e) in str(current) for e in _NO_ROOM):
+            return True  # a C++ library's error that carries only the errno's text (faiss' write_index)
         current = current.__cause__ or current.__context__
     return False
 

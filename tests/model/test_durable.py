@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import faiss
+import numpy as np
 import pytest
 
 import model.durable as durable
@@ -297,6 +299,11 @@ def test_a_full_disk_is_told_apart_and_leaves_the_target_as_it_was(tmp_path: Pat
         assert storage_full(raised.value) and raised.value.errno == errno.ENOSPC
         assert target.read_bytes() == b"old"
         assert not [p for p in volume.root.iterdir() if p.name.endswith(durable.TEMP_SUFFIX)]
+        index = faiss.IndexFlatIP(64)  # a C++ library's write: its error carries only the errno's text
+        index.add(np.zeros((4096, 64), dtype=np.float32))  # 1 MiB of vectors
+        with pytest.raises(RuntimeError) as from_faiss:
+            faiss.write_index(index, str(volume.root / "vectors.faiss"))
+        assert storage_full(from_faiss.value)
         volume.free()
         atomic_write_bytes(target, b"x" * (1 << 19))  # room again: the same write succeeds
         assert target.stat().st_size == 1 << 19
@@ -316,5 +323,9 @@ def test_storage_full_knows_sqlite_full_and_chains_and_nothing_else(tmp_path: Pa
         raise RuntimeError("wrapped") from OSError(errno.EDQUOT, "quota")
     except RuntimeError as wrapped:
         assert storage_full(wrapped)
+    assert storage_full(
+        RuntimeError(f"write error in task-000.faiss: 4014 != 28160 ({os.strerror(errno.ENOSPC)})")
+    )
+    assert not storage_full(RuntimeError("write error in task-000.faiss: 4014 != 28160"))
     assert not storage_full(OSError(errno.EIO, "I/O error"))
     assert not storage_full(PermissionError(errno.EACCES, "denied"))
