@@ -26,6 +26,18 @@ MAX_LABELS = 256
 
 
 def _media_type(request: Request) -> str:
+    """The body's media type; a compressed body (``Content-Encoding`` other than identity) is refused
+    here, before it is parsed as what it is not (RFC 7694: 415, naming what is accepted)."""
+    coding = request.headers.get("content-encoding", "").strip().lower()
+    if coding not in ("", "identity"):
+        raise ApiError(
+            415,
+            "unsupported_content_encoding",
+            f"Content-Encoding {coding!r} not accepted: send the body uncompressed (images are compressed "
+            "already)",
+            {"content_encoding": coding},
+            headers={"Accept-Encoding": "identity"},
+        )
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 

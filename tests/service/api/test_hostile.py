@@ -72,6 +72,15 @@ CASES: list[tuple[str, dict[str, Any], int, str]] = [
     ("json base64 of text", {"json": {"image": base64.b64encode(b"plain text").decode()}}, 415, ""),
     ("invalid json", {"content": b"{nope", "headers": {"content-type": "application/json"}}, 400, "bad_json"),
     ("unsupported content type", {"content": b"abc", "headers": {"content-type": "text/plain"}}, 415, ""),
+    (
+        "compressed body",
+        {
+            "content": b"\x1f\x8b\x08\x00",
+            "headers": {"content-type": "application/json", "content-encoding": "gzip"},
+        },
+        415,
+        "unsupported_content_encoding",
+    ),
     ("body over cap with length", {"files": upload(b"\xff\xd8\xff" + b"\0" * (BODY_CAP + 10))}, 413, ""),
 ]
 
