@@ -144,6 +144,9 @@ class FaissStore:
         self._save_lock = threading.Lock()
         self._mirror_lock = threading.Lock()
         self._indexes = {task: self._new_index() for task in self._tasks}
+        self._removed: dict[
+            str, tuple[int, Any, Any]
+        ] = {}  # task -> (position, index, mirror) until discarded
         self._tombstones = np.empty(0, dtype=np.int64)  # sorted; HNSW only
         self._mirrors: dict[str, TorchExactSearcher] = {}
 
@@ -389,12 +392,25 @@ class FaissStore:
         if len(self._tasks) == 1:
             raise ValueError(f"{task!r} is the index's only task; an index keeps at least one")
         with self._lock.write():
-            del self._indexes[task]
+            self._removed[task] = (
+                self._tasks.index(task),
+                self._indexes.pop(task),
+                self._mirrors.pop(task, None),
+            )
             self._tasks.remove(task)
-            self._mirrors.pop(task, None)
+
+    def restore_task(self, task: str) -> None:
+        with self._lock.write():
+            position, index, mirror = self._removed.pop(task)
+            self._tasks.insert(position, task)
+            self._indexes[task] = index
+            if mirror is not None:
+                self._mirrors[task] = mirror
 
     def discard_removed(self) -> None:
-        """Nothing to do: a removed task's index lives on only in older generations, pruned as usual."""
+        """Forget the removed tasks' indexes (kept for ``restore_task``); they live on only in older
+        generations, pruned as usual."""
+        self._removed.clear()
 
     def _compact(self) -> None:
         """Rebuild the HNSW graphs without the tombstoned vectors (caller holds the write lock)."""

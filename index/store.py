@@ -117,6 +117,11 @@ class VectorStore(Protocol):
         ``discard_removed``, so that a crash before the gallery records the removal loses nothing."""
         ...
 
+    def restore_task(self, task: str) -> None:
+        """Undo ``remove_task(task)`` (not yet ``discard_removed``): the task is back where it was, its
+        vectors as they were; for a task change that could not be recorded (a full disk, say)."""
+        ...
+
     def discard_removed(self) -> None:
         """Delete the data of the tasks removed since the last call (faiss: none is left to delete)."""
         ...

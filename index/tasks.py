@@ -32,8 +32,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from index.gallery_files import GalleryError
+from index.gallery_files import GalleryError, StorageFull
 from index.metadata import Metadata
+from model.durable import storage_full
 from model.run import LoadedRun
 from model.tasks import Fingerprints
 
@@ -232,7 +233,7 @@ def add_task(
             gallery.store.remove_task(task)
             gallery.store.discard_removed()
 
-    gallery.change_tasks(config, change, undo)
+    _change_tasks(gallery, config, change, undo)
     return added[0]
 
 
@@ -265,7 +266,19 @@ def remove_task(gallery: Gallery, task: str) -> None:
         kept = {t: d for t, d in recorded.tasks.items() if t != task}
         config["fingerprints"] = {"shared": recorded.shared, "tasks": kept}
 
-    def undo() -> None:  # the dropped index is gone from memory: the gallery must be reopened
-        raise GalleryError(f"{gallery.root}: removing {task} failed; reopen the gallery (it is unchanged)")
+    _change_tasks(
+        gallery, config, lambda: gallery.store.remove_task(task), lambda: gallery.store.restore_task(task)
+    )
 
-    gallery.change_tasks(config, lambda: gallery.store.remove_task(task), undo)
+
+def _change_tasks(
+    gallery: Gallery, config: dict[str, Any], change: Callable[[], None], undo: Callable[[], None]
+) -> None:
+    """``Gallery.change_tasks``, a change that found no room on the disk raised as ``StorageFull`` (it was
+    undone: the gallery is as before and takes writes)."""
+    try:
+        gallery.change_tasks(config, change, undo)
+    except Exception as e:
+        if storage_full(e):
+            raise StorageFull(gallery.root, e) from e
+        raise

@@ -24,8 +24,9 @@ from typing import Literal
 import torch
 
 from index.gallery import Gallery, GalleryError
+from index.gallery_files import StorageFull
 from index.tasks import ImagesNotStoredError
-from service.runtime.errors import Conflict, NotFound, Unavailable
+from service.runtime.errors import Conflict, InsufficientStorage, NotFound, Unavailable
 from service.runtime.loaded import Loaded
 from service.runtime.queries import resolve_task
 
@@ -112,6 +113,8 @@ class TaskIndexer:
                 )
             try:
                 gallery.remove_task(task)  # writes wait it out (Gallery.change_tasks)
+            except StorageFull as e:  # the change found no room on the disk: undone, writes go on
+                raise InsufficientStorage(str(e)) from e
             except GalleryError as e:  # the gallery could not snapshot the change: it takes no writes now
                 raise Unavailable(f"the gallery is not taking writes: {e}", code="gallery_unavailable") from e
             self._jobs.pop(task, None)
@@ -139,8 +142,12 @@ class TaskIndexer:
         except ImagesNotStoredError as e:  # items uploaded without their bytes since the check
             self._finish(task, "failed", error=str(e))
         except Exception as e:  # the gallery is unchanged (Gallery.change_tasks); say why
-            log.exception("indexing task failed", extra={"fields": {"task": task}})
-            self._finish(task, "failed", error=f"{type(e).__name__}: {e}")
+            if isinstance(e, StorageFull):
+                log.error("indexing task failed", extra={"fields": {"task": task, "reason": str(e)}})
+                self._finish(task, "failed", error=str(e))
+            else:
+                log.exception("indexing task failed", extra={"fields": {"task": task}})
+                self._finish(task, "failed", error=f"{type(e).__name__}: {e}")
         else:
             log.info("task indexed", extra={"fields": {"task": task, "items": count}})
             self._finish(task, "done", embedded=count)

@@ -13,6 +13,7 @@ from tests.index.conftest import (
     CONTRACT_CASES,
     DIM,
     MODEL_HASH,
+    SCORE_TOL,
     TASKS,
     BackendCase,
     Oracle,
@@ -289,6 +290,21 @@ def test_add_task_refuses_what_does_not_fit(case: BackendCase, factory: StoreFac
     assert store.tasks() == TASKS
     with pytest.raises(UnknownTaskError):
         store.count("Bald")
+
+
+def test_restore_task_undoes_a_removal_exactly(case: BackendCase, factory: StoreFactory) -> None:
+    store, oracle, rng = filled(factory)
+    queries = unit_vectors(rng, 3)
+    before = {t: store.search(t, queries, 5) for t in TASKS}
+    store.remove_task(TASKS[0])  # the first task: it comes back first, before the others
+    store.restore_task(TASKS[0])
+    assert store.tasks() == TASKS and store.count(TASKS[0]) == N
+    for task in TASKS:
+        after = store.search(task, queries, 5)
+        np.testing.assert_array_equal(after.ids, before[task].ids)
+        np.testing.assert_allclose(after.scores, before[task].scores, atol=SCORE_TOL)
+    check_get(case, store, oracle, TASKS[0], oracle.ids()[:5])
+    store.close()
 
 
 def test_remove_task_drops_one_index_and_keeps_the_others(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from PIL import Image
 
 from index.build import embed_images
 from index.gallery import Gallery, GalleryError
+from index.gallery_files import StorageFull
 from index.metadata import NewItem, content_hash
 from index.store import UnknownTaskError
 from index.tasks import ImagesNotStoredError, check_run, embed_stored, stored_batches
@@ -22,6 +24,7 @@ from model.run import load_run, save_run
 from model.tasks import fingerprints
 from tests.factories import GALLERY_SIZE, TASKS, face, make_child_run, make_gallery, tiny_model
 from tests.index.conftest import end_process_state, needs_milvus_lite
+from tests.volumes import small_volume
 
 NEW = "Bald"
 
@@ -250,6 +253,38 @@ def test_add_task_on_a_gallery_without_stored_images_needs_them_given(
         assert gallery.store.count(NEW) == 5
     finally:
         gallery.close()
+
+
+def test_a_task_change_without_room_on_the_disk_is_undone(
+    index_dir: Path, run_dir: Path, tmp_path: Path
+) -> None:
+    """Its snapshot cannot be written: the task stays (searchable, as before), the gallery takes writes
+    again once there is room, and it reopens as it was."""
+    with small_volume(tmp_path / "vol", "64m") as volume:
+        root = volume.root / "index"
+        shutil.copytree(index_dir, root)
+        (root / "writer.lock").unlink(missing_ok=True)
+        gallery = open_for(root, run_dir)
+        try:
+            query = np.ones((1, gallery.embedding_dim), dtype=np.float32)
+            before = gallery.search("Eyeglasses", query, 5)
+            volume.fill(leave=4096)
+            with pytest.raises(StorageFull, match="no room to write"):
+                gallery.remove_task("Eyeglasses")
+            assert gallery.tasks == TASKS and gallery.store.tasks() == TASKS
+            np.testing.assert_array_equal(gallery.search("Eyeglasses", query, 5).ids, before.ids)
+            volume.free()
+            data = face(999)[0]
+            item = NewItem("new.png", content_hash(data), 48, 48, {}, data)
+            [new_id] = gallery.add([item], np.ones((1, len(TASKS), gallery.embedding_dim), dtype=np.float32))
+        finally:
+            gallery.close()
+        reopened = open_for(root, run_dir)
+        try:
+            assert reopened.tasks == TASKS and new_id in reopened.metadata.ids().tolist()
+            assert reopened.verify().ok
+        finally:
+            reopened.close()
 
 
 def test_remove_task_drops_one_index_durably(index_dir: Path, run_dir: Path) -> None:

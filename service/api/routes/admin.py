@@ -121,7 +121,7 @@ async def get_task_index(task: str, state: StateDep, loaded: LoadedDep) -> TaskI
 @router.delete(
     "/admin/tasks/{task}/index",
     response_model=TaskIndexRemoved,
-    responses=responses(401, 403, 404, 409, 503, 504),
+    responses=responses(401, 403, 404, 409, 503, 504, 507),
     summary="Drop the gallery's index of a task",
 )
 async def delete_task_index(task: str, state: StateDep, loaded: LoadedDep) -> TaskIndexRemoved:
