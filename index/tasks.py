@@ -274,11 +274,15 @@ def remove_task(gallery: Gallery, task: str) -> None:
 def _change_tasks(
     gallery: Gallery, config: dict[str, Any], change: Callable[[], None], undo: Callable[[], None]
 ) -> None:
-    """``Gallery.change_tasks``, a change that found no room on the disk raised as ``StorageFull`` (it was
-    undone: the gallery is as before and takes writes)."""
+    """``Gallery.change_tasks``; a change that could not be written was undone (the gallery is as before)
+    and is raised as ``StorageFull`` when the disk had no room, else as ``GalleryError``."""
     try:
         gallery.change_tasks(config, change, undo)
+    except GalleryError:
+        raise
     except Exception as e:
         if storage_full(e):
             raise StorageFull(gallery.root, e) from e
-        raise
+        raise GalleryError(
+            f"{gallery.root}: the task change could not be written ({e!r}); it was undone"
+        ) from e
