@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from model.durable import storage_full
+
 CONFIG = "gallery.json"
 STORE_DIR = "store"
 LOG_DIR = "log"
@@ -31,6 +33,12 @@ class StorageFull(GalleryError):
             f"no room to write under {root} ({exc}): the write was not applied; free disk space (or raise "
             "the quota) there and retry"
         )
+
+
+def refused_write(root: Path, exc: BaseException, message: str) -> GalleryError:
+    """The error for a write that failed with ``exc`` and was not applied: ``StorageFull`` when the disk
+    had no room (freeing space is the remedy), else ``GalleryError(message)``."""
+    return StorageFull(root, exc) if storage_full(exc) else GalleryError(message)
 
 
 class DamagedGalleryError(GalleryError):

@@ -51,10 +51,10 @@ from typing import Any
 
 import numpy as np
 
-from index.gallery_files import GalleryError, StorageFull
+from index.gallery_files import refused_write
 from index.wal import ItemRecord
 from model.data.base import LabelValue, as_label_value
-from model.durable import atomic_write_bytes, bytes_sha256, fsync_path, storage_full
+from model.durable import atomic_write_bytes, bytes_sha256, fsync_path
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -224,11 +224,8 @@ class Metadata:
         try:
             self._store_blobs(items)
         except OSError as e:
-            if storage_full(e):
-                raise StorageFull(self.blob_dir, e) from e
-            raise GalleryError(
-                f"{self.blob_dir}: the images could not be stored ({e}); nothing was added"
-            ) from e
+            message = f"{self.blob_dir}: the images could not be stored ({e}); nothing was added"
+            raise refused_write(self.blob_dir, e, message) from e
 
     def read_blob(self, digest: str) -> bytes | None:
         """The stored bytes of content ``digest``, None when none are stored."""

@@ -32,9 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from index.gallery_files import GalleryError, StorageFull
+from index.gallery_files import GalleryError, refused_write
 from index.metadata import Metadata
-from model.durable import storage_full
 from model.run import LoadedRun
 from model.tasks import Fingerprints
 
@@ -281,8 +280,5 @@ def _change_tasks(
     except GalleryError:
         raise
     except Exception as e:
-        if storage_full(e):
-            raise StorageFull(gallery.root, e) from e
-        raise GalleryError(
-            f"{gallery.root}: the task change could not be written ({e!r}); it was undone"
-        ) from e
+        message = f"{gallery.root}: the task change could not be written ({e!r}); it was undone"
+        raise refused_write(gallery.root, e, message) from e
