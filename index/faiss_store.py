@@ -144,9 +144,8 @@ class FaissStore:
         self._save_lock = threading.Lock()
         self._mirror_lock = threading.Lock()
         self._indexes = {task: self._new_index() for task in self._tasks}
-        self._removed: dict[
-            str, tuple[int, Any, Any]
-        ] = {}  # task -> (position, index, mirror) until discarded
+        # A removed task's (position, index, mirror) until discard_removed, for restore_task
+        self._removed: dict[str, tuple[int, Any, Any]] = {}
         self._tombstones = np.empty(0, dtype=np.int64)  # sorted; HNSW only
         self._mirrors: dict[str, TorchExactSearcher] = {}
 

@@ -172,7 +172,7 @@ class MilvusStore:
         self.manifest: Manifest | None = None
         self._lock = RWLock()
         self._retired: list[str] = []  # collections of removed tasks, dropped by discard_removed
-        self._positions: dict[str, int] = {}  # where each removed task was, for restore_task
+        self._removed: dict[str, tuple[int, str]] = {}  # task -> (position, collection), for restore_task
         try:
             client = MilvusClient(uri=self.uri, token=token or "")
         except Exception as e:  # pymilvus raises MilvusException (or grpc's errors) when it cannot connect
@@ -421,15 +421,16 @@ class MilvusStore:
         if len(self._tasks) == 1:
             raise ValueError(f"{task!r} is the index's only task; an index keeps at least one")
         with self._lock.write():
-            self._retired.append(self.collections.pop(task))
-            self._positions[task] = self._tasks.index(task)
+            collection = self.collections.pop(task)
+            self._retired.append(collection)
+            self._removed[task] = (self._tasks.index(task), collection)
             self._tasks.remove(task)
             self.options["collections"] = dict(self.collections)
 
     def restore_task(self, task: str) -> None:
         with self._lock.write():
-            position = self._positions.pop(task)
-            collection = self._retired.pop()  # the last removed task's collection (one change at a time)
+            position, collection = self._removed.pop(task)
+            self._retired.remove(collection)
             self._tasks.insert(position, task)
             self.collections = {t: collection if t == task else self.collections[t] for t in self._tasks}
             self.options["collections"] = dict(self.collections)
@@ -437,7 +438,7 @@ class MilvusStore:
     def discard_removed(self) -> None:
         """Drop the collections of the tasks removed since the last call."""
         with self._lock.write():
-            self._positions.clear()
+            self._removed.clear()
             while self._retired:
                 collection = self._retired.pop()
                 if self._client.has_collection(collection):
