@@ -6,8 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for model.durable
+
+from model.durable import atomic_write_text
 
 
 def json_out(text: str) -> Path:
@@ -25,7 +30,5 @@ def json_out(text: str) -> Path:
 
 
 def write_json(path: Path, report: Any) -> None:
-    """Write ``report`` to ``path`` whole or not at all (a temporary file renamed over it)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Write ``report`` to ``path`` whole or not at all (``model.durable``'s atomic replacement)."""
+    atomic_write_text(path, json.dumps(report, indent=2) + "\n")
