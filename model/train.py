@@ -27,6 +27,7 @@ from model.data.base import UNKNOWN, AttributeDataset
 from model.data.triplets import Triplets, TripletSampler, fixed_triplets
 from model.decorrelation import class_label_means, decorrelation_loss, ramped
 from model.evaluate import evaluate, triplet_accuracy
+from model.features import FrozenFeatures, Inputs, PixelInputs, check_frozen, freeze_backbone
 from model.network import (
     Arch,
     ModelConfig,
@@ -89,6 +90,7 @@ class TrainConfig:
     backbone: str = "resnet18"
     width: int | None = None
     image_size: int = 64
+    center_crop: float = 1.0  # the centre square kept, as a fraction of each image's shorter side
     embedding_dim: int = 128
     modulate: list[str] | None = None
     steps: int | None = None  # total optimiser steps; wins over epochs
@@ -118,6 +120,8 @@ class TrainConfig:
     # EfficientNet-Lite0) or a state_dict path; they bring ImageNet normalisation and a lower trunk lr.
     pretrained: str | None = None
     pretrained_lr_scale: float = 0.1  # the pretrained stem and stages train at lr * this
+    # the pretrained backbone does not train: its pooled features are computed once (model/features.py)
+    freeze_backbone: bool = False
     augment: bool = False  # random horizontal flips of the training images
     crop_scale: float = 1.0  # < 1: random resized crops, side in [crop_scale, 1] of the image's
     ema: float = 0.0  # > 0: the run stores the weights' exponential moving average at this decay
@@ -141,10 +145,16 @@ class TrainConfig:
             (0.0 <= self.warmup < 1.0, "warmup", "is a fraction of the steps, in [0, 1)"),
             (0.0 <= self.ema < 1.0, "ema", "is the weights' moving-average decay, in [0, 1) (0: off)"),
             (0.0 < self.crop_scale <= 1.0, "crop_scale", "is the smallest crop's side, in (0, 1] (1: off)"),
+            (0.0 < self.center_crop <= 1.0, "center_crop", "is a fraction of the shorter side, in (0, 1]"),
         ]
         for ok, name, rule in limits:
             if not ok:
                 raise ValueError(f"{name} {rule}, got {getattr(self, name)}")
+        if self.freeze_backbone and (not self.pretrained or self.augment or self.crop_scale < 1.0):
+            raise ValueError(
+                "freeze_backbone trains on features computed once from pretrained weights: it needs "
+                "--pretrained (or --pretrained-path) and no --augment or --crop-scale"
+            )
 
     def model_config(self, task_names: list[str]) -> ModelConfig:
         """The network this recipe trains: every ``ModelConfig`` field but the tasks is one of ours."""
@@ -196,10 +206,9 @@ def batch_all_triplet_loss(embeddings: Tensor, values: Tensor, margin: float) ->
 def _mined_loss(
     model: MultiTaskEmbedder,
     cfg: TrainConfig,
-    pixels: PixelCache,
+    inputs: Inputs,
     labels: np.ndarray,
     triplets: Triplets,
-    preprocess: Preprocess,
     device: torch.device,
     criterion: Criterion,
     label_means: Tensor | None = None,
@@ -213,8 +222,7 @@ def _mined_loss(
     if cfg.mining == "all-tasks":
         unique = np.unique(items)
         with amp:
-            batch = pixels.train_batch(unique, cfg.augment, cfg.crop_scale)  # (U, 3, S, S)
-            table = model.embed_tasks(preprocess.normalize(batch))  # -> (U, T, D)
+            table = inputs.embed_tasks(model, unique)  # (U,) -> (U, T, D)
         values = torch.from_numpy(labels[unique].T.copy()).to(device)  # (T, U)
         grouped = table.float().transpose(0, 1)  # (T, U, D)
         loss = criterion(grouped, values, np.arange(len(values)))
@@ -223,8 +231,7 @@ def _mined_loss(
         return loss, len(unique)
     task_ids = torch.from_numpy(tasks).to(device)
     with amp:
-        batch = pixels.train_batch(items, cfg.augment, cfg.crop_scale)
-        embeddings = model.embed(preprocess.normalize(batch).to(device), task_ids).float()
+        embeddings = inputs.embed(model, items, task_ids, train=True).float()
     if cfg.mining == "none":
         return triplet_loss(embeddings, cfg.margin), len(items)
     order = torch.argsort(task_ids, stable=True)  # balanced batch: every task holds 3 * per_task rows
@@ -321,7 +328,8 @@ def _optimizer(model: MultiTaskEmbedder, cfg: TrainConfig) -> torch.optim.Optimi
             params = [
                 p
                 for p in model.parameters()
-                if (p.dim() > 1 and id(p) not in modulation) == decayed
+                if p.requires_grad  # a frozen backbone's are not the optimizer's
+                and (p.dim() > 1 and id(p) not in modulation) == decayed
                 and (pretrained is None or (id(p) in trunk) == pretrained)
             ]
             group_lr = lr * cfg.pretrained_lr_scale if pretrained else lr
@@ -357,6 +365,8 @@ def train(
     model = create_model(cfg.model_config(task_names))
     provenance = load_pretrained(model, cfg.pretrained) if cfg.pretrained else None
     model = model.to(device)
+    if cfg.freeze_backbone:
+        freeze_backbone(model)
     optimizer = _optimizer(model, cfg)
     proxies = _proxies(cfg, dataset, optimizer, device)
     # the weights' moving average, which the run validates and stores (Polyak averaging)
@@ -364,7 +374,7 @@ def train(
     if cfg.ema:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
     criterion: Criterion = proxies or (lambda e, y, _: batch_all_triplet_loss(e, y, cfg.margin))
-    preprocess = Preprocess.for_backbone(cfg.image_size, pretrained=bool(cfg.pretrained))
+    preprocess = Preprocess.for_backbone(cfg.image_size, bool(cfg.pretrained), cfg.backbone, cfg.center_crop)
     train_idx = dataset.split_indices("train", cfg.data.seed)
     val_idx = dataset.split_indices("val", cfg.data.seed)
     steps_per_epoch = max(1, math.ceil(len(train_idx) / (len(task_names) * cfg.per_task)))
@@ -399,6 +409,16 @@ def train(
         if decoded is not None
         else PixelCache(dataset, np.concatenate([train_idx, val_idx]), preprocess, progress)
     )
+    inputs: Inputs = PixelInputs(pixels, preprocess, cfg.augment, cfg.crop_scale)
+    if cfg.freeze_backbone:  # one frozen backbone's features serve every run of a compare
+        shared = decoded.features if decoded is not None else {}
+        key = (cfg.backbone, cfg.width, cfg.pretrained, preprocess)
+        check_frozen(model)
+        if key not in shared:
+            shared[key] = FrozenFeatures(
+                model, pixels, np.concatenate([train_idx, val_idx]), preprocess, progress
+            )
+        inputs = shared[key]
     val = fixed_triplets(dataset.labels, val_idx, cfg.val_triplets_per_task, seed=cfg.seed)
     label_means = class_label_means(dataset.labels[train_idx]) if cfg.decorrelation else None
     model.train()
@@ -413,10 +433,9 @@ def train(
         loss, embedded = _mined_loss(
             model,
             cfg,
-            pixels,
+            inputs,
             dataset.labels,
             sampler.sample(),
-            preprocess,
             device,
             criterion,
             label_means,
@@ -435,9 +454,7 @@ def train(
         bar.update(1)
         if step % steps_per_epoch == 0 or step == total_steps:
             evaluated = model if ema is None else cast(MultiTaskEmbedder, ema.module)
-            history.append(
-                _validate(evaluated, pixels, dataset, val, preprocess, step, steps_per_epoch, loss)
-            )
+            history.append(_validate(evaluated, inputs, dataset, val, step, steps_per_epoch, loss))
             model.train()
             bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{history[-1]['val_mean']:.3f}")
             _checkpoint(checkpoint_path, cfg, model, optimizer, scheduler, step, history, proxies, ema)
@@ -516,23 +533,19 @@ def _epoch_sampler(
 @torch.no_grad()
 def _validate(
     model: MultiTaskEmbedder,
-    pixels: PixelCache,
+    inputs: Inputs,
     dataset: AttributeDataset,
     val: Triplets,
-    preprocess: Preprocess,
     step: int,
     steps_per_epoch: int,
     loss: Tensor,
 ) -> dict[str, Any]:
     model.eval()
     device = next(model.parameters()).device
-    items, tasks = triplet_batch(val)
+    items, ids = triplet_batch(val)
     embeddings = torch.cat(
         [
-            model.embed(
-                preprocess.normalize(pixels[items[i : i + 512]]).to(device),
-                torch.from_numpy(tasks[i : i + 512]).to(device),
-            ).float()
+            inputs.embed(model, items[i : i + 512], torch.from_numpy(ids[i : i + 512]).to(device), False)
             for i in range(0, len(items), 512)
         ]
     )

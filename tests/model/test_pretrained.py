@@ -195,8 +195,8 @@ def test_a_file_that_is_not_a_state_dict_cannot_be_read(tmp_path):
         load_pretrained(model_for("resnet18"), str(tmp_path / "absent.pth"))
 
 
-def test_the_package_weights_are_for_efficientnet_only():
-    with pytest.raises(PretrainedError, match="efficientnet_lite0 only"):
+def test_the_package_weights_are_for_the_packaged_backbones_only():
+    with pytest.raises(PretrainedError, match="efficientnet_lite0 and sface only"):
         load_pretrained(model_for("resnet18"), "package")
     with pytest.raises(PretrainedError, match="no pretrained layout for backbone 'zhao2018'"):
         load_pretrained(model_for("zhao2018"), __file__)  # a file that exists: the backbone is checked first
@@ -330,4 +330,4 @@ def test_cli_trains_from_a_weights_file_and_refuses_two_sources(tmp_path):
                                str(path), *tiny])  # fmt: skip
     assert both.exit_code == 2 and "give one" in " ".join(both.output.split())
     wrong = runner.invoke(app, ["train", "--out", str(tmp_path / "c"), "--pretrained", *tiny])
-    assert wrong.exit_code == 2 and "efficientnet_lite0 only" in " ".join(wrong.output.split())
+    assert wrong.exit_code == 2 and "efficientnet_lite0 and sface only" in " ".join(wrong.output.split())
