@@ -11,7 +11,8 @@ The stored run is an ordinary one: evaluation, indexing and serving run the whol
 
 from __future__ import annotations
 
-from typing import Protocol
+import time
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -94,6 +95,25 @@ class FrozenFeatures:
         rows = self[items].to(model.device).repeat_interleave(tasks, dim=0)  # (U, C) -> (U*T, C)
         ids = torch.arange(tasks, device=model.device).repeat(len(items))  # image-major, as the rows
         return model.embed_pooled(rows, ids).reshape(len(items), tasks, -1)  # -> (U, T, D)
+
+
+def frozen_features(
+    model: MultiTaskEmbedder,
+    pixels: PixelCache,
+    indices: np.ndarray,
+    preprocess: Preprocess,
+    progress: bool,
+    shared: dict[Any, Any],
+    key: Any,
+) -> tuple[FrozenFeatures, float]:
+    """``shared[key]`` (features of one frozen backbone, weights and normalisation), computed first when
+    absent; and the seconds that took (0 when they were there)."""
+    check_frozen(model)
+    if key in shared:
+        return shared[key], 0.0
+    begun = time.perf_counter()
+    shared[key] = FrozenFeatures(model, pixels, indices, preprocess, progress)
+    return shared[key], time.perf_counter() - begun
 
 
 def freeze_backbone(model: MultiTaskEmbedder) -> None:

@@ -27,7 +27,7 @@ from model.data.base import UNKNOWN, AttributeDataset
 from model.data.triplets import Triplets, TripletSampler, fixed_triplets
 from model.decorrelation import class_label_means, decorrelation_loss, ramped
 from model.evaluate import evaluate, triplet_accuracy
-from model.features import FrozenFeatures, Inputs, PixelInputs, check_frozen, freeze_backbone
+from model.features import Inputs, PixelInputs, freeze_backbone, frozen_features
 from model.network import (
     Arch,
     ModelConfig,
@@ -410,15 +410,12 @@ def train(
         else PixelCache(dataset, np.concatenate([train_idx, val_idx]), preprocess, progress)
     )
     inputs: Inputs = PixelInputs(pixels, preprocess, cfg.augment, cfg.crop_scale)
+    features_seconds = 0.0  # computing a frozen backbone's features, before the first step
     if cfg.freeze_backbone:  # one frozen backbone's features serve every run of a compare
         shared = decoded.features if decoded is not None else {}
         key = (cfg.backbone, cfg.width, cfg.pretrained, preprocess)
-        check_frozen(model)
-        if key not in shared:
-            shared[key] = FrozenFeatures(
-                model, pixels, np.concatenate([train_idx, val_idx]), preprocess, progress
-            )
-        inputs = shared[key]
+        both = np.concatenate([train_idx, val_idx])
+        inputs, features_seconds = frozen_features(model, pixels, both, preprocess, progress, shared, key)
     val = fixed_triplets(dataset.labels, val_idx, cfg.val_triplets_per_task, seed=cfg.seed)
     label_means = class_label_means(dataset.labels[train_idx]) if cfg.decorrelation else None
     model.train()
@@ -467,6 +464,7 @@ def train(
     metrics: dict[str, Any] = {
         "history": history,
         "train_seconds": round(time.perf_counter() - started, 2),
+        "features_seconds": round(features_seconds, 2),
         "images_per_second": round(seen / max(time.perf_counter() - started, 1e-9), 1),
         "steps": total_steps,
         "device": str(device),

