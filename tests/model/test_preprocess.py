@@ -50,6 +50,20 @@ def test_the_centre_square_is_kept() -> None:
         assert (inner[1] == 255).all() and (inner[0] == 0).all() and (inner[2] == 0).all()
 
 
+@pytest.mark.parametrize("size", [SIZE, 100])  # resized, and the input size already (cropped all the same)
+def test_a_centre_crop_keeps_that_fraction_of_the_shorter_side(size: int) -> None:
+    framed = Image.new(
+        "RGB", (size, size), (0, 0, 255)
+    )  # a blue frame around a green centre of half the side
+    framed.paste((0, 255, 0), (size // 4, size // 4, size - size // 4, size - size // 4))
+    inner = Preprocess(SIZE, crop=0.5).to_uint8(framed)[:, 2:-2, 2:-2]
+    assert (inner[1] == 255).all() and (inner[2] == 0).all(), "only the centre is kept, filling the input"
+    assert (Preprocess(SIZE).to_uint8(framed)[2] == 255).any(), "without a crop the frame is there"
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="fraction of the shorter side"):
+            Preprocess(SIZE, crop=bad)
+
+
 @pytest.mark.parametrize("shape", [(SIZE, SIZE), (1, 1), (13, 13), (640, 640), (178, 218), (218, 178)])
 def test_any_size_gives_the_model_input(shape: tuple[int, int]) -> None:
     image = Image.effect_noise(shape, 40).convert("RGB")
