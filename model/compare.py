@@ -103,7 +103,7 @@ REAL_DATA_BUDGET = replace(
 FACE_DATASETS = ("celeba",)
 FACE_BUDGET = replace(
     REAL_DATA_BUDGET, backbone="sface", pretrained="package", freeze_backbone=True, image_size=112,
-    center_crop=0.7, width=None, modulate=("3", "emb"), augment=False, lr=0.01, steps=6000,
+    center_crop=0.7, width=None, modulate=("3", "emb"), augment=False, lr=0.1, steps=6000,
 )  # fmt: skip
 
 
