@@ -127,6 +127,21 @@ def test_compare_decodes_the_dataset_once_for_every_run(tmp_path, monkeypatch):
     assert [row.split(" | ")[0] for row in table[2:]] == [f"| {name}" for name in results]
 
 
+def test_every_architecture_over_one_frozen_backbone_reads_its_features_computed_once(tmp_path, monkeypatch):
+    decoded = _counting_decodes(monkeypatch)
+    path = tmp_path / "r18.pth"
+    torch.save(tv_resnet("resnet18", width=4).state_dict(), path)
+    base = tiny_train_config(data=DataConfig(tasks=TASKS, num_images=60), pretrained=str(path),
+                             freeze_backbone=True, modulate=["4", "emb"])  # fmt: skip
+    results = compare(base, ["shared", "mask", "modulated"], tmp_path / "cmp", progress=False)
+    assert sorted(decoded) == list(range(60))
+    first, *others = (r["features_seconds"] for r in results.values())
+    assert first > 0 and others == [0, 0], "the first run computes the features; the others read them"
+    for arch in results:  # each stored run is an ordinary one over the same untouched backbone
+        config = json.loads((tmp_path / "cmp" / arch / "config.json").read_text())
+        assert config["train"]["freeze_backbone"] and config["pretrained"]["path"] == str(path.resolve())
+
+
 def test_training_on_decoded_data_is_training_on_the_dataset(tmp_path):
     cfg = tiny_train_config(data=DataConfig(tasks=TASKS, num_images=60))
     alone = train(cfg, tmp_path / "alone", progress=False)
