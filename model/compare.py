@@ -98,7 +98,7 @@ REAL_DATA_BUDGET = replace(
 )
 # Real faces (CelebA): SFace's face-recognition trunk, pretrained and frozen, at 112 px on the centre of the
 # aligned crop; the head and modules train from its pooled features, computed once for every architecture
-# of a compare (model/features.py). CelebA official 7, modulated: 0.70+ against 0.700 from scratch, in a
+# of a compare (model/features.py). CelebA official 7, modulated: 0.724 against 0.700 from scratch, in a
 # fraction of the time (docs/results.md).
 FACE_DATASETS = ("celeba",)
 FACE_BUDGET = replace(
