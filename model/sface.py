@@ -13,18 +13,19 @@ Stages, by resolution: the stem (conv 1 and pair 2, 64 channels at full resoluti
 its 128-d identity head are left out: they are trained to keep only who a face is, and a linear probe
 of CelebA attributes reads them worse than the 1/8 stage's features (docs/results.md).
 
-Ordered bottom-up: the conv-BN-PReLU block, the backbone factory (its ``Layers`` become a
-``model.network.Backbone`` there, in ``BACKBONES``), the ONNX reader.
+Ordered bottom-up: the conv-BN-PReLU block, the backbone factory (its ``Layers``, the type
+``model.efficientnet`` defines, become a ``model.network.Backbone`` there, in ``BACKBONES``), the ONNX reader.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from model.efficientnet import Layers  # the Backbone fields, shared by the backbone modules
 
 # (output channels, stride) of the depthwise-separable pairs 2..12, in forward order
 PAIRS: tuple[tuple[int, int], ...] = (
@@ -48,14 +49,6 @@ def conv_bn_prelu(cin: int, cout: int, kernel: int, stride: int = 1, groups: int
         nn.BatchNorm2d(cout, eps=BN_EPS),
         nn.PReLU(cout),
     )
-
-
-class Layers(NamedTuple):
-    """``model.network.Backbone``'s fields (that module wraps these; importing it here would be a cycle)."""
-
-    stem: nn.Module
-    stages: list[nn.Module]
-    channels: list[int]  # output channels of each stage
 
 
 def _scaled(channels: int, width: int) -> int:
