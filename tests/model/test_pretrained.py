@@ -252,7 +252,12 @@ def test_the_run_records_the_weights_provenance_and_imagenet_normalisation(tmp_p
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["pretrained"] == {"source": "file", "path": str(path.resolve()),
                                     "sha256": file_sha256(path), "backbone": "resnet18"}  # fmt: skip
-    assert config["preprocess"] == {"image_size": 32, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    assert config["preprocess"] == {
+        "image_size": 32,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "crop": 1.0,
+    }
     loaded = load_run(tmp_path / "run")
     assert loaded.preprocess == Preprocess(32, IMAGENET_MEAN, IMAGENET_STD)
 
@@ -265,17 +270,20 @@ def test_a_run_from_scratch_keeps_the_old_preprocessing_and_records_no_weights(t
     )
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["pretrained"] is None
-    assert config["preprocess"] == {"image_size": 32, "mean": 0.5, "std": 0.5}
+    assert config["preprocess"] == {"image_size": 32, "mean": 0.5, "std": 0.5, "crop": 1.0}
 
 
 def test_an_old_run_config_loads_with_the_same_normalisation(tmp_path):
     model = model_for("resnet18")
     save_run(tmp_path, model)  # what every run before per-channel statistics wrote: mean = std = 0.5
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["preprocess"] == {"image_size": 64, "mean": 0.5, "std": 0.5}
+    assert config["preprocess"] == {"image_size": 64, "mean": 0.5, "std": 0.5, "crop": 1.0}
     pixels = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
     got = load_run(tmp_path).preprocess.normalize(pixels)
     assert torch.equal(got, (pixels.float() / 255.0 - 0.5) / 0.5)
+    del config["preprocess"]["crop"]  # a run written before the centre-crop fraction: all of the square
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert load_run(tmp_path).preprocess.crop == 1.0
 
 
 def test_imagenet_normalisation_is_per_channel_on_the_pixels_device():

@@ -58,9 +58,11 @@ def test_a_folder_trains_with_the_measured_recipe_and_says_so_in_one_line(shirts
     assert result.exit_code == 0, result.output
     trained = json.loads((out / "config.json").read_text())["train"]
     budget = compare_budget("folder").train_options()  # what `modret compare` measured best on real data
-    assert {k: trained[k] for k in budget if k != "steps"} == {
-        k: v for k, v in budget.items() if k != "steps"
+    given = {"steps", "image_size"}  # the environment's steps and the command line's size win
+    assert {k: trained[k] for k in budget if k not in given} == {
+        k: v for k, v in budget.items() if k not in given
     }
+    assert trained["image_size"] == 32
     assert trained["steps"] == 3 and trained["neck"] == "batch" and trained["mining"] == "batch-all"
     assert trained["loss"] == "proxy" and trained["augment"] is True
 
