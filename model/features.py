@@ -35,6 +35,11 @@ class Inputs(Protocol):
         """(U,) dataset indices -> (U, T, D): each image under every task (a training batch)."""
         ...
 
+    def project(self, model: MultiTaskEmbedder, items: np.ndarray) -> Tensor:
+        """(U,) dataset indices -> (U, D): a one-task model's projections before the neck, in eval mode
+        (what its neck's running statistics are estimated from)."""
+        ...
+
 
 class PixelInputs:
     """The decoded images, augmented for training, normalised per batch on the model's device."""
@@ -52,6 +57,11 @@ class PixelInputs:
 
     def embed_tasks(self, model: MultiTaskEmbedder, items: np.ndarray) -> Tensor:
         return model.embed_tasks(self._images(items, True, model.device))
+
+    def project(self, model: MultiTaskEmbedder, items: np.ndarray) -> Tensor:
+        trunk, images = model.trunk(0), self._images(items, False, model.device)
+        ids = torch.zeros(len(items), dtype=torch.long, device=model.device)
+        return trunk.project(trunk.forward_features(images, ids))  # (U, 3, S, S) -> (U, D)
 
 
 class FrozenFeatures:
@@ -95,6 +105,10 @@ class FrozenFeatures:
         rows = self[items].to(model.device).repeat_interleave(tasks, dim=0)  # (U, C) -> (U*T, C)
         ids = torch.arange(tasks, device=model.device).repeat(len(items))  # image-major, as the rows
         return model.embed_pooled(rows, ids).reshape(len(items), tasks, -1)  # -> (U, T, D)
+
+    def project(self, model: MultiTaskEmbedder, items: np.ndarray) -> Tensor:
+        ids = torch.zeros(len(items), dtype=torch.long, device=model.device)
+        return model.trunk(0).project_pooled(self[items].to(model.device), ids)  # (U, C) -> (U, D)
 
 
 def frozen_features(

@@ -390,12 +390,16 @@ class Trunk(nn.Module):
             x = stage(x)
         return x.mean(dim=(2, 3))  # (B, C, h, w) -> (B, C)
 
-    def embed_pooled(self, pooled: Tensor, task_ids: Tensor) -> Tensor:
-        """(R, C) ``pool_backbone`` rows -> (R, D) embeddings under ``task_ids``: the rest of ``embed``."""
+    def project_pooled(self, pooled: Tensor, task_ids: Tensor) -> Tensor:
+        """(R, C) ``pool_backbone`` rows -> (R, D) projections under ``task_ids``, before the neck."""
         last = str(len(self.stages))
         if last in self.modulations:
             pooled = self.modulations[last](pooled.unsqueeze(-1).unsqueeze(-1), task_ids).flatten(1)
-        return self.finish(self.fc(pooled), task_ids)
+        return self.fc(pooled)
+
+    def embed_pooled(self, pooled: Tensor, task_ids: Tensor) -> Tensor:
+        """(R, C) ``pool_backbone`` rows -> (R, D) embeddings under ``task_ids``: the rest of ``embed``."""
+        return self.finish(self.project_pooled(pooled, task_ids), task_ids)
 
 
 class MultiTaskEmbedder(nn.Module):

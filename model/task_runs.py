@@ -12,6 +12,10 @@
 - the trained task is joined to the parent with ``model.tasks.append_tasks``, which refuses unless the
   shared state is still bit-identical, and ``assert_extends`` checks every parent tensor once more.
 
+When nothing before the last stage is modulated (the face recipe's ``--modulate 3,emb``), each training
+image's pooled backbone output is computed once (``model.features.FrozenFeatures``) and a step costs the
+head alone, as in ``--freeze-backbone`` training.
+
 So the parent's tasks embed bit for bit as before and every index built under them stays valid. The new
 run holds ``model.safetensors`` and ``config.json`` (the parent's settings, its task list grown by one,
 and a ``lineage`` list: parent run, its model hash and shared fingerprint, the task and its data) and
@@ -34,13 +38,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 from tqdm import tqdm
 
 from model.data.base import AttributeDataset
 from model.data.triplets import TripletSampler
 from model.durable import fsync_path
 from model.evaluate import evaluate
+from model.features import FrozenFeatures, Inputs, PixelInputs
 from model.network import MultiTaskEmbedder, TaskNeck
 from model.pixels import PixelCache
 from model.preprocess import Preprocess
@@ -117,21 +121,14 @@ def _freeze(model: MultiTaskEmbedder) -> list[torch.nn.Parameter]:
 
 
 @torch.no_grad()
-def _estimate_neck(
-    model: MultiTaskEmbedder, pixels: Tensor, preprocess: Preprocess, batch: int = 256
-) -> None:
+def _estimate_neck(model: MultiTaskEmbedder, inputs: Inputs, items: np.ndarray, batch: int = 256) -> None:
     """Set a one-task model's ``TaskNeck`` running statistics to the mean and unbiased variance of its
-    pre-neck projections of ``pixels`` (uint8 (N, 3, S, S)), computed in eval mode."""
+    pre-neck projections of the dataset images ``items``, computed in eval mode."""
     model.eval()
     trunk = model.trunk(0)
     if not isinstance(trunk.neck, TaskNeck):
         return
-    device = model.device
-    parts = []
-    for i in range(0, len(pixels), batch):
-        images = preprocess.normalize(pixels[i : i + batch]).to(device)
-        ids = torch.zeros(len(images), dtype=torch.long, device=device)
-        parts.append(trunk.project(trunk.forward_features(images, ids)).float())  # (b, D)
+    parts = [inputs.project(model, items[i : i + batch]).float() for i in range(0, len(items), batch)]
     z = torch.cat(parts)  # (N, D)
     trunk.neck.running_mean[0] = z.mean(0)
     trunk.neck.running_var[0] = z.var(0, unbiased=True)
@@ -154,6 +151,13 @@ def train_new_task(
     device = model.device
     train_idx = dataset.split_indices("train", split_seed)
     pixels = PixelCache(dataset, train_idx, preprocess, show)
+    # Everything before the new rows is frozen, so over a pooled seam (nothing modulated before the last
+    # stage) each training image's pooled backbone output is computed once, not at every step.
+    inputs: Inputs = (
+        FrozenFeatures(model, pixels, train_idx, preprocess, show)
+        if model.trunk(0).pooled_seam
+        else PixelInputs(pixels, preprocess, augment=False, crop_scale=1.0)
+    )
     sampler = TripletSampler(dataset.labels, train_idx, cfg.per_task, seed=cfg.seed)
     rows = _freeze(model)
     proxies = None
@@ -168,9 +172,9 @@ def train_new_task(
     for step in tqdm(range(1, cfg.steps + 1), desc=f"train {dataset.task_names[0]}", disable=not show):
         items, _ = triplet_batch(sampler.sample())
         unique = np.unique(items)
+        ids = torch.zeros(len(unique), dtype=torch.long, device=device)
         with amp:
-            images = preprocess.normalize(pixels[unique]).to(device)
-            embeddings = model.embed(images, torch.zeros(len(unique), dtype=torch.long, device=device))
+            embeddings = inputs.embed(model, unique, ids, True)  # (U, D)
         values = torch.from_numpy(dataset.labels[unique, 0]).to(device).unsqueeze(0)  # (1, U)
         grouped = embeddings.float().unsqueeze(0)  # (U, D) -> (1, U, D): one task
         if proxies is not None:
@@ -185,7 +189,7 @@ def train_new_task(
             history.append({"step": step, "loss": round(loss.item(), 5)})
     rng = np.random.default_rng(cfg.seed)
     chosen = np.sort(rng.choice(len(train_idx), min(cfg.neck_images, len(train_idx)), replace=False))
-    _estimate_neck(model, pixels.pixels[torch.from_numpy(chosen)], preprocess)
+    _estimate_neck(model, inputs, train_idx[chosen])
     for parameter in model.parameters():
         parameter.requires_grad_(True)
     return model.eval(), history

@@ -30,6 +30,8 @@ LAYOUTS = {
     "official": {},
     "matrix": {"modulation": "matrix", "neck": "task"},
     "mask": {"arch": "mask"},
+    # nothing before the last stage modulated: the new rows train from pooled features computed once
+    "pooled": {"modulate": ["4", "emb"], "modulation_init": "routing", "neck": "task"},
 }
 NEW = "Bald"
 
@@ -94,6 +96,32 @@ def test_the_new_rows_learned_and_a_per_task_neck_got_statistics(trained: tuple,
     if isinstance(neck, TaskNeck):
         assert {"trunks.0.neck.running_mean", "trunks.0.neck.running_var"} <= set(moved)
         assert torch.all(neck.running_var > 0)
+
+
+@pytest.mark.parametrize("place, pooled", [("4", True), ("3", False)])
+def test_over_a_pooled_seam_the_backbone_sees_each_training_image_once(place: str, pooled: bool) -> None:
+    """Modules only at the last stage and the embedding: the frozen backbone's pooled output of each
+    training image is computed once, not at every step (stage 3 modulated: every step runs it)."""
+    parent = tiny_model(perturb=0.5, modulate=[place, "emb"], modulation_init="routing", neck="task")
+    dataset = load_dataset("synthfaces", None, [NEW], image_size=IMAGE_SIZE, num_images=120)
+    seen: list[int] = []
+    original = new_task
+
+    def counting(*args: object, **kwargs: object) -> MultiTaskEmbedder:
+        model = original(*args, **kwargs)  # type: ignore[arg-type]
+        model.trunk(0).stem.register_forward_hook(lambda _m, inputs, _o: seen.append(len(inputs[0])))
+        return model
+
+    cfg = TaskTrainConfig(steps=6, per_task=4, neck_images=50)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("model.task_runs.new_task", counting)
+        single, _ = train_new_task(parent, dataset, Preprocess(IMAGE_SIZE), cfg, progress=False)
+    train_images = len(dataset.split_indices("train", 0))
+    if pooled:
+        assert sum(seen) == train_images  # once each, before the first step; the neck reads them too
+    else:
+        assert len(seen) > cfg.steps  # every step's images, then the neck's
+    assert isinstance(single.trunk(0).neck, TaskNeck) and torch.all(single.trunk(0).neck.running_var > 0)
 
 
 def test_old_tasks_embed_bit_identically_in_the_child(trained: tuple, images: torch.Tensor) -> None:
