@@ -109,12 +109,14 @@ FACE_BUDGET = replace(
 
 def compare_budget(dataset: str, backbone: str | None = None) -> Budget:
     """The budget ``modret compare`` trains ``dataset`` with (on ``backbone``, when one is asked for), for
-    the options it is not given: real faces train over SFace's face-recognition trunk unless another
-    backbone is asked for, which then trains from scratch like other real data."""
+    the options it is not given: real faces (CelebA) train over SFace's face-recognition trunk unless
+    another backbone is asked for, which then trains from scratch like other real data; asking for
+    ``sface`` on any dataset (a folder of face photos) is asking for the face recipe, since its weights
+    are what it is for."""
+    if backbone == FACE_BUDGET.backbone or (backbone is None and dataset in FACE_DATASETS):
+        return FACE_BUDGET
     if dataset == "synthfaces":
         return SYNTHFACES_BUDGET
-    if dataset in FACE_DATASETS and backbone in (None, FACE_BUDGET.backbone):
-        return FACE_BUDGET
     return REAL_DATA_BUDGET
 
 

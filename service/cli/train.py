@@ -83,8 +83,8 @@ PretrainedOpt = Annotated[
 ]  # fmt: skip
 BackboneOpt = Annotated[
     str | None,
-    _recipe("resnet18 | resnet34 | resnet50 | zhao2018 | efficientnet_lite0 | sface (a backbone the recipe "
-            "does not train takes the from-scratch real-data recipe)"),
+    _recipe("resnet18 | resnet34 | resnet50 | zhao2018 | efficientnet_lite0 | sface (sface takes the face "
+            "recipe on any dataset; another backbone the recipe does not train, the from-scratch one)"),
 ]  # fmt: skip
 ImageSizeOpt = Annotated[int | None, _recipe("input side in pixels")]
 CenterCropOpt = Annotated[

@@ -44,6 +44,7 @@ def test_each_dataset_trains_the_neck_measured_for_it(dataset):
 
 def test_real_faces_train_over_frozen_sface_unless_another_backbone_is_asked_for():
     assert compare_budget("celeba") is compare_budget("celeba", "sface") is FACE_BUDGET
+    assert compare_budget("folder", "sface") is compare_budget("synthfaces", "sface") is FACE_BUDGET
     assert compare_budget("celeba", "resnet18") is compare_budget("folder") is REAL_DATA_BUDGET
     real, face = asdict(REAL_DATA_BUDGET), asdict(FACE_BUDGET)
     changed = {k: (real[k], face[k]) for k in real if real[k] != face[k]}
