@@ -72,6 +72,7 @@ class Budget:
     per_task: int = 4
     mining: Mining = "batch-all"
     modulate: tuple[str, ...] = ("1", "2", "3", "4", "emb")
+    pool_grid: int = 1
     modulation_init: ModulationInit = "routing"
     neck: Neck = "batch"
     loss: Loss = "triplet"

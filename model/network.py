@@ -313,12 +313,16 @@ class Trunk(nn.Module):
         modulation: ModulationKind,
         init: ModulationInit = "identity",
         neck: Neck = "batch",
+        pool_grid: int = 1,
     ) -> None:
         super().__init__()
         module = MODULATION_MODULES[modulation]
         self.stem = backbone.stem
         self.stages = nn.ModuleList(backbone.stages)
-        self.fc = nn.Linear(backbone.channels[-1], embedding_dim)
+        # The last stage's map is mean-pooled over a pool_grid × pool_grid grid of cells (1: the whole
+        # map): on aligned faces a cell is a region (eyes, mouth), whose channels the head weighs apart.
+        self.pool_grid = pool_grid
+        self.fc = nn.Linear(backbone.channels[-1] * pool_grid**2, embedding_dim)
         # Post-ReLU pooled features share a large positive mean, so without centring every image embeds
         # near one direction and triplet distances start near 0, where the loss has almost no gradient.
         # Per-task statistics only where the embedding is conditioned on the task.
@@ -342,8 +346,14 @@ class Trunk(nn.Module):
     def forward_features(self, x: Tensor, task_ids: Tensor) -> Tensor:
         return self.forward_stages(self.stem(x), task_ids)  # (B, 3, H, W) -> (B, C, h, w)
 
+    def pool(self, features: Tensor) -> Tensor:
+        """(B, C, h, w) -> (B, C·g²): the mean of each of the g × g grid's cells, cell-minor per channel."""
+        if self.pool_grid == 1:
+            return features.mean(dim=(2, 3))
+        return F.adaptive_avg_pool2d(features, self.pool_grid).flatten(1)  # (B, C, g, g) -> (B, C·g²)
+
     def project(self, features: Tensor) -> Tensor:
-        return self.fc(features.mean(dim=(2, 3)))  # (B, C, h, w) -> (B, D)
+        return self.fc(self.pool(features))  # (B, C, h, w) -> (B, D)
 
     def forward_head(self, features: Tensor, task_ids: Tensor) -> Tensor:
         return self.finish(self.project(features), task_ids)
@@ -362,7 +372,7 @@ class Trunk(nn.Module):
         for stage in self.stages[: self.first_conditioned]:  # no module acts inside the prefix
             x = stage(x)  # (B, C, h, w)
         if self.first_conditioned == len(self.stages):  # only the last stage and/or the embedding modulated
-            return self.embed_pooled(x.mean(dim=(2, 3)).index_select(0, image_index), task_ids)  # (R, D)
+            return self.embed_pooled(self.pool(x).index_select(0, image_index), task_ids)  # (R, D)
         x = x.index_select(0, image_index)  # (B, C, h, w) -> (R, C, h, w)
         x = self.modulations[str(self.first_conditioned)](x, task_ids)  # the first modulated place
         return self.finish(self.project(self.forward_stages(x, task_ids, self.first_conditioned)), task_ids)
@@ -380,25 +390,26 @@ class Trunk(nn.Module):
     def pooled_seam(self) -> bool:
         """True when no stage but the last is modulated: then a trunk's embedding is ``embed_pooled`` of
         ``pool_backbone``, because the last stage's modulation (a per-channel factor or a 1×1 map, both
-        linear at each position) commutes with the mean pooling after it."""
+        linear at each position) commutes with the mean pooling after it (over each cell of the grid)."""
         return all(p in (EMB, str(len(self.stages))) for p in self.modulations)
 
     def pool_backbone(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, C): the stem and every stage, unmodulated, mean-pooled (``pooled_seam``)."""
+        """(B, 3, H, W) -> (B, C·g²): the stem and every stage, unmodulated, pooled (``pooled_seam``)."""
         x = self.stem(images)
         for stage in self.stages:
             x = stage(x)
-        return x.mean(dim=(2, 3))  # (B, C, h, w) -> (B, C)
+        return self.pool(x)  # (B, C, h, w) -> (B, C·g²)
 
     def project_pooled(self, pooled: Tensor, task_ids: Tensor) -> Tensor:
-        """(R, C) ``pool_backbone`` rows -> (R, D) projections under ``task_ids``, before the neck."""
+        """(R, C·g²) ``pool_backbone`` rows -> (R, D) projections under ``task_ids``, before the neck."""
         last = str(len(self.stages))
         if last in self.modulations:
-            pooled = self.modulations[last](pooled.unsqueeze(-1).unsqueeze(-1), task_ids).flatten(1)
+            cells = pooled.reshape(len(pooled), -1, self.pool_grid, self.pool_grid)  # (R, C, g, g)
+            pooled = self.modulations[last](cells, task_ids).flatten(1)
         return self.fc(pooled)
 
     def embed_pooled(self, pooled: Tensor, task_ids: Tensor) -> Tensor:
-        """(R, C) ``pool_backbone`` rows -> (R, D) embeddings under ``task_ids``: the rest of ``embed``."""
+        """(R, C·g²) ``pool_backbone`` rows -> (R, D) embeddings under ``task_ids``: the rest of ``embed``."""
         return self.finish(self.project_pooled(pooled, task_ids), task_ids)
 
 
@@ -421,6 +432,7 @@ class MultiTaskEmbedder(nn.Module):
                 config.modulation,
                 config.modulation_init,
                 config.neck,
+                config.pool_grid,
             )
             for _ in range(copies)
         )
@@ -454,7 +466,7 @@ class MultiTaskEmbedder(nn.Module):
     forward = embed
 
     def embed_pooled(self, pooled: Tensor, task_ids: Tensor) -> Tensor:
-        """(R, C) pooled backbone features (``Trunk.pool_backbone``) -> (R, D) embeddings under
+        """(R, C·g²) pooled backbone features (``Trunk.pool_backbone``) -> (R, D) embeddings under
         ``task_ids``, equal to ``embed`` of the images they came from: training over a frozen backbone."""
         return self._route(Trunk.embed_pooled, pooled, task_ids)
 
@@ -589,6 +601,7 @@ class ModelConfig:
     embedding_dim: int = 128
     # Places: 1-based stage numbers and/or "emb"; None follows the official code (last two stages + emb).
     modulate: list[str] | None = None
+    pool_grid: int = 1  # the last stage mean-pooled over a grid of this side (1: the whole map)
 
     def __post_init__(self) -> None:
         if not self.task_names:
@@ -606,6 +619,8 @@ class ModelConfig:
             )
         if self.neck not in NECKS:
             raise ValueError(f"unknown neck {self.neck!r}; choose one of {', '.join(NECKS)}")
+        if not (isinstance(self.pool_grid, int) and 1 <= self.pool_grid <= 8):
+            raise ValueError(f"pool_grid must be an integer from 1 to 8, got {self.pool_grid!r}")
         if self.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
         stages = NUM_STAGES[self.backbone]

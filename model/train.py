@@ -93,6 +93,7 @@ class TrainConfig:
     center_crop: float = 1.0  # the centre square kept, as a fraction of each image's shorter side
     embedding_dim: int = 128
     modulate: list[str] | None = None
+    pool_grid: int = 1  # the last stage mean-pooled over a grid of this side (1: the whole map)
     steps: int | None = None  # total optimiser steps; wins over epochs
     epochs: int = 10
     per_task: int = 8  # triplets per task per batch (the official code's 8)
@@ -134,6 +135,7 @@ class TrainConfig:
             (self.per_task >= 1, "per_task", "(triplets per task per batch) must be at least 1"),
             (self.width is None or self.width >= 1, "width", "must be at least 1"),
             (self.embedding_dim >= 1, "embedding_dim", "must be at least 1"),
+            (1 <= self.pool_grid <= 8, "pool_grid", "(cells per side of the pooling grid) is from 1 to 8"),
             (self.image_size >= 8, "image_size", "must be at least 8 px"),
             (self.lr is None or self.lr > 0, "lr", "must be positive"),
             (self.weight_decay >= 0, "weight_decay", "must be at least 0"),
@@ -413,7 +415,7 @@ def train(
     features_seconds = 0.0  # computing a frozen backbone's features, before the first step
     if cfg.freeze_backbone:  # one frozen backbone's features serve every run of a compare
         shared = decoded.features if decoded is not None else {}
-        key = (cfg.backbone, cfg.width, cfg.pretrained, preprocess)
+        key = (cfg.backbone, cfg.width, cfg.pretrained, cfg.pool_grid, preprocess)
         both = np.concatenate([train_idx, val_idx])
         inputs, features_seconds = frozen_features(model, pixels, both, preprocess, progress, shared, key)
     val = fixed_triplets(dataset.labels, val_idx, cfg.val_triplets_per_task, seed=cfg.seed)

@@ -51,6 +51,10 @@ NeckOpt = Annotated[
     str | None, _recipe("batch (one batch norm) | task (statistics per task, where emb is modulated)")
 ]
 ModulateOpt = Annotated[str | None, _recipe("module places, e.g. 3,4,emb")]
+PoolGridOpt = Annotated[
+    int | None,
+    _recipe("mean-pool the last stage over a grid of N × N cells for the head (1: all of it)"),
+]
 WidthOpt = Annotated[
     int | None, typer.Option(help="base channel width; default: the recipe's, else backbone's")
 ]
@@ -176,6 +180,7 @@ def train(
     crop_scale: CropScaleOpt = None,
     width: WidthOpt = None,
     modulate: ModulateOpt = None,
+    pool_grid: PoolGridOpt = None,
     image_size: ImageSizeOpt = None,
     embedding_dim: int = 128,
     epochs: Annotated[int | None, typer.Option(help="epochs, instead of the recipe's steps")] = None,
@@ -216,6 +221,7 @@ def train(
     weights = _pretrained(pretrained, pretrained_path)
     given = {
         "modulation_init": modulation_init, "neck": neck, "width": width, "modulate": split(modulate),
+        "pool_grid": pool_grid,
         "epochs": epochs, "steps": steps, "per_task": per_task, "mining": mining, "warmup": warmup,
         "pretrained": weights, "augment": augment, "loss": loss, "crop_scale": crop_scale,
         "weight_decay": weight_decay, "ema": ema, "freeze_backbone": freeze_backbone,
@@ -340,6 +346,7 @@ def compare(
     modulation_init: ModulationInitOpt = None,
     neck: NeckOpt = None,
     modulate: ModulateOpt = None,
+    pool_grid: PoolGridOpt = None,
     backbone: BackboneOpt = None,
     width: WidthOpt = None,
     image_size: ImageSizeOpt = None,
@@ -394,6 +401,7 @@ def compare(
         "modulation_init": modulation_init,
         "neck": neck,
         "modulate": split(modulate),
+        "pool_grid": pool_grid,
         "width": width,
         "steps": steps,
         "per_task": per_task,

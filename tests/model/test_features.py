@@ -27,15 +27,18 @@ def _places(backbone: str) -> list[str]:
 @pytest.mark.parametrize("backbone", list(BACKBONES))
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("modulation", MODULATIONS)
-def test_embed_pooled_of_pooled_features_is_embed(backbone, arch, modulation):
-    """The last stage's modulation commutes with the pooling after it: the seam training uses over a
-    frozen backbone gives each (image, task) row exactly what serving computes from the pixels."""
+@pytest.mark.parametrize("pool_grid", [1, 2])
+def test_embed_pooled_of_pooled_features_is_embed(backbone, arch, modulation, pool_grid):
+    """The last stage's modulation commutes with the pooling after it (over each cell of a grid): the
+    seam training uses over a frozen backbone gives each (image, task) row exactly what serving computes
+    from the pixels."""
     model = tiny_model(task_names=TASKS, arch=arch, modulation=modulation, backbone=backbone, width=4,
-                       embedding_dim=8, modulate=_places(backbone), perturb=0.3)  # fmt: skip
+                       embedding_dim=8, modulate=_places(backbone), perturb=0.3,
+                       pool_grid=pool_grid)  # fmt: skip
     torch.manual_seed(1)
     images, tasks = torch.randn(5, 3, 32, 32), torch.tensor([0, 2, 1, 1, 0])
     with torch.no_grad():
-        pooled = model.trunk(0).pool_backbone(images)  # (5, C)
+        pooled = model.trunk(0).pool_backbone(images)  # (5, C·g²)
         if arch == "independent":  # each trunk its own backbone here (random weights): compare per trunk
             rows = torch.stack(
                 [model.trunk(int(t)).pool_backbone(images[i : i + 1])[0] for i, t in enumerate(tasks)]

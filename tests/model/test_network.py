@@ -125,11 +125,12 @@ def test_embed_tasks_equals_embed_of_repeated_images(arch, modulation, places, n
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("modulation", MODULATIONS)
-@pytest.mark.parametrize("places", PLACES)
+@pytest.mark.parametrize("places", [*PLACES, ["4", "emb"]])
 @pytest.mark.parametrize("neck", NECKS)
-def test_embed_pairs_equals_embed_of_each_pair(arch, modulation, places, neck, batch):
+@pytest.mark.parametrize("pool_grid", [1, 2])
+def test_embed_pairs_equals_embed_of_each_pair(arch, modulation, places, neck, pool_grid, batch):
     images, _ = batch
-    model = _perturbed(arch, modulation, modulate=places, neck=neck)
+    model = _perturbed(arch, modulation, modulate=places, neck=neck, pool_grid=pool_grid)
     # Images used by several rows, by none (image 5), out of order; tasks mixed and repeated.
     image_index = [0, 0, 3, 1, 6, 2, 3, 4, 0, 6]
     tasks = [1, 2, 2, 0, 3, 3, 0, 1, 1, 3]
@@ -382,6 +383,9 @@ def test_parameter_accounting(modulation):
         ({"task_names": ["a"], "modulation": "scalar"}, "unknown modulation"),
         ({"task_names": ["a"], "modulate": ["5"]}, "bad modulation place"),
         ({"task_names": ["a"], "neck": "layer"}, "unknown neck"),
+        ({"task_names": ["a"], "pool_grid": 0}, "pool_grid must be an integer from 1 to 8"),
+        ({"task_names": ["a"], "pool_grid": 9}, "pool_grid must be an integer from 1 to 8"),
+        ({"task_names": ["a"], "pool_grid": 2.0}, "pool_grid must be an integer from 1 to 8"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, message):
@@ -393,3 +397,16 @@ def test_default_placement_follows_the_official_code():
     assert ModelConfig(task_names=["a"]).resolved_modulate == ["3", "4", "emb"]
     assert ModelConfig(task_names=["a"], arch="mask").resolved_modulate == ["emb"]
     assert ModelConfig(task_names=["a"], arch="shared").resolved_modulate == []
+
+
+def test_a_pooling_grid_tells_where_in_the_image_a_feature_is():
+    """Mean pooling over the whole map cannot tell a feature on the left from the same one on the right; a
+    2 × 2 grid's cells can, so the head weighs regions (on aligned faces: eyes, mouth) apart."""
+    features = torch.zeros(2, 3, 4, 4)  # (B, C, h, w) after the last stage
+    features[0, :, :, :2], features[1, :, :, 2:] = 1.0, 1.0  # the same activation, left half or right
+    whole, grid = tiny(pool_grid=1).trunk(0), tiny(pool_grid=2).trunk(0)
+    assert torch.equal(whole.pool(features)[0], whole.pool(features)[1])
+    cells = grid.pool(features)  # (2, 3 * 4): per channel, the cells top-left, top-right, bottom-...
+    assert cells.shape == (2, 12) and not torch.equal(cells[0], cells[1])
+    assert cells[0].view(3, 2, 2)[:, :, 0].eq(1).all() and cells[0].view(3, 2, 2)[:, :, 1].eq(0).all()
+    assert grid.fc.in_features == 4 * tiny().trunk(0).fc.in_features  # the head reads every cell
