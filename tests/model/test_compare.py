@@ -59,6 +59,7 @@ def test_real_faces_train_over_frozen_sface_unless_another_backbone_is_asked_for
         "augment": (True, False),  # features computed once: no flips
         "lr": (None, 0.1),  # only the head trains: it takes a large step
         "steps": (2400, 6000),
+        "pool_grid": (1, 3),  # a cell of an aligned face is a region: where a feature is tells what it is
     }
 
 

