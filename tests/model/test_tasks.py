@@ -30,8 +30,9 @@ LAYOUTS = {
     "official": {},
     "matrix": {"modulation": "matrix", "neck": "task"},
     "mask": {"arch": "mask"},
-    # nothing before the last stage modulated: the new rows train from pooled features computed once
-    "pooled": {"modulate": ["4", "emb"], "modulation_init": "routing", "neck": "task"},
+    # nothing before the last stage modulated (pooled over a grid, as the face recipe): the new rows train
+    # from pooled features computed once
+    "pooled": {"modulate": ["4", "emb"], "modulation_init": "routing", "neck": "task", "pool_grid": 2},
 }
 NEW = "Bald"
 
@@ -166,7 +167,7 @@ def test_fingerprints_accept_the_child_for_old_tasks_and_differ_for_an_unrelated
 
 def _layout_of(model: MultiTaskEmbedder) -> dict:
     config = model.config.to_dict()
-    return {k: config[k] for k in ("arch", "modulation", "modulation_init", "neck", "modulate")}
+    return {k: config[k] for k in ("arch", "modulation", "modulation_init", "neck", "modulate", "pool_grid")}
 
 
 def test_remove_round_trip_restores_the_parent(trained: tuple, images: torch.Tensor) -> None:
