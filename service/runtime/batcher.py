@@ -20,12 +20,15 @@ non-empty or another request announced (``expecting``) and queues for the worker
 under load is unchanged. The model still runs one call at a time and never on the event loop.
 
 Load shedding: a job's cost is its image-task rows (images × tasks asked for). Besides the job count
-(``max_queue``), the queued rows are bounded by what the model gets through in ``max_queue_delay_s``: the
-worker measures its throughput (rows/s) on a full batch before it takes any job, and keeps the estimate
-current from the full batches it runs. A job that would wait longer is refused at once (``QueueFull``, a 503
-with Retry-After), so under overload latency stays bounded instead of growing with the queue.
-``max_queued_rows`` fixes the bound instead of measuring it. A job arriving at an empty queue is always
-taken, however large.
+(``max_queue``), the rows ahead of a new job are bounded by what the model gets through in
+``max_queue_delay_s``: the worker measures its throughput (rows/s) on a full batch before it takes any job,
+and keeps the estimate current from every batch it runs (under load the model runs slower than it did
+alone, and a slow model's batches are smaller than full). The rows ahead are the queued ones plus what is
+left of the batch in the model (its rows less the throughput times how long it has run): for a model
+whose full batch takes most of the budget, the batch being computed is most of a new job's wait. A job
+that would wait longer is refused at once (``QueueFull``, a 503 with Retry-After), so under overload
+latency stays bounded instead of growing with the queue. ``max_queued_rows`` fixes a bound on the queued
+rows alone instead of measuring it. A job arriving at an empty queue is always taken, however large.
 
 ``threads`` sets the worker's torch intra-op threads (``Settings.model_threads``: half the CPUs by default):
 one image through a small CNN gains little from a second thread, and spinning OpenMP threads take the
@@ -88,7 +91,7 @@ class _Job:
 
 _STOP = object()
 _POLL_S = 0.0005  # how often a forming batch re-checks whether a request is still on its way
-_EWMA = 0.2  # weight of the newest full batch in the throughput estimate
+_EWMA = 0.2  # weight of the newest batch in the throughput estimate
 _CALIBRATION_RUNS = 3  # timed full batches at start (after one untimed) when the bound is derived
 
 
@@ -136,6 +139,7 @@ class Batcher:
         self._rows_lock = threading.Lock()  # guards _queued_rows and _expected
         self._expected = 0  # requests preparing pixels that will be submitted soon
         self._queued_rows = 0
+        self._running: tuple[int, float] | None = None  # rows in the model now, and since when
         self.batches_run = 0
         self.images_embedded = 0
         self.inline_runs = 0  # jobs ``run_if_idle`` ran on their caller's thread
@@ -176,6 +180,13 @@ class Batcher:
     @property
     def queued_rows(self) -> int:
         return self._queued_rows
+
+    @property
+    def rows_ahead(self) -> int:
+        """The image-task rows a job submitted now waits for: the queued ones and what is left of the batch
+        in the model (what a measured bound counts)."""
+        with self._rows_lock:
+            return self._queued_rows + self._running_left()
 
     @property
     def max_queued_rows(self) -> int | None:
@@ -228,9 +239,10 @@ class Batcher:
         job = _Job(pixels, task_ids, rows=self._rows(int(pixels.shape[0]), task_ids))
         bound = self.max_queued_rows
         with self._rows_lock:
-            if bound is not None and self._queued_rows and self._queued_rows + job.rows > bound:
+            ahead = self._queued_rows + self._running_left()  # rows_ahead, under the lock held below
+            if bound is not None and self._queued_rows and ahead + job.rows > bound:
                 raise QueueFull(
-                    f"the model is {self._queued_rows} image-task rows behind, over the "
+                    f"the model is {ahead} image-task rows behind, over the "
                     f"{self.max_queue_delay_s} s it may queue ({bound} rows)"
                 )
             try:
@@ -241,6 +253,19 @@ class Batcher:
         if self.metrics is not None:
             self.metrics.queue_depth.set(self._queue.qsize())
         return job.future
+
+    def _running_left(self) -> int:
+        """Rows of the batch in the model that it has not got through yet, by the throughput estimate
+        (0 with a fixed bound, which counts queued rows only). Called under ``_rows_lock``."""
+        if self._running is None or self._fixed_bound is not None or not self.rows_per_second:
+            return 0
+        rows, since = self._running
+        return max(0, int(rows - (time.perf_counter() - since) * self.rows_per_second))
+
+    def _model_runs(self, rows: int | None) -> None:
+        """Mark ``rows`` as in the model from now (None: the model call ended)."""
+        with self._rows_lock:
+            self._running = None if rows is None else (rows, time.perf_counter())
 
     def run_if_idle(self, pixels: Tensor, task_ids: tuple[int, ...] | None) -> EmbedResult | None:
         """Blocking: embed ``pixels`` on the calling thread if the model is idle and nothing is queued
@@ -257,8 +282,12 @@ class Batcher:
             if self.threads is not None and torch.get_num_threads() != self.threads:
                 torch.set_num_threads(self.threads)  # OpenMP's thread count is per calling thread
             job = _Job(pixels, task_ids, rows=self._rows(int(pixels.shape[0]), task_ids))
+            self._model_runs(job.rows)
             started = time.perf_counter()
-            vectors = self._compute([job])[0]
+            try:
+                vectors = self._compute([job])[0]
+            finally:
+                self._model_runs(None)
             elapsed = time.perf_counter() - started
             self.inline_runs += 1
             self._count(job.size, job.rows, elapsed, queue_s=0.0)
@@ -368,11 +397,18 @@ class Batcher:
         log.info("model throughput %.0f image-task rows/s", self.rows_per_second)
 
     def _observe_throughput(self, rows: int, elapsed: float) -> None:
-        if elapsed <= 0 or rows < self.max_batch_size:
-            return  # only full batches say what the model can do under load
+        if elapsed <= 0 or rows <= 0:
+            return
         measured = rows / elapsed
         current = self.rows_per_second
-        self.rows_per_second = measured if current is None else (1 - _EWMA) * current + _EWMA * measured
+        if current is None:
+            self.rows_per_second = measured
+            return
+        # A small batch runs fewer rows a second than the model can, so it moves the estimate in proportion
+        # to its size: full batches say most, and a model whose batches stay small under load (it is slow,
+        # or the machine is busy) still has its estimate follow what it does.
+        weight = _EWMA * min(1.0, rows / self.max_batch_size)
+        self.rows_per_second = (1 - weight) * current + weight * measured
 
     def _compute_batch(self, jobs: list[_Job]) -> tuple[list[_Job], list[np.ndarray], float, float] | None:
         """Run the jobs not cancelled meanwhile, under the model lock: (those jobs, their vectors, start
@@ -380,6 +416,7 @@ class Batcher:
         live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
         if not live:
             return None
+        self._model_runs(sum(job.rows for job in live))
         started = time.perf_counter()
         try:
             outputs = self._compute(live)
@@ -388,6 +425,8 @@ class Batcher:
             for job in live:
                 job.future.set_exception(exc)
             return None
+        finally:
+            self._model_runs(None)
         elapsed = time.perf_counter() - started
         self._count(sum(job.size for job in live), sum(job.rows for job in live), elapsed, queue_s=None)
         return live, outputs, started, elapsed

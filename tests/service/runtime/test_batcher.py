@@ -99,7 +99,8 @@ def test_large_job_is_not_split_and_mixed_jobs_all_answer(batcher: Batcher) -> N
 
 
 def occupy(b: Batcher) -> concurrent.futures.Future[object]:
-    """Hand the worker a big job (hundreds of ms on this model) and wait until it has taken it."""
+    """Hand the worker a big job (hundreds of ms on this model) and wait until it has taken it. A batcher
+    that sheds by measured delay refuses what queues behind it: tests of queueing turn that off."""
     future = b.submit(images(3000), None)
     while b.queue_depth():
         threading.Event().wait(0.001)
@@ -107,7 +108,7 @@ def occupy(b: Batcher) -> concurrent.futures.Future[object]:
 
 
 def test_jobs_for_different_tasks_share_one_model_call(run: LoadedRun) -> None:
-    b = Batcher(run.model, max_batch_size=16, max_wait_ms=0, max_queue=64)
+    b = Batcher(run.model, max_batch_size=16, max_wait_ms=0, max_queue=64, max_queue_delay_s=None)
     b.start()
     stem_calls: list[int] = []
     hook = run.model.trunk(0).stem.register_forward_hook(lambda _m, a, _o: stem_calls.append(a[0].shape[0]))
@@ -131,7 +132,7 @@ def test_jobs_for_different_tasks_share_one_model_call(run: LoadedRun) -> None:
 
 
 def test_full_queue_refuses_immediately(run: LoadedRun) -> None:
-    b = Batcher(run.model, max_batch_size=1, max_wait_ms=0, max_queue=2)
+    b = Batcher(run.model, max_batch_size=1, max_wait_ms=0, max_queue=2, max_queue_delay_s=None)
     b.start()
     try:
         busy = occupy(b)
@@ -156,7 +157,7 @@ def test_stop_finishes_queued_jobs_then_refuses(run: LoadedRun) -> None:
 
 
 def test_cancelled_jobs_are_skipped(run: LoadedRun) -> None:
-    b = Batcher(run.model, max_batch_size=4, max_wait_ms=20, max_queue=64)
+    b = Batcher(run.model, max_batch_size=4, max_wait_ms=20, max_queue=64, max_queue_delay_s=None)
     b.start()
     try:
         occupy(b)
@@ -232,6 +233,46 @@ def test_queued_rows_past_the_bound_are_refused_and_accounted(run: LoadedRun) ->
             assert future.result(timeout=60).vectors.shape == (1, 3, 16)
         assert b.queued_rows == 0
         assert b.submit(images(1), (0,)).result(timeout=30).vectors.shape == (1, 1, 16)
+    finally:
+        b.stop()
+
+
+def test_the_batch_in_the_model_counts_against_the_measured_bound(run: LoadedRun) -> None:
+    # A slow model's full batch is most of a new job's wait: the rows it has left count as well as the
+    # queued ones, or a busy model would take a batch's worth of jobs that each wait for it to finish.
+    b = Batcher(run.model, max_batch_size=8, max_wait_ms=0, max_queue=64, max_queue_delay_s=0.02)
+    b.start()
+    try:
+        b.submit(images(1), (0,)).result(timeout=60)  # served after the worker measured itself
+        bound = b.max_queued_rows
+        assert bound is not None
+        busy = b.submit(images(3000), None)  # 3000 x 4 rows: many times what it may queue
+        while (b.queued_rows or not b.rows_ahead) and not busy.done():
+            threading.Event().wait(0.0001)  # until the worker has it in the model
+        assert b.queued_rows == 0 and b.rows_ahead > bound + 2
+        first = b.submit(images(1), (0,))  # an empty queue takes any job, however large
+        with pytest.raises(QueueFull, match="image-task rows behind"):
+            b.submit(images(1), (0,))  # 2 queued rows are within the bound; the batch ahead is not
+        assert not busy.done()
+        assert first.result(timeout=60).vectors.shape == (1, 1, 16)
+        busy.result(timeout=60)
+        assert b.rows_ahead == 0
+    finally:
+        b.stop()
+
+
+def test_the_throughput_estimate_follows_small_batches(run: LoadedRun) -> None:
+    # A model whose batches stay small under load (slow, or on a busy machine) would otherwise keep the
+    # estimate of an idle full batch and queue more than it can get through.
+    b = Batcher(run.model, max_batch_size=8, max_wait_ms=0, max_queue=64, max_queue_delay_s=0.5)
+    b.start()
+    try:
+        b.submit(images(1), (0,)).result(timeout=60)
+        b.rows_per_second = 1e12  # far above anything the model does
+        for i in range(60):
+            b.submit(images(1, seed=i), (0,)).result(timeout=60)  # one row a batch: weight 1/8 of a full one
+        assert b.rows_per_second is not None and b.rows_per_second < 0.5e12
+        assert b.rows_per_second > 0.01e12  # ...a small batch moves it less than a full batch would
     finally:
         b.stop()
 
