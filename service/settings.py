@@ -54,7 +54,8 @@ class Settings(BaseSettings):
     max_queue_delay_s: float = Field(
         default=1.0,
         gt=0,
-        description="longest expected wait for the model (queued image-task rows / measured throughput) "
+        description="longest expected wait for the model (queued image-task rows and what is left of the "
+        "batch in the model, over the measured throughput) "
         "before a search is shed with 503; at most half of request_timeout_s",
     )
     max_queued_rows: int | None = Field(
