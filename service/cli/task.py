@@ -37,9 +37,17 @@ def add(
     ] = None,
     num_images: Annotated[int | None, typer.Option(help="synthfaces count / real-data subsample")] = None,
     data_seed: Annotated[int, typer.Option(help="dataset generation and split seed")] = 0,
-    steps: Annotated[int | None, typer.Option(help="training steps (default 1000)")] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            help="training steps (default 1000; 4000 when the run modulates nothing before its last "
+            "stage, where a step costs the head alone)"
+        ),
+    ] = None,
     per_task: Annotated[int | None, typer.Option(help="triplets sampled per step (default 16)")] = None,
-    lr: Annotated[float | None, typer.Option(help="AdamW learning rate (default 0.03)")] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="AdamW learning rate (default 0.03; 0.1 where steps default to 4000)")
+    ] = None,
     init: Annotated[
         str | None,
         typer.Option(help="mean (of the run's rows; the default) | identity | routing (fresh routes)"),

@@ -8,7 +8,12 @@ import torch
 from model.data import load_dataset
 from model.network import MultiTaskEmbedder, TaskNeck
 from model.preprocess import Preprocess
-from model.task_runs import TaskTrainConfig, train_new_task
+from model.task_runs import (
+    POOLED_SEAM_SCHEDULE,
+    THROUGH_TRUNK_SCHEDULE,
+    TaskTrainConfig,
+    train_new_task,
+)
 from model.tasks import (
     TaskError,
     added_parameters,
@@ -248,6 +253,15 @@ def test_mean_init_starts_at_the_mean_of_the_models_rows() -> None:
     assert new_task(parent, NEW, init="mean").config.modulation_init == "routing"
     with pytest.raises(TaskError, match="unknown init 'bogus'; choose one of identity, routing, mean"):
         new_task(parent, NEW, init="bogus")  # type: ignore[arg-type]
+
+
+def test_over_a_pooled_seam_new_rows_take_more_and_larger_steps_unless_told() -> None:
+    through = tiny_model(perturb=0.5, **LAYOUTS["budget"])  # a module before the last stage
+    pooled = tiny_model(perturb=0.5, **LAYOUTS["pooled"])  # a step costs the head alone
+    assert TaskTrainConfig().schedule(through) == THROUGH_TRUNK_SCHEDULE == (1000, 0.03)
+    assert TaskTrainConfig().schedule(pooled) == POOLED_SEAM_SCHEDULE == (4000, 0.1)
+    assert TaskTrainConfig(steps=7).schedule(pooled) == (7, 0.1)
+    assert TaskTrainConfig(lr=0.5).schedule(through) == (1000, 0.5)
 
 
 @pytest.mark.parametrize(

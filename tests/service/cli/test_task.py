@@ -73,6 +73,7 @@ def test_add_writes_a_child_run_with_lineage_and_metrics(run_dir: Path, child: P
     assert entry["parent_run"] == str(run_dir.resolve()) and entry["parent_model_hash"] == parent.model_hash
     assert entry["parent_shared_fingerprint"] == parent.fingerprints.shared
     assert entry["data"]["dataset"] == "folder" and entry["data"]["tasks"] == [NEW]
+    assert entry["train"]["steps"] == 3 and entry["train"]["lr"] == 0.03  # as given; the seam's default lr
     metrics = json.loads((child / "metrics.json").read_text())
     parents = json.loads((run_dir / "metrics.json").read_text())["test"]["tasks"]
     assert {t: metrics["test"]["tasks"][t] for t in TASKS} == parents
