@@ -10,7 +10,10 @@ tasks (``embed_pairs``: every job's images under its own tasks as rows of one mi
 task-independent prefix once per image), and resolves every future with its rows. A full queue refuses at once
 (``QueueFull``: the request is answered 503 with Retry-After) rather than letting requests time out in
 line. The model only ever runs on this thread, never on the event loop.
-``max_batch_size=1`` turns batching off (one job per model call, still off the loop).
+``max_batch_size=1`` turns batching off (one job per model call, still off the loop). With shedding by
+measured delay (the default) the worker also measures which batch size up to ``max_batch_size`` runs the
+most rows a second, and batches no larger (``batch_limit``): on a CPU a large CNN can run slower per image
+in a big batch than alone.
 
 A request that finds the model idle and nothing queued does not hand its job over: ``run_if_idle`` runs
 it on the caller's own worker thread, under the same model lock the worker takes for a batch. A lone
@@ -120,6 +123,8 @@ class Batcher:
         self.num_tasks = model.num_tasks
         self.normalize = normalize  # uint8 pixels -> the model's input, applied on the model's device
         self.max_batch_size = max_batch_size
+        # Images per model call: max_batch_size, or the size calibration measured fastest (never more).
+        self.batch_limit = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.metrics = metrics
         self.max_queue_delay_s = max_queue_delay_s
@@ -196,7 +201,7 @@ class Batcher:
             return self._fixed_bound
         if self.max_queue_delay_s is None or self.rows_per_second is None:
             return None
-        return max(self.max_batch_size, int(self.rows_per_second * self.max_queue_delay_s))
+        return max(self.batch_limit, int(self.rows_per_second * self.max_queue_delay_s))
 
     @max_queued_rows.setter
     def max_queued_rows(self, rows: int | None) -> None:
@@ -349,12 +354,12 @@ class Batcher:
                 self._resolve(*done)
 
     def _collect(self, first: _Job) -> tuple[list[_Job], _Job | None, bool]:
-        """``first`` and what joins it (up to ``max_batch_size`` images): what is queued at once, and what
+        """``first`` and what joins it (up to ``batch_limit`` images): what is queued at once, and what
         announced requests submit within ``max_wait_ms``. Also the job that did not fit (carried to the
         next batch) and whether the stop sentinel was taken."""
         batch, size = [first], first.size
         deadline = time.perf_counter() + self.max_wait_s
-        while size < self.max_batch_size:
+        while size < self.batch_limit:
             try:
                 nxt = self._queue.get_nowait()  # what is already queued joins at once
             except queue.Empty:
@@ -369,32 +374,45 @@ class Batcher:
             if nxt is _STOP:
                 return batch, None, True
             assert isinstance(nxt, _Job)
-            if size + nxt.size > self.max_batch_size:
+            if size + nxt.size > self.batch_limit:
                 return batch, nxt, False
             batch.append(nxt)
             size += nxt.size
         return batch, None, False
 
     def _calibrate(self) -> None:
-        """Measure rows/s on a full batch of one task (the common request), before any job is taken."""
+        """Before any job is taken: measure rows/s on batches of one task (the common request) of 1, 2, 4, ...
+        up to ``max_batch_size`` images, and cap batches at the size that runs the most rows a second.
+        Batching pays for a small CNN (its per-call overhead is shared) but can cost for a large one on a
+        CPU, whose activations of many images at once no longer fit its caches."""
         size = getattr(self.model.config, "image_size", 0)
         if not size:
             return
-        pixels = torch.zeros((self.max_batch_size, 3, size, size), dtype=torch.uint8)
-        job = _Job(pixels if self.normalize is not None else pixels.float(), (0,))
+        sizes = sorted({min(2**i, self.max_batch_size) for i in range(self.max_batch_size.bit_length() + 1)})
+        rates: dict[int, float] = {}
         try:
             with self._model_lock:  # an inline job waits for it (``run_if_idle`` finds the model busy)
-                self._compute([job])  # untimed: first-call allocations, cuDNN autotuning
-                times = []
-                for _ in range(_CALIBRATION_RUNS):
-                    started = time.perf_counter()
-                    self._compute([job])
-                    times.append(time.perf_counter() - started)
+                for n in sizes:
+                    pixels = torch.zeros((n, 3, size, size), dtype=torch.uint8)
+                    job = _Job(pixels if self.normalize is not None else pixels.float(), (0,))
+                    self._compute([job])  # untimed: first-call allocations, cuDNN autotuning
+                    times = []
+                    for _ in range(_CALIBRATION_RUNS):
+                        started = time.perf_counter()
+                        self._compute([job])
+                        times.append(time.perf_counter() - started)
+                    rates[n] = n / max(sorted(times)[len(times) // 2], 1e-9)
         except Exception:  # a model that cannot run fails the first real batch, which reports it
             log.exception("throughput calibration failed; shedding by queue delay is off until a batch runs")
             return
-        self.rows_per_second = self.max_batch_size / sorted(times)[len(times) // 2]
-        log.info("model throughput %.0f image-task rows/s", self.rows_per_second)
+        self.batch_limit = max(rates, key=lambda n: (rates[n], -n))  # the fastest; of equals the smallest
+        self.rows_per_second = rates[self.batch_limit]
+        log.info(
+            "model throughput %.0f image-task rows/s in batches of up to %d images (%s)",
+            self.rows_per_second,
+            self.batch_limit,
+            ", ".join(f"{n}: {rate:.0f}/s" for n, rate in rates.items()),
+        )
 
     def _observe_throughput(self, rows: int, elapsed: float) -> None:
         if elapsed <= 0 or rows <= 0:
@@ -407,7 +425,7 @@ class Batcher:
         # A small batch runs fewer rows a second than the model can, so it moves the estimate in proportion
         # to its size: full batches say most, and a model whose batches stay small under load (it is slow,
         # or the machine is busy) still has its estimate follow what it does.
-        weight = _EWMA * min(1.0, rows / self.max_batch_size)
+        weight = _EWMA * min(1.0, rows / self.batch_limit)
         self.rows_per_second = (1 - weight) * current + weight * measured
 
     def _compute_batch(self, jobs: list[_Job]) -> tuple[list[_Job], list[np.ndarray], float, float] | None:

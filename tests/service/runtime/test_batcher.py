@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -277,6 +278,37 @@ def test_the_throughput_estimate_follows_small_batches(run: LoadedRun) -> None:
         b.stop()
 
 
+@pytest.mark.parametrize(("cost", "limit"), [("per_call", 4), ("grows_with_batch", 1)])
+def test_batches_are_capped_at_the_size_the_model_runs_fastest(run: LoadedRun, cost: str, limit: int) -> None:
+    # A forward hook on the stem stands in for where a model's time goes: a fixed cost per call (a small
+    # CNN's overhead, which a batch shares) or a cost per image that grows with the batch (a large CNN on
+    # a CPU whose caches a big batch overflows).
+    def slow(_m: torch.nn.Module, args: tuple[torch.Tensor, ...], _o: torch.Tensor) -> None:
+        n = args[0].shape[0]
+        time.sleep(0.004 if cost == "per_call" else 0.01 * n * n)
+
+    calls: list[int] = []
+    hooks = [
+        run.model.trunk(0).stem.register_forward_hook(slow),
+        run.model.trunk(0).stem.register_forward_hook(lambda _m, a, _o: calls.append(a[0].shape[0])),
+    ]
+    b = Batcher(run.model, max_batch_size=4, max_wait_ms=0, max_queue=64, max_queue_delay_s=5.0)
+    b.start()
+    try:
+        b.submit(images(1), (0,)).result(timeout=60)  # served after the worker measured itself
+        assert b.batch_limit == limit and b.rows_per_second is not None
+        calls.clear()
+        busy = b.submit(images(1), (0,))  # the worker runs it while the next ones queue
+        futures = [b.submit(images(1, seed=i), (0,)) for i in range(12)]
+        for future in [busy, *futures]:
+            assert future.result(timeout=60).vectors.shape == (1, 1, 16)
+        assert max(calls) <= limit
+    finally:
+        for hook in hooks:
+            hook.remove()
+        b.stop()
+
+
 def test_bound_derives_from_measured_throughput(run: LoadedRun) -> None:
     b = Batcher(run.model, max_batch_size=8, max_wait_ms=1, max_queue=64, max_queue_delay_s=0.5)
     b.start()
@@ -284,7 +316,7 @@ def test_bound_derives_from_measured_throughput(run: LoadedRun) -> None:
         b.submit(images(1), (0,)).result(timeout=60)  # served after the worker measured itself
         rate = b.rows_per_second
         assert rate is not None and rate > 0
-        assert b.max_queued_rows == max(8, int(rate * 0.5))
+        assert b.max_queued_rows == max(b.batch_limit, int(rate * 0.5))
         b.max_queued_rows = 5  # fixed (the setting) overrides the measurement
         assert b.max_queued_rows == 5
     finally:
