@@ -242,14 +242,8 @@ class Batcher:
         normalised on the model's device by ``normalize``) or already-normalised floats."""
         self._check(pixels, task_ids)
         job = _Job(pixels, task_ids, rows=self._rows(int(pixels.shape[0]), task_ids))
-        bound = self.max_queued_rows
         with self._rows_lock:
-            ahead = self._queued_rows + self._running_left()  # rows_ahead, under the lock held below
-            if bound is not None and self._queued_rows and ahead + job.rows > bound:
-                raise QueueFull(
-                    f"the model is {ahead} image-task rows behind, over the "
-                    f"{self.max_queue_delay_s} s it may queue ({bound} rows)"
-                )
+            self._refuse_past_bound(job.rows)
             try:
                 self._queue.put_nowait(job)
             except queue.Full:
@@ -258,6 +252,22 @@ class Batcher:
         if self.metrics is not None:
             self.metrics.queue_depth.set(self._queue.qsize())
         return job.future
+
+    def check_room(self, images: int, task_ids: tuple[int, ...] | None) -> None:
+        """``QueueFull`` now if a job of ``images`` under ``task_ids`` would be refused were it submitted
+        now: a request checks before it decodes, so that under overload a refusal costs no decoding."""
+        with self._rows_lock:
+            self._refuse_past_bound(self._rows(images, task_ids))
+
+    def _refuse_past_bound(self, rows: int) -> None:
+        """``QueueFull`` if ``rows`` more would wait past the bound. Called under ``_rows_lock``."""
+        bound = self.max_queued_rows
+        ahead = self._queued_rows + self._running_left()
+        if bound is not None and self._queued_rows and ahead + rows > bound:
+            raise QueueFull(
+                f"the model is {ahead} image-task rows behind, over the "
+                f"{self.max_queue_delay_s} s it may queue ({bound} rows)"
+            )
 
     def _running_left(self) -> int:
         """Rows of the batch in the model that it has not got through yet, by the throughput estimate

@@ -58,6 +58,14 @@ async def embed(
         raise Overloaded("the model worker is stopping", retry_after_s=retry_after_s) from None
 
 
+def check_room(loaded: Loaded, images: int, task_ids: tuple[int, ...] | None, retry_after_s: int) -> None:
+    """``Overloaded`` now if the batcher would refuse ``images`` under ``task_ids`` (before any decoding)."""
+    try:
+        loaded.batcher.check_room(images, task_ids)
+    except QueueFull as exc:
+        raise Overloaded(f"{exc}; retry shortly", retry_after_s=retry_after_s) from None
+
+
 def embed_blocking(
     loaded: Loaded, pixels: Tensor, task_ids: tuple[int, ...] | None, retry_after_s: int, timeout_s: float
 ) -> EmbedResult:

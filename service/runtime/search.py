@@ -26,7 +26,7 @@ from index.served import ServedGallery
 from index.store import UnknownIdError
 from model.data.base import LabelValue
 from service.runtime import ranking
-from service.runtime.embedding import embed_blocking, prepare, split_by_task
+from service.runtime.embedding import check_room, embed_blocking, prepare, split_by_task
 from service.runtime.errors import ImageNotFound, VectorUnavailable
 from service.runtime.loaded import Loaded
 from service.runtime.queries import WeightedTask, describe
@@ -72,11 +72,12 @@ def embedded_query(
     loaded: Loaded, params: SearchParams, image: bytes, settings: Settings, timing: dict[str, float]
 ) -> dict[str, np.ndarray]:
     """Blocking: the query image's vector under each needed task (every task when explaining)."""
+    task_ids = None if params.explain else tuple(t.index for t in params.tasks)
+    check_room(loaded, 1, task_ids, settings.retry_after_s)  # overloaded: refused before decoding
     start = time.perf_counter()
     with loaded.batcher.expecting():  # a batch forming now may wait for this request's pixels
         prepared = prepare([image], settings.max_image_pixels, loaded.decode_budget, loaded.run.preprocess)
     timing["decode"] = (time.perf_counter() - start) * 1000
-    task_ids = None if params.explain else tuple(t.index for t in params.tasks)
     result = embed_blocking(
         loaded, prepared.pixels, task_ids, settings.retry_after_s, settings.request_timeout_s
     )

@@ -253,6 +253,8 @@ def test_the_batch_in_the_model_counts_against_the_measured_bound(run: LoadedRun
         assert b.queued_rows == 0 and b.rows_ahead > bound + 2
         first = b.submit(images(1), (0,))  # an empty queue takes any job, however large
         with pytest.raises(QueueFull, match="image-task rows behind"):
+            b.check_room(1, (0,))  # what a request asks before it decodes its image
+        with pytest.raises(QueueFull, match="image-task rows behind"):
             b.submit(images(1), (0,))  # 2 queued rows are within the bound; the batch ahead is not
         assert not busy.done()
         assert first.result(timeout=60).vectors.shape == (1, 1, 16)
