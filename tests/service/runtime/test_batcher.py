@@ -25,7 +25,15 @@ def run(run_dir: Path) -> LoadedRun:
 
 @pytest.fixture
 def batcher(run: LoadedRun) -> Iterator[Batcher]:
-    b = Batcher(run.model, max_batch_size=16, max_wait_ms=50, max_queue=64, metrics=ServiceMetrics())
+    # no shedding by delay, so no calibration: batches of up to max_batch_size, whatever the machine measures
+    b = Batcher(
+        run.model,
+        max_batch_size=16,
+        max_wait_ms=50,
+        max_queue=64,
+        metrics=ServiceMetrics(),
+        max_queue_delay_s=None,
+    )
     b.start()
     yield b
     b.stop()
@@ -67,7 +75,7 @@ def test_concurrent_jobs_are_batched_together(batcher: Batcher) -> None:
 
 
 def test_a_lone_job_runs_at_once_and_an_announced_one_is_waited_for(run: LoadedRun) -> None:
-    b = Batcher(run.model, max_batch_size=8, max_wait_ms=5000, max_queue=16)
+    b = Batcher(run.model, max_batch_size=8, max_wait_ms=5000, max_queue=16, max_queue_delay_s=None)
     b.start()
     try:
         lone = b.submit(images(1), (0,)).result(timeout=30)
