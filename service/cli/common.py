@@ -53,6 +53,20 @@ def load_settings(**overrides: Any) -> Settings:
         raise fail("invalid settings: " + "; ".join(problems)) from None
 
 
+def interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` is a Ctrl-C, or an error a Ctrl-C caused: Python 3.11 wraps what a class body's
+    ``__set_name__`` raises in a ``RuntimeError``, so a Ctrl-C that lands in a lazy import (torch's
+    dataclasses, at a first optimiser step) arrives as one, with the ``KeyboardInterrupt`` as its cause."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def problems_found() -> typer.Exit:
     """The ``typer.Exit`` to raise when a check finished and reported problems (exit 1)."""
     return typer.Exit(code=EXIT_PROBLEMS)

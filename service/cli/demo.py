@@ -40,7 +40,7 @@ from index.store import BACKENDS
 from model.compare import SYNTHFACES_BUDGET
 from model.run import LoadedRun
 from model.train import DataConfig, TrainConfig
-from service.cli.common import DeviceOpt, load_settings
+from service.cli.common import DeviceOpt, interrupted, load_settings
 from service.cli.demo_cache import DemoPaths, data_dir_lock, prepare_index, prepare_run
 from service.cli.demo_example import Example, find_example, write_example
 from service.settings import Settings
@@ -205,9 +205,11 @@ def demo(
             run = prepare_run(paths, cfg, retrain=retrain, say=say)
             prepare_index(paths, run, n, backend=backend, milvus_uri=milvus_uri, say=say)
             example = prepare_example(paths, run, settings.max_image_pixels, say)
-    except KeyboardInterrupt:
+    except BaseException as exc:
         # Ctrl-C while preparing is a user's stop, not a failure (``make demo`` must not report Error 130);
         # what was being built lives in a staging directory, so the next start rebuilds it.
+        if not interrupted(exc):
+            raise
         say("interrupted: nothing half-built was kept; run modret demo again to continue")
         raise typer.Exit(0) from None
     tasks = run.task_names
