@@ -68,12 +68,25 @@ def stored_vectors(gallery: ServedGallery, item_id: int, tasks: Sequence[str]) -
     return out
 
 
+def query_task_ids(params: SearchParams) -> tuple[int, ...] | None:
+    """The tasks the query image is embedded under (None: every task, to explain)."""
+    return None if params.explain else tuple(t.index for t in params.tasks)
+
+
+def refuse_if_overloaded(loaded: Loaded, params: SearchParams, settings: Settings) -> None:
+    """``Overloaded`` now if the query image would be refused: called on the event loop before the body is
+    read (it takes only the batcher's row lock), so that under overload a refusal costs neither the upload
+    nor a thread hop, and clients that resend at once cannot starve the model of the CPU it needs."""
+    if params.by_id is None:
+        check_room(loaded, 1, query_task_ids(params), settings.retry_after_s)
+
+
 def embedded_query(
     loaded: Loaded, params: SearchParams, image: bytes, settings: Settings, timing: dict[str, float]
 ) -> dict[str, np.ndarray]:
     """Blocking: the query image's vector under each needed task (every task when explaining)."""
-    task_ids = None if params.explain else tuple(t.index for t in params.tasks)
-    check_room(loaded, 1, task_ids, settings.retry_after_s)  # overloaded: refused before decoding
+    task_ids = query_task_ids(params)
+    check_room(loaded, 1, task_ids, settings.retry_after_s)  # overloaded since the body came: not decoded
     start = time.perf_counter()
     with loaded.batcher.expecting():  # a batch forming now may wait for this request's pixels
         prepared = prepare([image], settings.max_image_pixels, loaded.decode_budget, loaded.run.preprocess)

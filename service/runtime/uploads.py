@@ -8,7 +8,7 @@ from anyio.to_thread import run_sync
 
 from index.metadata import NewItem, content_hash
 from model.data.base import LabelValue
-from service.runtime.embedding import embed, prepare
+from service.runtime.embedding import check_room, embed, prepare
 from service.runtime.loaded import Loaded
 from service.schemas import AddedImage, AddImagesResponse
 
@@ -22,12 +22,19 @@ class Upload:
     labels: dict[str, LabelValue] = field(default_factory=dict)
 
 
+def refuse_if_overloaded(loaded: Loaded, retry_after_s: int) -> None:
+    """``Overloaded`` now if even one upload would be refused: called on the event loop before the body is
+    read (it takes only the batcher's row lock), so that under overload a refusal costs no upload."""
+    check_room(loaded, 1, None, retry_after_s)
+
+
 async def add_uploads(
     loaded: Loaded, uploads: list[Upload], max_image_pixels: int, retry_after_s: int
 ) -> AddImagesResponse:
     """Decode (hardened), embed under every task, store: answered once the one log record holding every
     upload of the request is durable."""
     data = [upload.data for upload in uploads]
+    check_room(loaded, len(data), None, retry_after_s)  # overloaded since the body came: not decoded
     prepared = await run_sync(prepare, data, max_image_pixels, loaded.decode_budget, loaded.run.preprocess)
     result = await embed(loaded, prepared.pixels, None, retry_after_s)
     items = [

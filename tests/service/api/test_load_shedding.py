@@ -5,11 +5,13 @@ served, and the refusals are counted in ``/metrics``."""
 from __future__ import annotations
 
 import concurrent.futures
+import socket
 import threading
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 import torch
 
 from service.runtime.loaded import Loaded
@@ -57,3 +59,37 @@ def test_overload_is_shed_early_with_retry_after(run_dir: Path, index_dir: Path)
             assert 'modret_rejects_total{reason="unavailable"} 5.0' in metrics
             after = client.post("/search", params={"task": "Smiling"}, files={"image": ("q.png", image)})
         assert after.status_code == 200  # the queue drained: served again
+
+
+@pytest.mark.parametrize("target", ["/search?task=Smiling", "/images"])
+def test_an_overloaded_upload_is_refused_before_its_body_is_read(
+    run_dir: Path, index_dir: Path, target: str
+) -> None:
+    # The head announces a body that never comes: only a refusal made before reading it can answer, so
+    # clients that resend at once under overload cost the server no upload and no thread hop.
+    settings = settings_for(run_dir, index_dir, max_queued_rows=1, retry_after_s=3)
+    with running_server(settings) as server:
+        batcher = server.app.state.modret.loaded.batcher
+        size = server.app.state.modret.loaded.run.preprocess.image_size
+        busy = batcher.submit(torch.zeros((BUSY_IMAGES, 3, size, size), dtype=torch.uint8), None)
+        while batcher.queue_depth():
+            time.sleep(0.001)  # the worker has taken the big job
+        queued = batcher.submit(torch.zeros((1, 3, size, size), dtype=torch.uint8), (0,))  # the bound's row
+        host, port = server.url.removeprefix("http://").split(":")
+        head = (
+            f"POST {target} HTTP/1.1\r\nHost: {host}\r\n"
+            "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n"
+        )
+        with socket.create_connection((host, int(port)), timeout=20) as sock:
+            sock.sendall(head.encode())
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                chunk = sock.recv(65536)
+                assert chunk, answer
+                answer += chunk
+        status_line, *headers = answer.split(b"\r\n\r\n")[0].decode().split("\r\n")
+        assert status_line.startswith("HTTP/1.1 503"), answer[:500]
+        assert "retry-after: 3" in [h.lower() for h in headers], headers
+        assert not busy.done()  # answered while the model was still busy, not once the queue drained
+        assert queued.result(timeout=120).vectors.shape[0] == 1
+        assert busy.result(timeout=120).vectors.shape[0] == BUSY_IMAGES
