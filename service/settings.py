@@ -58,6 +58,12 @@ class Settings(BaseSettings):
         "batch in the model, over the measured throughput) "
         "before a search is shed with 503; at most half of request_timeout_s",
     )
+    pace_early_retries: bool = Field(
+        default=True,
+        description="a connection that is refused again (503 or 429 with Retry-After) before the "
+        "Retry-After it was given has passed gets that refusal once the time has passed (at most half of "
+        "request_timeout_s): clients that resend at once are paced; served requests are never held",
+    )
     max_queued_rows: int | None = Field(
         default=None, ge=1, description="fixed bound on queued image-task rows instead of the measured one"
     )

@@ -5,8 +5,8 @@ warm-up pass (one batch through the model and one search per task) and only then
 shutdown readiness goes to 503 first, the batcher finishes its queued jobs, and the gallery is saved.
 
 Middleware, outermost first: the one-line startup failure (lifespan only) → request log (request id,
-latency metric) → body limit → request timeout → CORS (only when origins are configured) → HEAD as GET
-→ routes.
+latency metric) → body limit → request timeout → CORS (only when origins are configured) → retry pacing
+(``MODRET_PACE_EARLY_RETRIES``) → HEAD as GET → routes.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from service.api.middleware import (
     HeadAsGetMiddleware,
     RequestLogMiddleware,
     RequestTimeoutMiddleware,
+    RetryPacingMiddleware,
 )
 from service.api.routes import admin, docs, health, images, metrics, search, tasks, ui
 from service.runtime.loaded import LOAD_ERRORS, load, shut_down, warm_up
@@ -111,6 +112,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     docs.mount_docs(app, keyed=settings.api_key is not None and not settings.public_docs)
     app.add_middleware(HeadAsGetMiddleware)
+    if settings.pace_early_retries:
+        app.add_middleware(RetryPacingMiddleware, max_hold_s=settings.request_timeout_s / 2)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -1,4 +1,5 @@
-"""The app's ASGI middleware, outermost first: request log → body limit → request timeout → HEAD as GET.
+"""The app's ASGI middleware, outermost first: request log → body limit → request timeout → retry pacing →
+HEAD as GET.
 
 - **Request log.** The request id is the client's ``X-Request-ID`` when it is short and plain, a fresh one
   otherwise; it is echoed in the response header and in error bodies. Routes add the task they served with
@@ -11,6 +12,12 @@
   that a client still writing gets to read the 413 instead of a connection reset.
 - **Request timeout.** Past ``timeout_s`` the request is cancelled and, when no response has started yet,
   answered 504 with a JSON error (work already handed to a thread finishes there and is discarded).
+- **Retry pacing.** A connection refused with ``Retry-After`` (a 503 or 429: overloaded, decode memory
+  in use, a database away) that sends its next request before that time has passed, and is refused again,
+  gets the second refusal only once the time it was told has passed (at most ``max_hold_s``). A client
+  that resends at once, ignoring ``Retry-After``, is so paced to what it was asked; a client that waits
+  never notices, and a request that is served is never held. Without it, cheap refusals sent back at
+  once to clients that resend at once take the CPU the model needs, and the service serves fewer.
 - **HEAD as GET.** FastAPI's routes list only GET where Starlette's also take HEAD: a HEAD request is
   routed as its GET (status and headers, ``Content-Length`` included) and uvicorn, which still sees the
   HEAD, sends no body; monitors and caches probe with HEAD.
@@ -217,6 +224,56 @@ class RequestTimeoutMiddleware:
                 raise
             message = f"request took longer than {self.timeout_s:g} s"
             await send_json_error(send, scope, 504, "timeout", message)
+
+
+_PACED_STATUSES = frozenset({429, 503})
+
+
+class RetryPacingMiddleware:
+    def __init__(self, app: ASGIApp, max_hold_s: float, max_connections: int = 4096) -> None:
+        self.app = app
+        self.max_hold_s = max_hold_s
+        self.max_connections = max_connections  # connections remembered at once (oldest forgotten first)
+        self._until: dict[tuple[str, int], float] = {}  # connection -> when its last Retry-After ends
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client = scope.get("client")
+        if scope["type"] != "http" or not client:
+            await self.app(scope, receive, send)
+            return
+        key = (str(client[0]), int(client[1]))  # one TCP connection (a new one gets a new port)
+
+        async def paced_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] in _PACED_STATUSES:
+                retry_after = _retry_after_s(message)
+                if retry_after is not None:
+                    now = time.monotonic()
+                    until = self._until.pop(key, None)
+                    if until is not None and until > now:  # back before it was told: wait out the rest
+                        await anyio.sleep(min(until - now, self.max_hold_s))
+                        now = time.monotonic()
+                    self._remember(key, now + retry_after, now)
+            await send(message)
+
+        await self.app(scope, receive, paced_send)
+
+    def _remember(self, key: tuple[str, int], until: float, now: float) -> None:
+        if len(self._until) >= self.max_connections:
+            for old in [k for k, t in self._until.items() if t <= now]:
+                del self._until[old]
+            while len(self._until) >= self.max_connections:
+                del self._until[next(iter(self._until))]  # the longest-remembered first
+        self._until[key] = until
+
+
+def _retry_after_s(message: Message) -> float | None:
+    for name, value in message.get("headers", []):
+        if name.lower() == b"retry-after":
+            try:
+                return float(value)
+            except ValueError:
+                return None  # an HTTP date: not what this service sends
+    return None
 
 
 class HeadAsGetMiddleware:

@@ -32,6 +32,10 @@ whose full batch takes most of the budget, the batch being computed is most of a
 that would wait longer is refused at once (``QueueFull``, a 503 with Retry-After), so under overload
 latency stays bounded instead of growing with the queue. ``max_queued_rows`` fixes a bound on the queued
 rows alone instead of measuring it. A job arriving at an empty queue is always taken, however large.
+Requests are also counted from before their bodies are read until they end (``admitted``): at high
+concurrency most requests in flight are waiting for a worker thread or decoding, where the queue cannot
+see them, so the bound counts the admitted rows when they are more than the queue and the batch in the
+model, and a request past it is refused before it costs an upload or a thread hop.
 
 ``threads`` sets the worker's torch intra-op threads (``Settings.model_threads``: half the CPUs by default):
 one image through a small CNN gains little from a second thread, and spinning OpenMP threads take the
@@ -141,9 +145,10 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self._accepting = False
         self._lock = threading.Lock()
-        self._rows_lock = threading.Lock()  # guards _queued_rows and _expected
+        self._rows_lock = threading.Lock()  # guards _queued_rows, _admitted_rows, _running and _expected
         self._expected = 0  # requests preparing pixels that will be submitted soon
         self._queued_rows = 0
+        self._admitted_rows = 0  # rows of requests admitted (``admit``) and not yet ended
         self._running: tuple[int, float] | None = None  # rows in the model now, and since when
         self.batches_run = 0
         self.images_embedded = 0
@@ -253,17 +258,39 @@ class Batcher:
             self.metrics.queue_depth.set(self._queue.qsize())
         return job.future
 
+    @contextmanager
+    def admitted(self, images: int, task_ids: tuple[int, ...] | None) -> Iterator[None]:
+        """Count a request's rows from before its body is read until it ends (the block); ``QueueFull`` on
+        entry if they would wait past the bound. Ahead of it are the admitted requests still in flight
+        (reading their bodies, waiting for a worker thread, decoding, queued, in the model) or, if more,
+        the queue and the batch in the model: the queue alone does not see requests that wait for a thread
+        or decode, which at high concurrency are most of them."""
+        rows = self._rows(images, task_ids)
+        with self._rows_lock:
+            self._refuse_past_bound(rows, admitted=self._admitted_rows)
+            self._admitted_rows += rows
+        try:
+            yield
+        finally:
+            with self._rows_lock:
+                self._admitted_rows -= rows
+
+    @property
+    def admitted_rows(self) -> int:
+        return self._admitted_rows
+
     def check_room(self, images: int, task_ids: tuple[int, ...] | None) -> None:
         """``QueueFull`` now if a job of ``images`` under ``task_ids`` would be refused were it submitted
         now: a request checks before it decodes, so that under overload a refusal costs no decoding."""
         with self._rows_lock:
             self._refuse_past_bound(self._rows(images, task_ids))
 
-    def _refuse_past_bound(self, rows: int) -> None:
-        """``QueueFull`` if ``rows`` more would wait past the bound. Called under ``_rows_lock``."""
+    def _refuse_past_bound(self, rows: int, admitted: int = 0) -> None:
+        """``QueueFull`` if ``rows`` more would wait past the bound, behind the queue and the batch in the
+        model, or behind ``admitted`` rows if more. Called under ``_rows_lock``."""
         bound = self.max_queued_rows
-        ahead = self._queued_rows + self._running_left()
-        if bound is not None and self._queued_rows and ahead + rows > bound:
+        ahead = max(admitted, self._queued_rows + self._running_left())
+        if bound is not None and (self._queued_rows or admitted) and ahead + rows > bound:
             raise QueueFull(
                 f"the model is {ahead} image-task rows behind, over the "
                 f"{self.max_queue_delay_s} s it may queue ({bound} rows)"

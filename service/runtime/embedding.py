@@ -11,7 +11,8 @@ nothing is queued (``Batcher.run_if_idle``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +57,22 @@ async def embed(
         raise Overloaded(f"{exc}; retry shortly", retry_after_s=retry_after_s) from None
     except BatcherStopped:
         raise Overloaded("the model worker is stopping", retry_after_s=retry_after_s) from None
+
+
+@contextmanager
+def admitted(
+    loaded: Loaded, images: int, task_ids: tuple[int, ...] | None, retry_after_s: int
+) -> Iterator[None]:
+    """A request's rows counted against the batcher's bound for the block (``Batcher.admitted``);
+    ``Overloaded`` on entry if they would wait past it. Entered on the event loop before the body is read
+    (it takes only the batcher's row lock), so that under overload a refusal costs neither the upload nor a
+    thread hop."""
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(loaded.batcher.admitted(images, task_ids))
+        except QueueFull as exc:
+            raise Overloaded(f"{exc}; retry shortly", retry_after_s=retry_after_s) from None
+        yield
 
 
 def check_room(loaded: Loaded, images: int, task_ids: tuple[int, ...] | None, retry_after_s: int) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import anyio.to_thread
@@ -25,7 +26,7 @@ import numpy as np
 from index.served import ServedGallery
 from index.store import UnknownIdError
 from model.data.base import LabelValue
-from service.runtime import ranking
+from service.runtime import embedding, ranking
 from service.runtime.embedding import check_room, embed_blocking, prepare, split_by_task
 from service.runtime.errors import ImageNotFound, VectorUnavailable
 from service.runtime.loaded import Loaded
@@ -73,12 +74,12 @@ def query_task_ids(params: SearchParams) -> tuple[int, ...] | None:
     return None if params.explain else tuple(t.index for t in params.tasks)
 
 
-def refuse_if_overloaded(loaded: Loaded, params: SearchParams, settings: Settings) -> None:
-    """``Overloaded`` now if the query image would be refused: called on the event loop before the body is
-    read (it takes only the batcher's row lock), so that under overload a refusal costs neither the upload
-    nor a thread hop, and clients that resend at once cannot starve the model of the CPU it needs."""
-    if params.by_id is None:
-        check_room(loaded, 1, query_task_ids(params), settings.retry_after_s)
+def admitted(loaded: Loaded, params: SearchParams, settings: Settings) -> AbstractContextManager[None]:
+    """The search counted against the model's bound while the block runs, or ``Overloaded`` on entry
+    (``embedding.admitted``); a search by id does not use the model and is always admitted."""
+    if params.by_id is not None:
+        return nullcontext()
+    return embedding.admitted(loaded, 1, query_task_ids(params), settings.retry_after_s)
 
 
 def embedded_query(

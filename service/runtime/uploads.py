@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 from anyio.to_thread import run_sync
 
 from index.metadata import NewItem, content_hash
 from model.data.base import LabelValue
+from service.runtime import embedding
 from service.runtime.embedding import check_room, embed, prepare
 from service.runtime.loaded import Loaded
 from service.schemas import AddedImage, AddImagesResponse
@@ -22,10 +24,10 @@ class Upload:
     labels: dict[str, LabelValue] = field(default_factory=dict)
 
 
-def refuse_if_overloaded(loaded: Loaded, retry_after_s: int) -> None:
-    """``Overloaded`` now if even one upload would be refused: called on the event loop before the body is
-    read (it takes only the batcher's row lock), so that under overload a refusal costs no upload."""
-    check_room(loaded, 1, None, retry_after_s)
+def admitted(loaded: Loaded, retry_after_s: int) -> AbstractContextManager[None]:
+    """An upload request counted against the model's bound while the block runs, as one image under every
+    task (its count is known once the body is read), or ``Overloaded`` on entry (``embedding.admitted``)."""
+    return embedding.admitted(loaded, 1, None, retry_after_s)
 
 
 async def add_uploads(

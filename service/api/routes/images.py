@@ -16,7 +16,7 @@ from service.api.errors import responses
 from service.runtime import browse
 from service.runtime.errors import ImageNotFound
 from service.runtime.images import MEDIA_TYPES
-from service.runtime.uploads import add_uploads, refuse_if_overloaded
+from service.runtime.uploads import add_uploads, admitted
 from service.schemas import AddImagesResponse, Deleted, ImageInfo, ImagePage
 
 router = APIRouter(tags=["gallery"])
@@ -60,9 +60,9 @@ _UPLOAD_BODY: dict[str, Any] = {
 )
 async def add_images(request: Request, loaded: LoadedDep, state: StateDep) -> AddImagesResponse:
     settings = state.settings
-    refuse_if_overloaded(loaded, settings.retry_after_s)
-    uploads = await read_gallery_uploads(request, settings)
-    return await add_uploads(loaded, uploads, settings.max_image_pixels, settings.retry_after_s)
+    with admitted(loaded, settings.retry_after_s):  # overloaded: refused before the upload is read
+        uploads = await read_gallery_uploads(request, settings)
+        return await add_uploads(loaded, uploads, settings.max_image_pixels, settings.retry_after_s)
 
 
 @router.get(

@@ -81,8 +81,8 @@ async def search(
     loaded.check_indexed([t.name for t in tasks])
     note_task(request, tasks[0].name if len(tasks) == 1 else "combined")
     params = SearchParams(tasks, k, offset, min_score, parse_filters(filters), explain, by_id)
-    searching.refuse_if_overloaded(loaded, params, state.settings)
-    image = None if by_id is not None else await read_query_image(request, state.settings)
-    # The body is encoded in the ranking thread (a SearchResponse); the event loop only sends it.
-    body = await searching.search(loaded, params, image, state.settings, state.metrics)
+    with searching.admitted(loaded, params, state.settings):  # overloaded: refused before the body is read
+        image = None if by_id is not None else await read_query_image(request, state.settings)
+        # The body is encoded in the ranking thread (a SearchResponse); the event loop only sends it.
+        body = await searching.search(loaded, params, image, state.settings, state.metrics)
     return Response(body, media_type="application/json")

@@ -8,15 +8,17 @@ import concurrent.futures
 import socket
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
+from service.runtime.batcher import EmbedResult
 from service.runtime.loaded import Loaded
 from tests.factories import face
-from tests.service.api.server import error_of, running_server, settings_for
+from tests.service.api.server import Server, error_of, running_server, settings_for
 
 BUSY_IMAGES = 4000  # one direct job of this many images keeps the tiny model busy for a while
 
@@ -93,3 +95,41 @@ def test_an_overloaded_upload_is_refused_before_its_body_is_read(
         assert not busy.done()  # answered while the model was still busy, not once the queue drained
         assert queued.result(timeout=120).vectors.shape[0] == 1
         assert busy.result(timeout=120).vectors.shape[0] == BUSY_IMAGES
+
+
+def _overload(server: Server) -> tuple[Future[EmbedResult], Future[EmbedResult]]:
+    """Keep the model busy with one big direct job and fill a 1-row bound: every search is refused."""
+    batcher = server.app.state.modret.loaded.batcher
+    size = server.app.state.modret.loaded.run.preprocess.image_size
+    busy = batcher.submit(torch.zeros((BUSY_IMAGES, 3, size, size), dtype=torch.uint8), None)
+    while batcher.queue_depth():
+        time.sleep(0.001)  # the worker has taken the big job
+    return busy, batcher.submit(torch.zeros((1, 3, size, size), dtype=torch.uint8), (0,))
+
+
+@pytest.mark.parametrize("pace", [True, False])
+def test_a_connection_that_ignores_retry_after_is_paced_to_it(
+    run_dir: Path, index_dir: Path, pace: bool
+) -> None:
+    settings = settings_for(run_dir, index_dir, max_queued_rows=1, retry_after_s=1, pace_early_retries=pace)
+    image = face(400)[0]
+    with running_server(settings) as server:
+        busy, queued = _overload(server)
+        with server.client() as client, server.client() as other:
+            post = lambda c: c.post("/search", params={"task": "Smiling"}, files={"image": ("q.png", image)})  # noqa: E731
+            first = post(client)
+            elsewhere = post(other)  # another connection's first refusal is not held
+            assert not busy.done()  # refused while the model was still busy
+            started = time.monotonic()
+            again = post(client)  # at once, on the same connection, as if Retry-After were not there
+            held = time.monotonic() - started  # refused at once; only its sending may wait
+            assert [first.status_code, elsewhere.status_code, again.status_code] == [503] * 3
+            assert error_of(again)["error"] == "overloaded" and again.headers["retry-after"] == "1"
+            if pace:
+                assert held >= 0.8, held  # the second refusal waited out the Retry-After of the first
+            busy.result(timeout=120)
+            queued.result(timeout=120)
+            served = post(client)  # on the paced connection, within its Retry-After: served, not held
+            assert served.status_code == 200, served.text[:300]
+        if not pace:
+            assert held < 0.8, held

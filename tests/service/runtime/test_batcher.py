@@ -246,6 +246,34 @@ def test_queued_rows_past_the_bound_are_refused_and_accounted(run: LoadedRun) ->
         b.stop()
 
 
+def test_admitted_requests_count_before_they_queue_and_until_they_end(run: LoadedRun) -> None:
+    # At high concurrency most requests in flight wait for a worker thread or decode, where the queue
+    # cannot see them: admitted before their bodies are read, they count against the bound until they end.
+    b = Batcher(run.model, max_batch_size=1, max_wait_ms=0, max_queue=64, max_queued_rows=4)
+    b.start()
+    try:
+        with b.admitted(3, (0, 1, 2)):  # 9 rows: nothing is ahead, so admitted however large
+            with pytest.raises(QueueFull, match="image-task rows behind"), b.admitted(1, (0,)):
+                pass  # behind 9 rows that are on their way, none queued yet
+            assert b.admitted_rows == 9 and b.queued_rows == 0
+        assert b.admitted_rows == 0
+        with b.admitted(1, (0, 1)), b.admitted(1, (0, 1)):  # 2 + 2 rows: at the bound, both admitted
+            with pytest.raises(QueueFull), b.admitted(1, (0,)):
+                pass
+            assert b.submit(images(1), (0, 1)).result(timeout=60).vectors.shape == (1, 2, 16)
+            assert b.admitted_rows == 4  # served by the model, still ranking: counted until the end
+        with pytest.raises(RuntimeError), b.admitted(1, None):
+            raise RuntimeError("a request that fails is released too")
+        assert b.admitted_rows == 0
+        busy = occupy(b)
+        b.submit(images(1), (0, 1, 2, 3))  # 4 queued rows from a caller that was not admitted
+        with pytest.raises(QueueFull), b.admitted(1, (0,)):
+            pass  # the queue counts when it is more than what is admitted
+        busy.result(timeout=60)
+    finally:
+        b.stop()
+
+
 def test_the_batch_in_the_model_counts_against_the_measured_bound(run: LoadedRun) -> None:
     # A slow model's full batch is most of a new job's wait: the rows it has left count as well as the
     # queued ones, or a busy model would take a batch's worth of jobs that each wait for it to finish.
