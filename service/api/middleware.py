@@ -241,7 +241,9 @@ class RetryPacingMiddleware:
         if scope["type"] != "http" or not client:
             await self.app(scope, receive, send)
             return
-        key = (str(client[0]), int(client[1]))  # one TCP connection (a new one gets a new port)
+        # One TCP connection (a new one gets a new port); behind a trusted proxy that sets X-Forwarded-For,
+        # uvicorn gives the client's address with port 0: that client, however many connections it uses.
+        key = (str(client[0]), int(client[1]))
 
         async def paced_send(message: Message) -> None:
             if message["type"] == "http.response.start" and message["status"] in _PACED_STATUSES:
