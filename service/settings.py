@@ -60,9 +60,9 @@ class Settings(BaseSettings):
     )
     pace_early_retries: bool = Field(
         default=True,
-        description="a connection that is refused again (503 or 429 with Retry-After) before the "
-        "Retry-After it was given has passed gets that refusal once the time has passed (at most half of "
-        "request_timeout_s): clients that resend at once are paced; served requests are never held",
+        description="a connection refused as overloaded (503 with Retry-After) that is so refused again "
+        "before the Retry-After it was given has passed gets that refusal once the time has passed (at most "
+        "half of request_timeout_s): clients that resend at once are paced; served requests are never held",
     )
     max_queued_rows: int | None = Field(
         default=None, ge=1, description="fixed bound on queued image-task rows instead of the measured one"

@@ -28,6 +28,7 @@ from service.runtime import errors as domain
 log = logging.getLogger("service.errors")
 
 REQUEST_STATE_KEY = "modret"  # per-request dict in the ASGI scope: request id, task, timings
+PACED = "paced"  # in that dict: an overload refusal, which the retry pacing middleware may hold
 
 
 class ErrorBody(BaseModel):
@@ -142,6 +143,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_domain_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, domain.ServiceError)
         retry = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
+        if isinstance(exc, domain.Overloaded):  # the model's or the decoder's: a refusal worth pacing
+            state = request.scope.get(REQUEST_STATE_KEY)
+            if isinstance(state, dict):
+                state[PACED] = True
         return error_response(request, status_of(exc), exc.code, exc.message, exc.details, retry)
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -12,9 +12,11 @@ HEAD as GET.
   that a client still writing gets to read the 413 instead of a connection reset.
 - **Request timeout.** Past ``timeout_s`` the request is cancelled and, when no response has started yet,
   answered 504 with a JSON error (work already handed to a thread finishes there and is discarded).
-- **Retry pacing.** A connection refused with ``Retry-After`` (a 503 or 429: overloaded, decode memory
-  in use, a database away) that sends its next request before that time has passed, and is refused again,
-  gets the second refusal only once the time it was told has passed (at most ``max_hold_s``). A client
+- **Retry pacing.** A connection refused as overloaded (a 503 with ``Retry-After``: the model's queue past
+  its bound, or decode memory in use) that sends its next request before that time has passed, and is
+  refused so again, gets the second refusal only once the time it was told has passed (at most
+  ``max_hold_s``). Other refusals (not ready, shutting down, a database away) are never held: health
+  probes and clients waiting for a start poll as fast as they like. A client
   that resends at once, ignoring ``Retry-After``, is so paced to what it was asked; a client that waits
   never notices, and a request that is served is never held. Without it, cheap refusals sent back at
   once to clients that resend at once take the CPU the model needs, and the service serves fewer.
@@ -37,7 +39,7 @@ import anyio
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import HTTP_CODES, REQUEST_STATE_KEY, error_body, request_id_of
+from service.api.errors import HTTP_CODES, PACED, REQUEST_STATE_KEY, error_body, request_id_of
 from service.telemetry import ServiceMetrics
 
 log = logging.getLogger("service.access")
@@ -226,9 +228,6 @@ class RequestTimeoutMiddleware:
             await send_json_error(send, scope, 504, "timeout", message)
 
 
-_PACED_STATUSES = frozenset({429, 503})
-
-
 class RetryPacingMiddleware:
     def __init__(self, app: ASGIApp, max_hold_s: float, max_connections: int = 4096) -> None:
         self.app = app
@@ -244,9 +243,10 @@ class RetryPacingMiddleware:
         # One TCP connection (a new one gets a new port); behind a trusted proxy that sets X-Forwarded-For,
         # uvicorn gives the client's address with port 0: that client, however many connections it uses.
         key = (str(client[0]), int(client[1]))
+        state = request_state(scope)  # made here, so that the error handler marks this very dict
 
         async def paced_send(message: Message) -> None:
-            if message["type"] == "http.response.start" and message["status"] in _PACED_STATUSES:
+            if message["type"] == "http.response.start" and state.get(PACED):
                 retry_after = _retry_after_s(message)
                 if retry_after is not None:
                     now = time.monotonic()

@@ -133,3 +133,18 @@ def test_a_connection_that_ignores_retry_after_is_paced_to_it(
             assert served.status_code == 200, served.text[:300]
         if not pace:
             assert held < 0.8, held
+
+
+def test_refusals_other_than_overload_are_never_held(run_dir: Path, index_dir: Path) -> None:
+    # A readiness probe (or a client waiting for a start) polls as fast as it likes on one connection.
+    with running_server(settings_for(run_dir, index_dir)) as server, server.client() as client:
+        server.app.state.modret.draining = True  # readiness answers 503 with Retry-After from now on
+        try:
+            started = time.monotonic()
+            answers = [client.get("/v2/health/ready") for _ in range(3)]
+            elapsed = time.monotonic() - started
+        finally:
+            server.app.state.modret.draining = False
+        assert [a.status_code for a in answers] == [503] * 3 and answers[0].headers["retry-after"]
+        assert elapsed < 1.5, elapsed  # held, the second and third would each wait out the first's 1 s
+        assert client.get("/v2/health/ready").status_code == 200
