@@ -11,6 +11,8 @@ the API's JSON error shape, then closes the connection:
   never ends is refused once it passes the cap (plus one read), not buffered;
 - a connection past ``max_connections`` open ones → 503 ``too_many_connections`` with ``Retry-After`` (idle
   and slow connections would otherwise hold file descriptors until the process runs out);
+- a connection that sends nothing for uvicorn's keep-alive timeout after it opens is closed, as an idle
+  one is after a response (uvicorn alone would keep a silent socket open for ever);
 - a request line and headers not complete ``header_timeout_s`` after the request's first byte → 408
   ``request_timeout`` (a head trickled in byte by byte would otherwise hold its connection forever);
 - anything the parser refuses (a malformed ``Content-Length``, ``Content-Length`` together with chunked
@@ -78,6 +80,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if len(self.connections) > self.max_connections:  # the server's set, this one included
             message = f"the server holds {self.max_connections} connections, its cap; retry shortly"
             self._refuse_now(503, "too_many_connections", message)
+            return
+        # A connection that never sends a byte is idle from the start: uvicorn arms its keep-alive timer only
+        # after a response, so silent sockets would otherwise stay open and fill the connection cap.
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
 
     def data_received(self, data: bytes) -> None:
         if self._draining:

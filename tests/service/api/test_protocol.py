@@ -268,3 +268,22 @@ def test_connections_past_the_cap_get_a_json_503_and_the_rest_are_served(
         finally:
             for conn in idle:
                 conn.close()
+
+
+def test_silent_connections_are_closed_and_free_the_cap(run_dir: Path, index_dir: Path) -> None:
+    # Sockets that never send a byte are idle from the start: closed after the keep-alive timeout, so a
+    # handful of them cannot hold the connection cap and lock every client out.
+    with running_server(settings_for(run_dir, index_dir, max_connections=4)) as server:
+        where = urlsplit(server.url)
+        silent = [socket.create_connection((where.hostname, where.port), timeout=30) for _ in range(4)]
+        try:
+            started = time.monotonic()
+            for conn in silent:
+                assert conn.recv(65536) == b""  # the server closed it (a timeout here raises)
+            closed_after = time.monotonic() - started
+            with server.client() as client:
+                assert client.get("/v2/health/live").status_code == 200
+            assert closed_after < 25, closed_after
+        finally:
+            for conn in silent:
+                conn.close()
