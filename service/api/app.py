@@ -84,6 +84,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             state.draining = True
             state.stopped = True
+            for retiring in list(state.retiring):
+                retiring.cancel()
+            for old in state.retired:  # replaced by a reload: only their batchers are theirs alone
+                await run_in_threadpool(old.batcher.stop)
             await run_in_threadpool(shut_down, state.loaded or loaded, settings)  # the reloaded one
             log.info("stopped")
 

@@ -31,6 +31,9 @@ class ServiceState:
     stopped: bool = False  # lifespan shutdown began: no new work
     reloading: asyncio.Lock = field(default_factory=asyncio.Lock)  # one POST /admin/reload at a time
     task_indexer: TaskIndexer = field(default_factory=TaskIndexer)  # POST /admin/tasks/{task}/index
+    # Replaced by a reload, still serving the requests that began on them until they end.
+    retired: list[Loaded] = field(default_factory=list)
+    retiring: set[asyncio.Task[None]] = field(default_factory=set)
 
     def require(self) -> Loaded:
         """The loaded model and gallery, or ``Unavailable`` while starting or after shutdown began."""

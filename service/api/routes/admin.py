@@ -7,14 +7,17 @@ yet, in the background while the service serves (``service.runtime.task_indexing
 
 The run is loaded, checked against the gallery's per-task fingerprints and warmed up in a worker thread
 while the old state serves on; then the app's state points at the new one (one assignment, so a request
-sees either the old model or the new) and the old batcher finishes its queued jobs and stops. A run that
+sees either the old model or the new). The old batcher goes on serving the requests that began on it
+(a search whose upload was still arriving, a job already queued) and stops once they have ended. A run that
 cannot be loaded or cannot serve the gallery (other shared weights, a task embedded differently, another
 embedding size) is a 409 ``reload_failed`` naming why, and nothing changes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from datetime import UTC, datetime
 
 from fastapi import APIRouter
@@ -26,7 +29,7 @@ from service.api.auth import AdminKey
 from service.api.deps import LoadedDep, ServiceState, StateDep
 from service.api.errors import responses
 from service.runtime.errors import NotFound, ReloadFailed
-from service.runtime.loaded import reload, served_tasks
+from service.runtime.loaded import Loaded, reload, served_tasks
 from service.runtime.queries import resolve_task
 from service.runtime.task_indexing import TaskIndexJob
 from service.schemas import ModelInfo, ReloadResponse, TaskIndexRemoved, TaskIndexStatus
@@ -47,13 +50,35 @@ async def post_reload(state: StateDep) -> ReloadResponse:
             log.error("reload refused", extra={"fields": {"reason": str(e)}})
             raise ReloadFailed(f"reload refused, still serving {current.model_name}: {e}") from e
         state.loaded = loaded
-        await run_in_threadpool(current.batcher.stop)
+        state.retired.append(current)
+        retiring = asyncio.create_task(_retire(state, current))
+        state.retiring.add(retiring)
+        retiring.add_done_callback(state.retiring.discard)
     log.info("reloaded", extra={"fields": {"tasks": loaded.indexed, "not_indexed": loaded.not_indexed}})
     return ReloadResponse(
         model=ModelInfo(name=loaded.model_name, hash=loaded.run.model_hash),
         tasks=loaded.indexed,
         not_indexed=loaded.not_indexed,
     )
+
+
+_SETTLE_S = 1.0  # a request resolves the served run a moment before it is admitted on its batcher
+
+
+async def _retire(state: ServiceState, old: Loaded) -> None:
+    """Stop a replaced run's batcher once the requests that began on it have ended: once nothing is
+    admitted, queued or in its model (at least ``_SETTLE_S`` after the swap), or after the request
+    timeout, past which none of them can still be running."""
+    swapped = time.monotonic()
+    while True:
+        age = time.monotonic() - swapped
+        idle = not (old.batcher.admitted_rows or old.batcher.queue_depth() or old.batcher.busy)
+        if age >= state.settings.request_timeout_s or (age >= _SETTLE_S and idle):
+            break
+        await asyncio.sleep(0.05)
+    await run_in_threadpool(old.batcher.stop)
+    if old in state.retired:
+        state.retired.remove(old)
 
 
 def _time(seconds: float | None) -> str | None:

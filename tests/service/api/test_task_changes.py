@@ -6,6 +6,7 @@ live service indexes the new task itself (``POST /admin/tasks/{task}/index``) wh
 from __future__ import annotations
 
 import io
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -229,3 +230,47 @@ def test_dropping_a_task_the_run_lacks_lets_uploads_in_again(
         assert upload(client, 3, ADMIN).status_code == 201
     verified = CliRunner().invoke(index_app, ["verify", str(index_dir), "--run", str(run_dir)])
     assert verified.exit_code == 0, verified.output
+
+
+def test_a_search_in_flight_across_a_reload_is_served_and_the_old_worker_then_stops(
+    run_dir: Path, index_dir: Path
+) -> None:
+    settings = settings_for(run_dir, index_dir, admin_key="admin-secret")
+    boundary = "modret-test-boundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + face(7)[0]
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    head = (
+        "POST /search?task=Smiling&k=3 HTTP/1.1\r\nHost: test\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with running_server(settings) as server, server.client(headers=ADMIN) as client:
+        old = server.app.state.modret.loaded
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            conn.sendall(head + body[:100])  # admitted on the old run; its upload still arriving
+            time.sleep(0.2)
+            assert client.post("/admin/reload").status_code == 200
+            assert server.app.state.modret.loaded is not old
+            conn.sendall(body[100:])
+            answer = b""
+            while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < 2:
+                part = conn.recv(65536)
+                assert part, answer
+                answer += part
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:400]
+        deadline = time.monotonic() + 20
+        while old.batcher.running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not old.batcher.running and not server.app.state.modret.retired  # retired once it ended
+        assert (
+            client.post(
+                "/search", params={"task": "Smiling"}, files={"image": ("q.png", face(8)[0])}
+            ).status_code
+            == 200
+        )
