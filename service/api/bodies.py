@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 import re
+import unicodedata
 from typing import Any
 
 from fastapi import Request
@@ -51,6 +52,38 @@ async def _form(request: Request, settings: Settings) -> FormData:
 
 def _no_image(hint: str) -> ApiError:
     return ApiError(400, "missing_image", f"no image in the request: {hint}")
+
+
+def _text_part(name: str) -> ApiError:
+    return ApiError(
+        400,
+        "missing_image",
+        f"the multipart part {name!r} has no filename, so it was read as text and its bytes are lost: send "
+        f"the image as a file part (curl -F {name}=@photo.jpg; a filename in Content-Disposition)",
+    )
+
+
+_LABELS_FILE_BYTES = 1024 * 1024  # as a text field's cap (``max_part_size``)
+
+
+async def _labels_text(value: UploadFile | str) -> str:
+    """A ``labels`` part's JSON text, whether sent as a text field or as a file (curl -F labels=@x.json)."""
+    if isinstance(value, str):
+        return value
+    data = await value.read(_LABELS_FILE_BYTES + 1)
+    if len(data) > _LABELS_FILE_BYTES:
+        raise ApiError(400, "bad_labels", f"a labels part is at most {_LABELS_FILE_BYTES} bytes")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ApiError(400, "bad_labels", "a labels file must be UTF-8 JSON") from None
+
+
+def _source_name(filename: str | None, index: int) -> str:
+    """The client's file name as the gallery records it: its last 200 characters, with control and
+    format characters (terminal escapes, bidirectional overrides) replaced by '_'."""
+    name = (filename or f"upload-{index}")[-200:]
+    return "".join("_" if unicodedata.category(c) in ("Cc", "Cf") else c for c in name)
 
 
 _URL_SAFE = str.maketrans("-_", "+/")
@@ -95,7 +128,7 @@ async def read_query_image(request: Request, settings: Settings) -> bytes:
                 raise _no_image(hint)
             if isinstance(value, UploadFile):
                 return await value.read()
-            return value.encode()  # a text field: decode_image will say it is not an image
+            raise _text_part("image")  # its bytes were decoded as text: the image cannot be recovered
         finally:
             await form.close()
     if media in ("application/json", "") or media.endswith("+json"):
@@ -143,8 +176,12 @@ async def read_gallery_uploads(request: Request, settings: Settings) -> list[Upl
         raise ApiError(415, "unsupported_media_type", "POST /images takes multipart/form-data")
     form = await _form(request, settings)
     try:
-        files = [v for k, v in form.multi_items() if k in ("images", "image") and isinstance(v, UploadFile)]
-        texts = [v for k, v in form.multi_items() if k == "labels" and isinstance(v, str)]
+        images = [(k, v) for k, v in form.multi_items() if k in ("images", "image")]
+        for name, value in images:
+            if not isinstance(value, UploadFile):
+                raise _text_part(name)
+        files = [v for _, v in images if isinstance(v, UploadFile)]
+        texts = [await _labels_text(v) for k, v in form.multi_items() if k == "labels"]
         if not files:
             raise _no_image("send one or more multipart file fields named 'images'")
         if len(files) > settings.max_upload_files:
@@ -155,8 +192,7 @@ async def read_gallery_uploads(request: Request, settings: Settings) -> list[Upl
         uploads = []
         for i, file in enumerate(files):
             own = labels[i] if len(labels) == len(files) else (labels[0] if labels else {})
-            name = (file.filename or f"upload-{i}")[-200:]
-            uploads.append(Upload(name, await file.read(), own))
+            uploads.append(Upload(_source_name(file.filename, i), await file.read(), own))
         return uploads
     finally:
         await form.close()

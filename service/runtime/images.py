@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import threading
 import warnings
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.runtime.errors import ImageRejected, ImageTooLarge, Overloaded, UnsupportedImage
+
+log = logging.getLogger("service.images")
 
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 MEDIA_TYPES = {
@@ -188,7 +191,16 @@ def _too_many_pixels(width: int, height: int, max_pixels: int) -> ImageTooLarge:
 
 
 def _corrupt(fmt: str, exc: BaseException) -> ImageRejected:
-    return ImageRejected(f"cannot decode the {fmt} image: it is truncated or corrupt ({exc})")
+    # The decoder's own words stay in the log: they name its internals (object addresses, limits).
+    log.info("image rejected", extra={"fields": {"format": fmt, "reason": f"{type(exc).__name__}: {exc}"}})
+    return ImageRejected(f"cannot decode the {fmt} image: it is truncated or corrupt")
+
+
+def _bomb(fmt: str, exc: BaseException) -> ImageTooLarge:
+    log.info("image rejected", extra={"fields": {"format": fmt, "reason": f"{type(exc).__name__}: {exc}"}})
+    return ImageTooLarge(
+        f"decompression bomb refused: the {fmt} image would decode to far more pixels than allowed"
+    )
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -232,7 +244,7 @@ def decode_image(data: bytes, max_pixels: int, budget: DecodeBudget | None = Non
     try:
         image = Image.open(io.BytesIO(data), formats=[fmt])
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLarge(f"decompression bomb refused: {exc}") from exc
+        raise _bomb(fmt, exc) from exc
     except (UnidentifiedImageError, *_LOAD_ERRORS) as exc:
         raise _corrupt(fmt, exc) from exc
     with image:
@@ -261,7 +273,7 @@ def _load_rgb(image: Image.Image, fmt: str) -> Image.Image:
         rgb = to_rgb(image)
         rgb.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLarge(f"decompression bomb refused: {exc}") from exc
+        raise _bomb(fmt, exc) from exc
     except _LOAD_ERRORS as exc:
         raise _corrupt(fmt, exc) from exc
     except MemoryError as exc:

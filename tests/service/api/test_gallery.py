@@ -115,6 +115,23 @@ def test_label_names_survive_upload_filter_and_display(run_dir: Path, index_dir:
             assert "filter" in error_of(response)["message"]
 
 
+def test_labels_sent_as_a_file_are_kept_and_control_characters_leave_the_name(
+    run_dir: Path, index_dir: Path
+) -> None:
+    with running_server(settings_for(run_dir, index_dir)) as server, server.client() as client:
+        added = client.post(
+            "/images",
+            files=[
+                ("images", ("a\x1b[31mred\u202e.png", face(1200)[0], "image/png")),
+                ("labels", ("labels.json", b'{"colour": "green", "Smiling": 1}', "application/json")),
+            ],
+        )  # curl -F images=@... -F labels=@labels.json
+        assert added.status_code == 201, added.text
+        record = client.get(f"/images/{added.json()['items'][0]['id']}").json()
+        assert record["labels"] == {"Smiling": 1, "colour": "green"}
+        assert record["source"] == "a_[31mred_.png"
+
+
 def test_bad_gallery_uploads(run_dir: Path, index_dir: Path) -> None:
     with (
         running_server(settings_for(run_dir, index_dir, max_upload_files=2)) as server,
@@ -137,6 +154,8 @@ def test_bad_gallery_uploads(run_dir: Path, index_dir: Path) -> None:
             ({"files": [("images", ("x.png", png, "image/png"))] * 3}, 413),
             ({"content": b"{}", "headers": {"content-type": "application/json"}}, 415),
             ({"files": [("other", ("x.png", png, "image/png"))]}, 400),
+            ({"files": [("images", (None, png))]}, 400),  # no filename: read as text, its bytes lost
+            ({"files": [("images", ("x.png", png, "image/png")), ("labels", ("l.json", b"\xff{"))]}, 400),
         ]
         for kwargs, status in cases:
             response = client.post("/images", **kwargs)  # type: ignore[arg-type]

@@ -67,6 +67,13 @@ CASES: list[tuple[str, dict[str, Any], int, str]] = [
         400,
         "missing_image",
     ),
+    (
+        "image as a text part (no filename)",
+        {"files": {"image": (None, payloads.blank_png(8, 8))}},
+        400,
+        "missing_image",
+    ),
+    ("png signature only", {"files": upload(b"\x89PNG\r\n\x1a\n", "s.png")}, 400, "corrupt_image"),
     ("json not an object", {"json": [1, 2]}, 400, "bad_json"),
     ("json bad base64", {"json": {"image": "%%%not base64%%%"}}, 400, "bad_base64"),
     ("json base64 of text", {"json": {"image": base64.b64encode(b"plain text").decode()}}, 415, ""),
@@ -95,6 +102,7 @@ def test_bad_inputs_get_json_4xx(
     if code:
         assert body["error"] == code
     assert response.headers.get("x-request-id") == body["request_id"]
+    assert " at 0x" not in body["message"] and "Error" not in body["message"], body  # no decoder internals
 
 
 def test_oversized_chunked_upload_without_length(shared_server: Server) -> None:
