@@ -37,7 +37,8 @@ _UPLOAD_BODY: dict[str, Any] = {
                             "items": {"type": "string"},
                             "description": (
                                 "JSON object per image (or one for all): label name to an integer or a "
-                                'name, e.g. {"Smiling": 1, "colour": "green"}'
+                                'name, e.g. {"Smiling": 1, "colour": "green"}; a text field or a UTF-8 file '
+                                "(curl -F labels=@labels.json)"
                             ),
                         },
                     },
