@@ -18,6 +18,8 @@ from model.data.base import LabelValue, as_label_value, label_problem
 from service.runtime.errors import InvalidQuery, UnknownTask
 
 _LABEL = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")  # what people write: no 1_0, no spaces
+_DIGITS = re.compile(r"^[0-9]{1,19}$")
 MAX_WEIGHT = 1000.0
 MIN_WEIGHT = 1e-3  # in size: smaller weights scale every score towards 0 (float32 scores end in ties)
 
@@ -42,6 +44,14 @@ def _invalid(message: str) -> InvalidQuery:
     return InvalidQuery(message)
 
 
+def plain_id(value: object) -> object:
+    """An image id given as text is its decimal digits only: ``1.0``, ``+1``, `` 1`` or ``1e0`` are not
+    the image 1 (pydantic's lax integers would take them). For ``BeforeValidator``."""
+    if isinstance(value, str) and not _DIGITS.match(value):
+        raise ValueError("an image id is a whole number written in digits only, e.g. 42")
+    return value
+
+
 def parse_tasks(specs: Sequence[str], known: Sequence[str]) -> list[WeightedTask]:
     if not specs:
         raise _invalid(f"give at least one task, e.g. ?task={known[0]}")
@@ -54,10 +64,9 @@ def parse_tasks(specs: Sequence[str], known: Sequence[str]) -> list[WeightedTask
         canonical = resolve_task(name, known)
         weight = 1.0
         if sep:
-            try:
-                weight = float(weight_text)
-            except ValueError:
-                raise _invalid(f"task weight must be a number: {spec!r} (use Task:0.5)") from None
+            if not _NUMBER.match(weight_text):
+                raise _invalid(f"task weight must be a number: {spec!r} (use Task:0.5)")
+            weight = float(weight_text)
             if not math.isfinite(weight) or not MIN_WEIGHT <= abs(weight) <= MAX_WEIGHT:
                 raise _invalid(
                     f"task weight must be between {MIN_WEIGHT:g} and {MAX_WEIGHT:g} in size "

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
+from pydantic import BeforeValidator
 from starlette.concurrency import run_in_threadpool
 
 from service.api.auth import AdminKey, ReaderKey
@@ -16,12 +17,13 @@ from service.api.errors import responses
 from service.runtime import browse
 from service.runtime.errors import ImageNotFound
 from service.runtime.images import MEDIA_TYPES
+from service.runtime.queries import plain_id
 from service.runtime.uploads import add_uploads, admitted
 from service.schemas import AddImagesResponse, Deleted, ImageInfo, ImagePage
 
 router = APIRouter(tags=["gallery"])
 
-ImageId = Annotated[int, Path(ge=0, le=2**63 - 1, description="gallery image id")]
+ImageId = Annotated[int, Path(ge=0, le=2**63 - 1, description="gallery image id"), BeforeValidator(plain_id)]
 
 _UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
+from pydantic import BeforeValidator
 
 from service.api.auth import ReaderKey
 from service.api.bodies import read_query_image
@@ -13,7 +14,7 @@ from service.api.deps import LoadedDep, StateDep
 from service.api.errors import responses
 from service.api.middleware import note_task
 from service.runtime import search as searching
-from service.runtime.queries import parse_filters, parse_tasks
+from service.runtime.queries import parse_filters, parse_tasks, plain_id
 from service.runtime.search import SearchParams
 from service.schemas import SearchResponse
 
@@ -74,7 +75,9 @@ async def search(
     ] = [],  # noqa: B006
     explain: Annotated[bool, Query(description="each result's similarity under every task")] = False,
     by_id: Annotated[
-        int | None, Query(ge=0, le=2**63 - 1, description="query with this gallery image")
+        int | None,
+        Query(ge=0, le=2**63 - 1, description="query with this gallery image"),
+        BeforeValidator(plain_id),
     ] = None,
 ) -> Response:
     tasks = parse_tasks(task, loaded.tasks)

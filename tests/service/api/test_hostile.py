@@ -199,6 +199,8 @@ def test_extreme_aspect_strips_are_searched(shared_server: Server, shape: tuple[
         ({"task": "Smiling:0"}, 422),
         ({"task": "Smiling:nan"}, 422),
         ({"task": "Smiling:1e-320"}, 422),
+        ({"task": "Smiling:1_0"}, 422),  # float() would read 10
+        ({"task": "Smiling: 1"}, 422),
         ({"task": "Smiling:-1e308"}, 422),
         ({"task": "Smiling", "k": 0}, 422),
         ({"task": "Smiling", "k": -1}, 422),
@@ -213,6 +215,8 @@ def test_extreme_aspect_strips_are_searched(shared_server: Server, shape: tuple[
         ({"task": "Smiling", "by_id": 999_999}, 404),
         ({"task": "Smiling", "by_id": -1}, 422),
         ({"task": "Smiling", "by_id": 2**70}, 422),
+        ({"task": "Smiling", "by_id": "1.0"}, 422),
+        ({"task": "Smiling", "by_id": "+1"}, 422),
         ({"task": "Smiling", "explain": "maybe"}, 422),
     ],
     ids=lambda value: str(value),
@@ -243,6 +247,9 @@ def test_unknown_routes_and_methods_are_json(shared_server: Server) -> None:
         assert error_of(client.get("/nope")).get("status") == 404
         assert error_of(client.put("/search")).get("status") == 405
         assert client.get("/images/abc").status_code == 422
+        for lax in ("1.0", "+1", "%201", "1e0", "0x1"):  # not the image 1, which exists
+            assert error_of(client.get(f"/images/{lax}"))["status"] == 422, lax
+        assert client.get("/images/1").status_code == 200
         assert client.get("/static/../settings.py").status_code == 404
         assert client.get("/static/index.html").status_code == 404  # only the listed files
 
