@@ -15,6 +15,8 @@ the API's JSON error shape, then closes the connection:
   one is after a response (uvicorn alone would keep a silent socket open for ever);
 - a request line and headers not complete ``header_timeout_s`` after the request's first byte → 408
   ``request_timeout`` (a head trickled in byte by byte would otherwise hold its connection forever);
+- a transfer coding other than ``chunked`` (``Transfer-Encoding: gzip, chunked``) → 501
+  ``unsupported_transfer_encoding``, as RFC 9112 asks (the parser would ignore the gzip);
 - anything the parser refuses (a malformed ``Content-Length``, ``Content-Length`` together with chunked
   transfer encoding, a TLS hello on the plain port, bad chunk framing) → 400 ``bad_request``; when that
   happens in a body the app is already reading, the app sees the client disconnect and its own answer
@@ -124,6 +126,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if len(self.headers) > self.max_headers or self._header_bytes > self.max_header_bytes:
             self._refusal = (431, "headers_too_large", self._headers_message())
             raise _HeadRefused
+        if name.lower() == b"transfer-encoding":
+            codings = [c.strip().lower() for c in value.split(b",")]
+            if any(c != b"chunked" for c in codings):  # httptools would read "gzip, chunked" as chunked
+                self._refusal = (
+                    501,
+                    "unsupported_transfer_encoding",
+                    "only the chunked transfer coding is understood; send the body as it is "
+                    "(Content-Length) or chunked",
+                )
+                raise _HeadRefused
 
     def on_headers_complete(self) -> None:
         self._cancel_head_timer()

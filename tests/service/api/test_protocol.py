@@ -66,6 +66,11 @@ GET = b"GET /v2/health/live HTTP/1.1\r\nHost: test\r\n"
             "bad_request",
         ),
         ([b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(120)], 400, "bad_request"),
+        (
+            [b"POST /search HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"],
+            501,
+            "unsupported_transfer_encoding",
+        ),
     ],
     ids=[
         "200KiB-header",
@@ -74,6 +79,7 @@ GET = b"GET /v2/health/live HTTP/1.1\r\nHost: test\r\n"
         "bad-content-length",
         "length-and-chunked",
         "tls-hello",
+        "gzip-transfer-coding",
     ],
 )
 def test_protocol_refusals_are_json(
