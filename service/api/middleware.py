@@ -15,11 +15,10 @@ HEAD as GET.
 - **Retry pacing.** A connection refused as overloaded (a 503 with ``Retry-After``: the model's queue past
   its bound, or decode memory in use) that sends its next request before that time has passed, and is
   refused so again, gets the second refusal only once the time it was told has passed (at most
-  ``max_hold_s``). Other refusals (not ready, shutting down, a database away) are never held: health
-  probes and clients waiting for a start poll as fast as they like. A client
-  that resends at once, ignoring ``Retry-After``, is so paced to what it was asked; a client that waits
-  never notices, and a request that is served is never held. Without it, cheap refusals sent back at
-  once to clients that resend at once take the CPU the model needs, and the service serves fewer.
+  ``max_hold_s``). A client that resends at once is so paced to what it was asked; one that waits never
+  notices, a request that is served is never held, and neither is any other refusal (not ready, shutting
+  down, a database away), so health probes poll as fast as they like. Without it, cheap refusals sent
+  back to clients that resend at once take the CPU the model needs, and the service serves fewer.
 - **HEAD as GET.** FastAPI's routes list only GET where Starlette's also take HEAD: a HEAD request is
   routed as its GET (status and headers, ``Content-Length`` included) and uvicorn, which still sees the
   HEAD, sends no body; monitors and caches probe with HEAD.
